@@ -1,0 +1,138 @@
+"""Console entry points. Thin: parse arguments, load the config, call the library.
+
+    vmla-train info CONFIG [key=value ...]    parameters and KV-cache accounting, MHA vs MLA
+    vmla-train demo CONFIG [key=value ...]    cached chunk-by-chunk rollout of a random tiny student
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from . import config as C
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _kv_table(cfg: C.Config) -> list[tuple[str, str, str]]:
+    """Rows (quantity, MHA, MLA) of cached values and bytes for the config's geometry."""
+    vals = C.kv_values_per_token(cfg)
+    el = C.dtype_bytes(cfg.cache.dtype)
+    tpf = cfg.tokens_per_frame
+    layers = cfg.model.num_layers
+    window = cfg.cache.window_frames + cfg.cache.sink_frames
+    rows = [("values / token / layer", str(vals["mha"]), str(vals["mla"]))]
+    for label, tokens, n_layers in (
+        ("bytes / token / layer", 1, 1),
+        (f"bytes / latent frame ({tpf} tokens, {layers} layers)", tpf, layers),
+        (f"bytes / window ({window} frames incl. {cfg.cache.sink_frames} sinks)", tpf * window, layers),
+        (f"bytes / clip ({cfg.video.latent_frames} frames)", tpf * cfg.video.latent_frames, layers),
+    ):
+        rows.append((label, C.human_bytes(vals["mha"] * el * tokens * n_layers), C.human_bytes(vals["mla"] * el * tokens * n_layers)))
+    rows.append(("reduction (MLA vs MHA)", "", f"-{100 * C.kv_reduction(cfg):.1f} %"))
+    return rows
+
+
+def print_info(cfg: C.Config) -> None:
+    import torch
+
+    from .student import WanStudent, param_counts
+
+    m, a = cfg.model, cfg.attention
+    print(f"model {m.name}: dim {m.dim}, {m.num_layers} layers, {m.num_heads} heads x {m.head_dim}, ffn {m.ffn_dim}")
+    print(
+        f"video {cfg.video.num_frames} frames {cfg.video.height}x{cfg.video.width} -> latent "
+        f"{cfg.video.latent_frames}x{cfg.video.latent_height}x{cfg.video.latent_width}, "
+        f"{cfg.tokens_per_frame} tokens / latent frame, chunk {cfg.video.chunk_frames} frames"
+    )
+    print(f"attention {a.kind.value}: d_c {a.d_c}, d_r {a.d_r}, rope_key_groups {a.rope_key_groups}, impl {a.impl.value}, k_norm {a.k_norm.value}")
+    counts = {}
+    for kind in (C.AttentionKind.mha, C.AttentionKind.mla):
+        variant = C.replace(cfg, attention=C.replace(cfg.attention, kind=kind))
+        with torch.device("meta"):
+            counts[kind.value] = param_counts(WanStudent(variant))
+    rows = [
+        ("parameters", f"{counts['mha']['total'] / 1e6:,.2f} M", f"{counts['mla']['total'] / 1e6:,.2f} M"),
+        ("self-attention parameters", f"{counts['mha']['self_attention'] / 1e6:,.2f} M", f"{counts['mla']['self_attention'] / 1e6:,.2f} M"),
+    ] + _kv_table(cfg)
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", "MHA", "")])
+    print(f"\n{'':<{w0}}  {'MHA':>{w1}}  {'MLA':>12}   (cache dtype {cfg.cache.dtype})")
+    for r in rows:
+        print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>12}")
+
+
+def run_demo(cfg: C.Config) -> None:
+    """Random tiny student -> cached chunk-by-chunk rollout with a progress bar -> cache accounting."""
+    import torch
+    from tqdm import tqdm
+
+    from . import schedule
+    from .rollout import sample_video
+    from .student import WanStudent
+
+    torch.manual_seed(cfg.runtime.seed)
+    dev = _device(cfg.runtime.device)
+    student = WanStudent(cfg).to(dev).eval()
+    gen = torch.Generator(device=dev).manual_seed(cfg.runtime.seed)
+    text = torch.randn(1, cfg.model.text_len, cfg.model.text_dim, generator=gen, device=dev)
+    steps = schedule.warp_timesteps(cfg.demo.denoising_steps, cfg.demo.shift)
+    frames = cfg.demo.num_chunks * cfg.video.chunk_frames
+    cache = student.new_cache(1, dev)
+    print(f"demo: {cfg.attention.kind.value} student ({cfg.model.name}), {frames} latent frames in "
+          f"{cfg.demo.num_chunks} chunks, steps {[round(s, 1) for s in steps]}, window {cfg.cache.window_frames} + "
+          f"{cfg.cache.sink_frames} sink frames on {dev}")
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.demo.num_chunks, unit="chunk", disable=not cfg.runtime.progress)
+
+    def on_chunk(i: int, x0: torch.Tensor) -> None:
+        bar.update(1)
+        bar.set_postfix(frames=(i + 1) * cfg.video.chunk_frames, cached=cache.num_valid, std=f"{x0.float().std():.3f}")
+
+    video = sample_video(student, text, frames, steps, generator=gen, cache=cache, on_chunk=on_chunk)
+    bar.close()
+    dt = time.perf_counter() - t0
+    print(f"generated latents {tuple(video.shape)} in {dt:.2f} s ({frames / dt:.1f} latent frames/s); "
+          f"finite: {bool(torch.isfinite(video).all())}")
+    print(f"cache: {cache.num_valid} frames held of {cache.num_slots} slots, {cache.values_per_token()} values/token/layer, "
+          f"{C.human_bytes(cache.nbytes())} allocated\n")
+    print_info(cfg)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmla-train", description="VideoMLA training framework")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("info", "parameter counts and KV-cache values/bytes, MHA vs MLA"),
+        ("demo", "cached chunk-by-chunk rollout of a random tiny student"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. attention.d_c=192")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = C.load(args.config, args.overrides)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "info":
+        print_info(cfg)
+    elif args.command == "demo":
+        run_demo(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
