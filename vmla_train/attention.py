@@ -104,6 +104,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return o.transpose(1, 2)
 
 
+def resolve_impl(impl: AttentionImpl, x: torch.Tensor) -> AttentionImpl:
+    """The MLA path to run for ``impl`` on this input (``auto`` picks by device and regime)."""
+    if impl != AttentionImpl.auto:
+        return impl
+    return AttentionImpl.absorbed_sdpa
+
+
 class MHASelfAttention(nn.Module):
     """Wan2.1 self-attention: biases, full-width RMSNorm on q and k before RoPE, 3D RoPE per head."""
 
@@ -222,10 +229,13 @@ class MLASelfAttention(nn.Module):
         else:
             c_all, kr_all = c, kr
         g_n, g_r = self._gains()
-        if self.impl == AttentionImpl.reference:
+        impl = resolve_impl(self.impl, x)
+        if impl == AttentionImpl.reference:
             o = self._reference(q_c, q_r, c_all, kr_all, g_n, g_r, inp)
-        else:
+        elif impl == AttentionImpl.absorbed_sdpa:
             o = self._absorbed(q_c, q_r, c_all, kr_all, g_n, g_r, inp)
+        else:
+            raise NotImplementedError(f"attention.impl={impl.value} is not available in this build")
         return self.to_out[0](o.flatten(2).to(x.dtype))
 
     def _reference(self, q_c, q_r, c_all, kr_all, g_n, g_r, inp: AttnInputs) -> torch.Tensor:

@@ -90,8 +90,11 @@ class AttentionKind(str, Enum):
 
 
 class AttentionImpl(str, Enum):
+    auto = "auto"  # pick by regime (see attention.resolve_impl)
     reference = "reference"  # decompress per-head K/V from the latent, then SDPA
-    absorbed = "absorbed"  # queries absorbed into latent space, MQA over [c; k_rope], V = c
+    absorbed_sdpa = "absorbed_sdpa"  # queries absorbed into latent space, MQA over [c; k_rope], V = c, via SDPA
+    triton = "triton"  # fused Triton latent attention (bf16), vmla_train.kernels
+    triton_fp8 = "triton_fp8"  # fused Triton latent attention with an 8-bit cache (Hopper)
 
 
 class KNorm(str, Enum):
@@ -108,7 +111,7 @@ class AttentionConfig:
     d_r: int = 64  # MLA: decoupled RoPE key width per token (all groups together)
     rope_key_groups: int = 1  # MLA: 1 = one RoPE key shared by all heads; num_heads = one per head
     qk_nope_head_dim: int = -1  # MLA: per-head content q/k width; -1 means model head_dim
-    impl: AttentionImpl = AttentionImpl.absorbed  # MLA: reference | absorbed (same weights)
+    impl: AttentionImpl = AttentionImpl.auto  # MLA: auto | reference | absorbed_sdpa | triton | triton_fp8
     k_norm: KNorm = KNorm.rms_scalar  # MLA: how Wan's full-width key RMSNorm is kept
 
 
