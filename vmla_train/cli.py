@@ -70,7 +70,7 @@ def print_info(cfg: C.Config) -> None:
         print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>12}")
 
 
-def run_demo(cfg: C.Config) -> None:
+def run_demo(cfg: C.Config):
     """Random tiny student -> cached chunk-by-chunk rollout with a progress bar -> cache accounting."""
     import torch
     from tqdm import tqdm
@@ -105,6 +105,7 @@ def run_demo(cfg: C.Config) -> None:
     print(f"cache: {cache.num_valid} frames held of {cache.num_slots} slots, {cache.values_per_token()} values/token/layer, "
           f"{C.human_bytes(cache.nbytes())} allocated\n")
     print_info(cfg)
+    return video, cache
 
 
 def _parser() -> argparse.ArgumentParser:
