@@ -31,3 +31,35 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# ----------------------------------------------------------------------------------------------
+# A real two-node Slurm cluster (tests marked `slurm`): brought up once per session.
+# ----------------------------------------------------------------------------------------------
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+CLUSTER_SH = Path(__file__).parent / "slurm" / "cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """``.env`` has SLURM_CONF set; ``.root`` holds the cluster's state and logs.
+
+    In CI (CI=true) a missing Slurm is a failure, not a skip: `.ci/run` installs it.
+    """
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        msg = "slurm-wlm not installed or not root (run `tests/slurm/cluster.sh install` as root)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    root = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run([str(CLUSTER_SH), "up", str(root)], capture_output=True, text=True, timeout=120)
+    if up.returncode:
+        pytest.fail(f"slurm cluster did not come up: {up.stdout}{up.stderr}")
+    env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+    yield SimpleNamespace(root=root, env=env)
+    subprocess.run([str(CLUSTER_SH), "down", str(root)], capture_output=True, timeout=120)
