@@ -111,8 +111,8 @@ def resolve_impl(impl: AttentionImpl, x: torch.Tensor) -> AttentionImpl:
     return AttentionImpl.absorbed_sdpa
 
 
-class MHASelfAttention(nn.Module):
-    """Wan2.1 self-attention: biases, full-width RMSNorm on q and k before RoPE, 3D RoPE per head."""
+class _WanQKVO(nn.Module):
+    """Wan's attention projections: q, k, v, out with biases; RMSNorm over the full width on q and k."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -124,6 +124,10 @@ class MHASelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(m.dim, m.dim)])
         self.norm_q = RMSNorm(m.dim, m.eps)
         self.norm_k = RMSNorm(m.dim, m.eps)
+
+
+class MHASelfAttention(_WanQKVO):
+    """Wan2.1 self-attention: biases, full-width RMSNorm on q and k before RoPE, 3D RoPE per head."""
 
     @staticmethod
     def rope_spec(cfg: Config) -> RopeSpec:
@@ -274,19 +278,8 @@ class MLASelfAttention(nn.Module):
         return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)  # softmax rows sum to 1
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_WanQKVO):
     """Wan text cross-attention (no RoPE, full-width RMSNorm on q and k). K/V cacheable per prompt."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        m = cfg.model
-        self.num_heads, self.head_dim = m.num_heads, m.head_dim
-        self.to_q = nn.Linear(m.dim, m.dim)
-        self.to_k = nn.Linear(m.dim, m.dim)
-        self.to_v = nn.Linear(m.dim, m.dim)
-        self.to_out = nn.ModuleList([nn.Linear(m.dim, m.dim)])
-        self.norm_q = RMSNorm(m.dim, m.eps)
-        self.norm_k = RMSNorm(m.dim, m.eps)
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.norm_k(self.to_k(text)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, Lt, H, Dh)
