@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .config import AttentionImpl, AttentionKind, Config, KNorm
+from .config import AttentionImpl, AttentionKind, Config, KNorm, MaskBackend
 from .kv_cache import CacheStep, KVCache
 from .rope import RopeSpec, Rotary, apply_rope
 
@@ -84,6 +85,25 @@ class FrameMask:
             return None
         return fm.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)  # (L, L)
 
+    def block_mask(self, num_frames: int, tokens_per_frame: int, device: torch.device | str = "cpu") -> BlockMask | None:
+        """The same mask as a flex-attention BlockMask: O(L^2 / 128^2) memory instead of O(L^2)."""
+        fm = self.frame_mask(num_frames, device)
+        if fm is None:
+            return None
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return fm[q_idx // tokens_per_frame, kv_idx // tokens_per_frame]
+
+        n = num_frames * tokens_per_frame
+        return create_block_mask(mask_mod, None, None, n, n, device=device)
+
+    def build(self, num_frames: int, tokens_per_frame: int, device: torch.device, backend: MaskBackend):
+        """A dense boolean mask or a BlockMask, by ``attention.mask_backend`` (auto: flex on CUDA)."""
+        use_flex = backend == MaskBackend.flex or (backend == MaskBackend.auto and torch.device(device).type == "cuda")
+        if use_flex:
+            return self.block_mask(num_frames, tokens_per_frame, device)
+        return self.token_mask(num_frames, tokens_per_frame, device)
+
 
 @dataclass
 class AttnInputs:
@@ -91,24 +111,59 @@ class AttnInputs:
 
     q_rot: Rotary  # rotary for the current tokens (queries)
     k_rot: Rotary  # rotary for all keys: cached prefix then current tokens
-    mask: torch.Tensor | None  # (L, Lk) bool, True = attend; None = all visible
+    mask: torch.Tensor | BlockMask | None  # (L, Lk) bool (True = attend) or a flex BlockMask; None = all visible
     cache: KVCache | None = None
     step: CacheStep | None = None
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q (B, L, H, d), k (B, Lk, H, d), v (B, Lk, H, dv) -> (B, L, H, dv)."""
-    o = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
-    )
+_compiled_flex = None
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float) -> torch.Tensor:
+    global _compiled_flex  # a cache of the compiled kernel, not a behaviour switch
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=mask, scale=scale)  # eager: reference speed, same result
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """q (B, L, H, d), k (B, Lk, H, d), v (B, Lk, H, dv) -> (B, L, H, dv); mask bool, BlockMask or None."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if isinstance(mask, BlockMask):
+        o = _flex(q, k.contiguous(), v.contiguous(), mask, scale)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
 
 
-def resolve_impl(impl: AttentionImpl, x: torch.Tensor) -> AttentionImpl:
-    """The MLA path to run for ``impl`` on this input (``auto`` picks by device and regime)."""
-    if impl != AttentionImpl.auto:
-        return impl
-    return AttentionImpl.absorbed_sdpa
+_FUSED = (AttentionImpl.triton, AttentionImpl.triton_fp8)
+
+
+def resolve_impl(impl: AttentionImpl, x: torch.Tensor, cached: bool = True, needs_grad: bool = False,
+                 backward: AttentionImpl = AttentionImpl.absorbed_sdpa) -> AttentionImpl:
+    """The MLA path to run for ``impl`` on this input.
+
+    The fused kernels (vmla_train.kernels) are forward-only and serve the cached path (no mask): a
+    forward that needs gradients runs ``backward`` (attention.backward), a masked full forward runs
+    ``absorbed_sdpa``. ``auto`` (measured on an H100, README "Kernel and generation"): on CUDA with
+    Triton, ``triton`` for cached forwards of at most ``AUTO_TRITON_MAX_QUERIES`` query tokens per
+    video (one latent frame: 12-15 % faster than absorbed SDPA) and ``absorbed_sdpa`` above (a 3-frame
+    chunk: the kernel alone is 3 % faster, its per-call key pre-pass makes the path 1-4 % slower);
+    CPU or no Triton -> ``absorbed_sdpa``.
+    """
+    if impl == AttentionImpl.auto:
+        from .kernels import latent_attention as LA
+
+        fused_ok = x.is_cuda and LA.available() and x.shape[1] <= LA.AUTO_TRITON_MAX_QUERIES
+        impl = AttentionImpl.triton if fused_ok else AttentionImpl.absorbed_sdpa
+    if impl in _FUSED:
+        if needs_grad:
+            return backward
+        if not cached:
+            return AttentionImpl.absorbed_sdpa
+    return impl
 
 
 class _WanQKVO(nn.Module):
@@ -166,6 +221,7 @@ class MLASelfAttention(nn.Module):
         self.d_r = a.d_r // a.rope_key_groups  # per group
         self.d_n = m.head_dim if a.qk_nope_head_dim == -1 else a.qk_nope_head_dim
         self.impl = a.impl
+        self.backward = a.backward
         self.k_norm = a.k_norm
         self.eps = m.eps
         qk = self.d_n + self.d_r
@@ -225,22 +281,50 @@ class MLASelfAttention(nn.Module):
         q_c, q_r = q[..., :dn], apply_rope(q[..., dn:], inp.q_rot)  # (B, L, H, dn), (B, L, H, dr)
         c = self.to_kv_a(x)  # (B, L, dc)
         kr = self.to_k_rope(x)  # (B, L, G*dr)
-        if inp.cache is not None:
-            past = inp.cache.read(layer, inp.step)
-            c_all = torch.cat([past["c"].to(c.dtype), c], 1)  # (B, Lk, dc)
-            kr_all = torch.cat([past["kr"].to(kr.dtype), kr], 1)  # (B, Lk, G*dr)
-            inp.cache.write(layer, inp.step, c=c, kr=kr)
-        else:
-            c_all, kr_all = c, kr
         g_n, g_r = self._gains()
-        impl = resolve_impl(self.impl, x)
-        if impl == AttentionImpl.reference:
-            o = self._reference(q_c, q_r, c_all, kr_all, g_n, g_r, inp)
-        elif impl == AttentionImpl.absorbed_sdpa:
-            o = self._absorbed(q_c, q_r, c_all, kr_all, g_n, g_r, inp)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.to_q.weight.requires_grad)
+        impl = resolve_impl(self.impl, x, inp.mask is None, needs_grad, self.backward)
+        past = inp.cache.read(layer, inp.step) if inp.cache is not None else None  # views: use before write
+        if impl in _FUSED:
+            o = self._fused(q_c, q_r, c, kr, past, g_n, g_r, inp, impl)
         else:
-            raise NotImplementedError(f"attention.impl={impl.value} is not available in this build")
+            if past is not None:
+                c_all = torch.cat([past["c"].to(c.dtype), c], 1)  # (B, Lk, dc)
+                kr_all = torch.cat([past["kr"].to(kr.dtype), kr], 1)  # (B, Lk, G*dr)
+            else:
+                c_all, kr_all = c, kr
+            if impl == AttentionImpl.reference:
+                o = self._reference(q_c, q_r, c_all, kr_all, g_n, g_r, inp)
+            else:
+                o = self._absorbed(q_c, q_r, c_all, kr_all, g_n, g_r, inp)
+        if inp.cache is not None:
+            inp.cache.write(layer, inp.step, c=c, kr=kr)
         return self.to_out[0](o.flatten(2).to(x.dtype))
+
+    def _fused(self, q_c, q_r, c, kr, past, g_n, g_r, inp: AttnInputs, impl: AttentionImpl) -> torch.Tensor:
+        """The Triton kernel: cached prefix and current chunk as separate inputs (no concatenation of
+        the latent window); pre-pass over the d_r-wide keys (RoPE, gain) and the per-key scale s."""
+        from .kernels import latent_attention as LA
+
+        H, dn, dc = self.num_heads, self.d_n, self.d_c
+        w_uk = self.k_up.weight.unflatten(0, (H, dn))  # (H, dn, dc)
+        if g_n is not None:
+            w_uk = w_uk * g_n.unflatten(0, (H, dn))[..., None]
+        c_past = past["c"] if past is not None else c[:, :0]  # (B, Lp, dc) view of the cache
+        kr_past = past["kr"] if past is not None else kr[:, :0]
+        kr_all = torch.cat([kr_past.to(kr.dtype), kr], 1)  # (B, Lk, G*dr): d_r wide, cheap
+        s = torch.cat([self._key_scale(c_past, kr_past), self._key_scale(c, kr)], 1)  # (B, Lk, 1)
+        rho = self._rope_key(kr_all, 1.0, g_r, inp.k_rot).to(q_c.dtype)  # (B, Lk, G, dr), s applied in-kernel
+        if impl == AttentionImpl.triton_fp8:
+            from .kernels import latent_attention_fp8 as LA8
+
+            o_lat = LA8.latent_attention_fp8(q_c, w_uk, q_r, c_past, c, rho, s.squeeze(-1), self.scale)
+        else:
+            q_lat = torch.einsum("blhn,hnc->blhc", q_c, w_uk.to(q_c.dtype))  # (B, L, H, dc)
+            o_lat, _ = LA.latent_attention(q_lat, q_r, c_past, c, rho, s.squeeze(-1).contiguous(), self.scale)
+        w_uv = self.v_up.weight.unflatten(0, (H, self.head_dim))  # (H, Dh, dc)
+        o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))  # (B, L, H, Dh)
+        return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)  # softmax rows sum to 1
 
     def _reference(self, q_c, q_r, c_all, kr_all, g_n, g_r, inp: AttnInputs) -> torch.Tensor:
         H, dn, G = self.num_heads, self.d_n, self.groups

@@ -1,7 +1,10 @@
 """Console entry points. Thin: parse arguments, load the config, call the library.
 
     vmla-train info CONFIG [key=value ...]    parameters and KV-cache accounting, MHA vs MLA
-    vmla-train demo CONFIG [key=value ...]    cached chunk-by-chunk rollout of a random tiny student
+    vmla-train demo CONFIG [key=value ...]    the tiny self_forcing stage on CPU (checkpoint, mp4, W&B run)
+    vmla-train demo-rollout CONFIG [k=v ...]  cached chunk-by-chunk rollout of a random tiny student
+    vmla-train fit CONFIG [key=value ...]     train a stage; resumes from the run folder's latest checkpoint
+    vmla-train export RUN_DIR OUT [--ema]     training checkpoint (ZeRO shards too) -> plain student folder
 """
 
 from __future__ import annotations
@@ -113,16 +116,35 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("info", "parameter counts and KV-cache values/bytes, MHA vs MLA"),
-        ("demo", "cached chunk-by-chunk rollout of a random tiny student"),
+        ("demo", "the tiny self_forcing stage on CPU: checkpoint, sample mp4, offline W&B run"),
+        ("demo-rollout", "cached chunk-by-chunk rollout of a random tiny student"),
+        ("fit", "train the config's stage; resumes from the run folder's latest complete checkpoint"),
     ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. attention.d_c=192")
+    e = sub.add_parser("export", help="latest training checkpoint of RUN_DIR -> plain student folder OUT")
+    e.add_argument("run_dir", help="run folder (or one checkpoints/step-N folder)")
+    e.add_argument("out", help="output student folder (model.safetensors + config.yaml)")
+    e.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw student")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "export":
+        from .train import export_student
+
+        from .student_io import CheckpointError
+
+        try:
+            out = export_student(args.run_dir, args.out, use_ema=args.ema, overwrite=args.overwrite)
+        except (FileNotFoundError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"exported student folder {out}")
+        return 0
     try:
         cfg = C.load(args.config, args.overrides)
     except C.ConfigError as e:
@@ -130,8 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "info":
         print_info(cfg)
-    elif args.command == "demo":
+    elif args.command == "demo-rollout":
         run_demo(cfg)
+    elif args.command == "demo":
+        from .train import run_training_demo
+
+        run_training_demo(cfg)
+    elif args.command == "fit":
+        from .train import fit
+
+        fit(cfg)
     return 0
 
 

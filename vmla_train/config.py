@@ -102,6 +102,12 @@ class KNorm(str, Enum):
     none = "none"  # DESIGN 4 option D: no key norm (fine-tune to recover)
 
 
+class MaskBackend(str, Enum):
+    auto = "auto"  # flex attention with a block mask on CUDA, SDPA with a boolean mask elsewhere
+    sdpa = "sdpa"  # SDPA with a dense (L, L) boolean mask (reference)
+    flex = "flex"  # torch flex attention with a BlockMask (compiled on CUDA)
+
+
 @dataclass
 class AttentionConfig:
     """Self-attention of the student: Wan MHA or VideoMLA latent attention."""
@@ -113,6 +119,14 @@ class AttentionConfig:
     qk_nope_head_dim: int = -1  # MLA: per-head content q/k width; -1 means model head_dim
     impl: AttentionImpl = AttentionImpl.auto  # MLA: auto | reference | absorbed_sdpa | triton | triton_fp8
     k_norm: KNorm = KNorm.rms_scalar  # MLA: how Wan's full-width key RMSNorm is kept
+    mask_backend: MaskBackend = MaskBackend.auto  # masked full forwards: auto (flex on CUDA) | sdpa | flex
+    # --- kernels (issue 6) ---
+    backward: AttentionImpl = AttentionImpl.absorbed_sdpa  # MLA: torch path run when gradients are needed (the Triton kernels are forward-only): absorbed_sdpa | reference
+
+    def __post_init__(self) -> None:
+        if self.backward not in (AttentionImpl.absorbed_sdpa, AttentionImpl.reference):
+            _fail("attention.backward", "absorbed_sdpa or reference (the Triton kernels are forward-only)",
+                  getattr(self.backward, "value", self.backward))
 
 
 class PositionScheme(str, Enum):
@@ -187,6 +201,373 @@ class DemoConfig:
     shift: float = 5.0  # flow-matching timestep shift
 
 
+# ----------------------------------------------------------------------------------------------
+# Training engine (issue 5): stages, optimisers, DMD, strategy, logging, validation, checkpoints.
+# ----------------------------------------------------------------------------------------------
+class Stage(str, Enum):
+    adapt = "adapt"  # flow matching on real latents, block-causal, per-chunk timesteps
+    ode_init = "ode_init"  # regression of x0 from teacher ODE trajectory points, per chunk
+    self_forcing = "self_forcing"  # DMD against the teacher (real score) and the critic (fake score)
+
+
+@dataclass
+class TrainConfig:
+    """What is trained, from what, for how long, in which batches."""
+
+    stage: Stage = Stage.adapt  # adapt | ode_init | self_forcing
+    num_steps: int = 1000  # training iterations (our counter drives every schedule; self_forcing: a critic step each)
+    global_batch_size: int = 1  # samples per student step over all ranks (= data.batch_size * world * accumulation)
+    student_path: str = ""  # student folder (model.safetensors + config.yaml); "" = random init from this config
+    teacher_path: str = ""  # diffusers Wan folder of the teacher; "" = random weights (tests, benchmarks)
+    critic_path: str = ""  # diffusers Wan folder the critic starts from; "" = a copy of the teacher
+    teacher_size: str = ""  # named size of teacher/critic (MODEL_SIZES); "" = model.name
+    gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
+    rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            _fail("train.num_steps", ">= 1", self.num_steps)
+        if self.global_batch_size < 1:
+            _fail("train.global_batch_size", ">= 1", self.global_batch_size)
+        if self.teacher_size and self.teacher_size not in MODEL_SIZES:
+            _fail("train.teacher_size", f"'' or one of {sorted(MODEL_SIZES)}", self.teacher_size)
+        if self.rollout_frames < 0:
+            _fail("train.rollout_frames", ">= 0", self.rollout_frames)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the student and the critic (Self-Forcing numbers, DESIGN 5)."""
+
+    student_lr: float = 2e-6  # student learning rate
+    critic_lr: float = 4e-7  # critic learning rate
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # AdamW betas (both models)
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 10.0  # max global grad norm per model (0 = off)
+    warmup_steps: int = 0  # linear lr warm-up over each model's first N optimizer steps (0 = none)
+
+    def __post_init__(self) -> None:
+        if self.student_lr <= 0 or self.critic_lr <= 0:
+            _fail("optim.student_lr/critic_lr", "> 0", (self.student_lr, self.critic_lr))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _fail("optim.betas", "two values in [0, 1)", self.betas)
+        if self.grad_clip < 0 or self.warmup_steps < 0:
+            _fail("optim.grad_clip/warmup_steps", ">= 0", (self.grad_clip, self.warmup_steps))
+
+
+@dataclass
+class DMDConfig:
+    """Self-forcing rollouts, DMD, the critic and EMA (also the timestep settings of adapt/ode_init)."""
+
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # student steps, before warp
+    shift: float = 5.0  # flow-matching shift (rollout steps and DMD/critic/adapt timesteps)
+    t_min: float = 20.0  # DMD timestep clamp, low end
+    t_max: float = 980.0  # DMD timestep clamp, high end
+    guidance: float = 3.0  # real-score CFG on the difference (3.0 == standard CFG 4.0)
+    critic_steps_per_student_step: int = 5  # critic:student update ratio (student steps at iterations 0, N, 2N, ...)
+    ema_decay: float = 0.99  # EMA of the student weights (0 = no EMA)
+    ema_start_step: int = 200  # first iteration (train step) whose student update feeds the EMA
+    negative_embedding: str = ""  # safetensors with key 'text' [Lt, text_dim] of Wan's negative prompt; "" = fixed random
+
+    def __post_init__(self) -> None:
+        if not self.denoising_steps or sorted(self.denoising_steps, reverse=True) != list(self.denoising_steps):
+            _fail("dmd.denoising_steps", "a non-empty descending list of timesteps", self.denoising_steps)
+        if not 0 <= self.t_min < self.t_max <= 1000:
+            _fail("dmd.t_min/t_max", "0 <= t_min < t_max <= 1000", (self.t_min, self.t_max))
+        if self.critic_steps_per_student_step < 1:
+            _fail("dmd.critic_steps_per_student_step", ">= 1", self.critic_steps_per_student_step)
+        if not 0 <= self.ema_decay < 1:
+            _fail("dmd.ema_decay", "in [0, 1)", self.ema_decay)
+
+
+@dataclass
+class StrategyConfig:
+    """How the trainable models are distributed (vmla_train/parallel.py)."""
+
+    name: str = "single"  # single | ddp | deepspeed | fsdp
+    accelerator: str = "auto"  # auto | cpu | cuda
+    devices: int = 1  # processes (GPUs) per node
+    num_nodes: int = 1  # nodes
+    zero_stage: int = 2  # deepspeed: 2 or 3
+    offload: bool = False  # deepspeed: optimizer (and, stage 3, parameter) offload to CPU
+    precision: str = "auto"  # auto (bf16-mixed on GPU, 32-true on CPU) | 32-true | bf16-mixed | bf16-true
+
+    def __post_init__(self) -> None:
+        if self.name not in ("single", "ddp", "deepspeed", "fsdp"):
+            _fail("strategy.name", "single | ddp | deepspeed | fsdp", self.name)
+        if self.zero_stage not in (2, 3):
+            _fail("strategy.zero_stage", "2 or 3", self.zero_stage)
+        if self.name == "single" and self.devices * self.num_nodes != 1:
+            _fail("strategy.devices", "1 with strategy.name=single (use ddp/deepspeed/fsdp for more)", self.devices)
+        if self.precision not in ("auto", "32-true", "bf16-mixed", "bf16-true"):
+            _fail("strategy.precision", "auto | 32-true | bf16-mixed | bf16-true", self.precision)
+        if self.accelerator not in ("auto", "cpu", "cuda"):
+            _fail("strategy.accelerator", "auto | cpu | cuda", self.accelerator)
+
+
+@dataclass
+class LoggingConfig:
+    """Progress, W&B and sample videos."""
+
+    every_n_steps: int = 1  # log scalars every N iterations
+    wandb_mode: str = "offline"  # offline | online | disabled (online needs WANDB_API_KEY in the environment)
+    wandb_project: str = "vmla-train"  # W&B project
+    wandb_entity: str = ""  # W&B entity ("" = default)
+    sample_every_n_steps: int = 0  # decode and log a sample video every N iterations and at the end (0 = never)
+    vae_path: str = ""  # diffusers Wan VAE folder for sample videos; "" = tiny random VAE (tests, demo)
+    rank_every_n_steps: int = 0  # latent rank occupation every N steps (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            _fail("logging.wandb_mode", "offline | online | disabled", self.wandb_mode)
+        if self.every_n_steps < 1:
+            _fail("logging.every_n_steps", ">= 1", self.every_n_steps)
+
+
+@dataclass
+class ValidationConfig:
+    """Student few-step vs teacher many-step on fixed prompts and fixed noise (torchmetrics)."""
+
+    every_n_steps: int = 0  # iterations between validations, and one at the end (0 = off)
+    num_prompts: int = 4  # fixed prompts (synthetic embeddings or the first prompt batches)
+    teacher_steps: int = 48  # Euler steps of the teacher reference
+    num_frames: int = 0  # latent frames generated; 0 = video.latent_frames
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints in RUN_DIR/checkpoints/step-NNNNNNNN/ (vmla_train/checkpoint.py)."""
+
+    every_n_steps: int = 100  # iterations between checkpoints (also at the end and on SIGUSR1/SIGTERM)
+    keep_last: int = 3  # complete checkpoints kept
+    resume: bool = True  # resume from the run folder's latest complete checkpoint
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 1 or self.keep_last < 1:
+            _fail("checkpoint.every_n_steps/keep_last", ">= 1", (self.every_n_steps, self.keep_last))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the training loader (vmla_train.data) and data preparation (vmla_train.dataprep)
+# ----------------------------------------------------------------------------------------------
+class DataSource(str, Enum):
+    synthetic = "synthetic"  # deterministic random latents/text at the config geometry (no files)
+    shards = "shards"  # training / ODE shards written by `vmla-data encode` / `vmla-data ode-pairs`
+    prompts_file = "prompts_file"  # a text file, one prompt per line (prompts only; embeds with data.text_encoder)
+
+
+@dataclass
+class DataConfig:
+    """The training loader: which samples, how many per batch, in what (seeded) order."""
+
+    source: DataSource = DataSource.synthetic  # synthetic | shards | prompts_file
+    shards: str = ""  # shard pattern(s): braces and globs, several joined by '::' (source=shards)
+    prompts_file: str = ""  # one prompt per line (source=prompts_file)
+    text_encoder: str = ""  # local diffusers/umT5 folder that embeds prompts_file prompts
+    batch_size: int = 1  # samples per batch per rank
+    batches_per_epoch: int = 1000  # batches per epoch, identical on every rank
+    num_workers: int = 2  # loader worker processes per rank (0 = in the main process)
+    prefetch_factor: int = 2  # batches prefetched per worker
+    seed: int = 0  # order and synthetic-content seed (same on every rank)
+    synthetic_samples: int = 256  # distinct samples of the synthetic source
+    max_open_shards: int = 16  # tar member tables cached per worker
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "batches_per_epoch", "prefetch_factor", "synthetic_samples", "max_open_shards"):
+            if getattr(self, key) < 1:
+                _fail(f"data.{key}", "a positive int", getattr(self, key))
+        if self.num_workers < 0:
+            _fail("data.num_workers", ">= 0", self.num_workers)
+        # data.shards / prompts_file may stay empty in a shipped config (given on the command line):
+        # vmla_train.data.build_loader rejects them, naming the key, when a loader is built.
+
+
+@dataclass
+class RawShardsConfig:
+    """`vmla-data raw`: OpenVid-1M CSV(s) + mp4s (folder or zip archives) -> raw WebDataset shards."""
+
+    csv: list[str] = field(default_factory=list)  # OpenVid-1M.csv / OpenVidHD.csv paths
+    videos: list[str] = field(default_factory=list)  # folders of mp4s and/or OpenVid_partN.zip files (globs ok)
+    output: str = ""  # output folder for raw-%06d.tar + index.json + rejects.jsonl
+    min_aesthetic: float = 0.0  # keep rows with `aesthetic score` >= this
+    min_motion: float = 0.0  # keep rows with `motion score` >= this
+    min_temporal: float = 0.0  # keep rows with `temporal consistency score` >= this
+    min_seconds: float = 0.0  # keep clips at least this long (CSV `seconds` and probe)
+    min_fps: float = 0.0  # keep clips with fps >= this
+    max_fps: float = 1000.0  # keep clips with fps <= this
+    min_caption_chars: int = 1  # keep captions at least this long
+    max_caption_chars: int = 100000  # keep captions at most this long
+    max_rows: int = 0  # stop after this many CSV rows (0 = all)
+    maxcount: int = 1000  # samples per shard at most
+    maxsize_mb: float = 3000.0  # bytes per shard at most (MB)
+    num_workers: int = 4  # parallel read/probe processes
+
+    def __post_init__(self) -> None:
+        if self.maxcount < 1:
+            _fail("prep.raw.maxcount", "a positive int", self.maxcount)
+        if self.maxsize_mb <= 0:
+            _fail("prep.raw.maxsize_mb", "> 0", self.maxsize_mb)
+        if self.min_fps > self.max_fps:
+            _fail("prep.raw.min_fps", f"<= prep.raw.max_fps={self.max_fps}", self.min_fps)
+        if self.min_caption_chars > self.max_caption_chars:
+            _fail("prep.raw.min_caption_chars", f"<= prep.raw.max_caption_chars={self.max_caption_chars}",
+                  self.min_caption_chars)
+        if self.num_workers < 0:
+            _fail("prep.raw.num_workers", ">= 0", self.num_workers)
+
+
+@dataclass
+class EncodeConfig:
+    """`vmla-data encode`: raw shards -> training shards (VAE latents + umT5 embeddings), any number of ranks."""
+
+    input: str = ""  # raw shard pattern (braces/globs, '::'-joined)
+    output: str = ""  # output folder: one training shard per input shard (same file name) + index + rejects
+    vae: str = ""  # local diffusers AutoencoderKLWan folder (or a pipeline folder with vae/)
+    text_encoder: str = ""  # local folder with tokenizer/ and text_encoder/ (umT5)
+    decoder: str = "decord"  # decord | pyav
+    decode_timeout_s: float = 60.0  # a clip that takes longer to decode is rejected
+    decode_threads: int = 0  # threads per decoder (0 = library default)
+    decode_workers: int = 2  # decoder processes running ahead of the VAE
+    decoder_restart_every: int = 200  # clips per decoder process before it is replaced (decord leaks after seeks)
+    latent_dtype: str = "float16"  # stored latents/text: float16 | bfloat16 (bf16 bits as uint16 .npy)
+    batch_size: int = 1  # clips per VAE call
+    device: str = "auto"  # auto | cpu | cuda
+    vae_dtype: str = "float32"  # VAE compute dtype
+    text_dtype: str = "bfloat16"  # umT5 compute dtype
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("decord", "pyav"):
+            _fail("prep.encode.decoder", "decord | pyav", self.decoder)
+        if self.latent_dtype not in ("float16", "bfloat16"):
+            _fail("prep.encode.latent_dtype", "float16 | bfloat16", self.latent_dtype)
+        for key in ("vae_dtype", "text_dtype"):
+            if getattr(self, key) not in _DTYPES:
+                _fail(f"prep.encode.{key}", f"one of {sorted(_DTYPES)}", getattr(self, key))
+        if self.decode_timeout_s <= 0:
+            _fail("prep.encode.decode_timeout_s", "> 0", self.decode_timeout_s)
+        for key in ("batch_size", "decode_workers", "decoder_restart_every"):
+            if getattr(self, key) < 1:
+                _fail(f"prep.encode.{key}", "a positive int", getattr(self, key))
+
+
+@dataclass
+class OdePairsConfig:
+    """`vmla-data ode-pairs`: teacher Euler trajectories (flow matching, CFG) -> ODE-init shards."""
+
+    teacher: str = ""  # local diffusers WanTransformer3DModel folder (or pipeline folder with transformer/)
+    text_encoder: str = ""  # local folder with tokenizer/ and text_encoder/ (umT5)
+    prompts_file: str = ""  # prompts, one per line (else captions of data.shards-style `input`)
+    input: str = ""  # shard pattern whose captions (.txt) are the prompts when prompts_file is empty
+    output: str = ""  # output folder for ode-%06d.tar + index + rejects
+    num_steps: int = 48  # teacher Euler steps
+    shift: float = 5.0  # flow-matching shift of the Euler sigmas
+    guidance_scale: float = 5.0  # classifier-free guidance scale (Wan negative prompt)
+    keep_indices: list[int] = field(default_factory=lambda: [0, 12, 24, 36, 48])  # trajectory indices kept (0 = noise)
+    samples_per_shard: int = 64  # trajectories per output shard
+    max_samples: int = 0  # stop after this many prompts (0 = all)
+    batch_size: int = 1  # prompts per teacher call
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "bfloat16"  # teacher compute dtype
+    seed: int = 0  # noise seed (per prompt: seed + prompt index)
+    latent_dtype: str = "float16"  # stored arrays: float16 | bfloat16 (bf16 bits as uint16 .npy)
+
+    def __post_init__(self) -> None:
+        if self.latent_dtype not in ("float16", "bfloat16"):
+            _fail("prep.ode.latent_dtype", "float16 | bfloat16", self.latent_dtype)
+        if self.num_steps < 1:
+            _fail("prep.ode.num_steps", "a positive int", self.num_steps)
+        if not self.keep_indices or any(not 0 <= i <= self.num_steps for i in self.keep_indices):
+            _fail("prep.ode.keep_indices", f"indices in 0..prep.ode.num_steps={self.num_steps}", self.keep_indices)
+        if sorted(set(self.keep_indices)) != list(self.keep_indices):
+            _fail("prep.ode.keep_indices", "strictly increasing indices", self.keep_indices)
+        if self.dtype not in _DTYPES:
+            _fail("prep.ode.dtype", f"one of {sorted(_DTYPES)}", self.dtype)
+        if self.samples_per_shard < 1 or self.batch_size < 1:
+            _fail("prep.ode.samples_per_shard/batch_size", "positive ints", (self.samples_per_shard, self.batch_size))
+
+
+@dataclass
+class DataPrepConfig:
+    """The three data-preparation stages (`vmla-data raw | encode | ode-pairs`)."""
+
+    raw: RawShardsConfig = field(default_factory=RawShardsConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    ode: OdePairsConfig = field(default_factory=OdePairsConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion and rank study (issue 3): vmla-convert, vmla-analyze rank.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ConvertConfig:
+    """Wan -> student conversion (vmla-convert) and the calibration shared with the rank study."""
+
+    init: str = "spectral"  # MLA only: spectral (factorise Wan's K/V) | random (Wan's linear init for new projections)
+    factorization: str = "weights"  # spectral: weights (SVD of the weights) | activations (PCA of calibration inputs)
+    calib_samples: int = 1  # calibration latent samples (seeded Gaussian latents and text)
+    calib_timesteps: list[float] = field(default_factory=lambda: [999.0, 750.0, 500.0, 250.0])  # timestep buckets
+    calib_latent_shape: list[int] = field(default_factory=lambda: [3, 16, 16])  # calibration latent [frames, height, width]
+    calib_text_tokens: int = 16  # non-zero text tokens per calibration prompt (the rest zero-padded)
+    energy: float = 0.99  # energy fraction of the effective rank
+    dtype: str = "source"  # output weights: source (keep the checkpoint's dtype) | float32 | bfloat16 | float16
+    max_shard_gb: float = 4.0  # shard the output safetensors past this size
+    seed: int = 0  # calibration data and random init
+
+    def __post_init__(self) -> None:
+        if self.init not in ("spectral", "random"):
+            _fail("convert.init", "spectral | random", self.init)
+        if self.factorization not in ("weights", "activations"):
+            _fail("convert.factorization", "weights | activations", self.factorization)
+        if self.calib_samples < 1:
+            _fail("convert.calib_samples", ">= 1", self.calib_samples)
+        if not self.calib_timesteps or not all(0 <= t <= 1000 for t in self.calib_timesteps):
+            _fail("convert.calib_timesteps", "a non-empty list of timesteps in [0, 1000]", self.calib_timesteps)
+        if len(self.calib_latent_shape) != 3 or min(self.calib_latent_shape) < 1:
+            _fail("convert.calib_latent_shape", "three positive ints [frames, height, width]", self.calib_latent_shape)
+        if self.calib_text_tokens < 1:
+            _fail("convert.calib_text_tokens", ">= 1", self.calib_text_tokens)
+        if not 0 < self.energy <= 1:
+            _fail("convert.energy", "a fraction in (0, 1]", self.energy)
+        if self.dtype not in ("source", "float32", "bfloat16", "float16"):
+            _fail("convert.dtype", "source | float32 | bfloat16 | float16", self.dtype)
+        if self.max_shard_gb <= 0:
+            _fail("convert.max_shard_gb", "> 0", self.max_shard_gb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation (issue 6): vmla-generate, minute-scale text-to-video with the latent cache.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GenerateConfig:
+    """vmla-generate: long rollouts with sliding window + sinks, streamed VAE decoding, mp4 out."""
+
+    seconds: float = 60.0  # video length; latent frames = seconds * video.fps / vae_stride[0], whole chunks
+    samples_per_prompt: int = 1  # videos per prompt (file index 0..n-1, seed = runtime.seed + index)
+    batch_size: int = 1  # videos generated together (one prompt's samples are batched)
+    guidance_scale: float = 1.0  # classifier-free guidance weight; 1 = off (DMD students have it distilled in)
+    negative_prompt: str = ""  # CFG negative prompt; empty = Wan's default negative prompt
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # before warp
+    shift: float = 5.0  # flow-matching timestep shift
+    text_encoder: str = ""  # local folder with tokenizer/ and text_encoder/ (umT5), or empty with embeddings
+    embeddings: str = ""  # safetensors with 'prompt_embeds' [N, Lt, text_dim] (+ 'negative_embeds') instead
+    vae: str = ""  # local AutoencoderKLWan folder (or a pipeline folder with vae/)
+    out_dir: str = "samples"  # where the mp4 files go (VBench naming: '<prompt>-<index>.mp4')
+    crf: int = 18  # x264 quality (lower = better)
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0:
+            _fail("generate.seconds", "> 0", self.seconds)
+        for key in ("samples_per_prompt", "batch_size"):
+            if getattr(self, key) < 1:
+                _fail(f"generate.{key}", "a positive int", getattr(self, key))
+        if self.guidance_scale < 1.0:
+            _fail("generate.guidance_scale", ">= 1 (1 = no guidance)", self.guidance_scale)
+        if not self.denoising_steps or any(not 0 < t <= 1000 for t in self.denoising_steps):
+            _fail("generate.denoising_steps", "a non-empty list of timesteps in (0, 1000]", self.denoising_steps)
+        if not 0 <= self.crf <= 51:
+            _fail("generate.crf", "0..51", self.crf)
+
+
 @dataclass
 class Config:
     """Root config; sections mirror the packages they configure."""
@@ -197,6 +578,17 @@ class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prep: DataPrepConfig = field(default_factory=DataPrepConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def __post_init__(self) -> None:
         m, a, c, v = self.model, self.attention, self.cache, self.video
@@ -412,7 +804,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "DemoConfig",
+    "DataConfig",
+    "DataPrepConfig",
+    "DataSource",
+    "EncodeConfig",
+    "OdePairsConfig",
+    "RawShardsConfig",
     "KNorm",
+    "MaskBackend",
     "MODEL_SIZES",
     "ModelConfig",
     "PositionScheme",

@@ -3,14 +3,21 @@
 ``sample_video`` is the few-step inference rollout (demo, generation, validation): per chunk, start
 from noise, run the denoising step list (predict x0, re-noise with fresh noise to the next step),
 then re-run the clean x0 at t = 0 with ``write_cache=True`` so the cache holds clean context.
-The self-forcing training rollout (grad through one exit step per chunk) builds on the same pieces.
+
+``self_forcing_rollout`` is the training rollout of Self-Forcing (Huang et al. 2025, Alg. 1): the same
+loop, but each chunk stops at its *exit step* (one index per chunk, drawn once per iteration on rank 0
+and broadcast, ``draw_exit_steps``); only that forward runs with grad. The cache is always detached:
+its buffers are written under no_grad in the clean re-run and attention reads them through
+``torch.cat``, so autograd never sees an in-place write and gradients never cross chunks.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from . import schedule
 from .kv_cache import KVCache
@@ -64,3 +71,93 @@ def sample_video(
         if keep:
             outs.append(x0)
     return torch.cat(outs, 1) if keep else None
+
+
+def draw_exit_steps(num_chunks: int, num_steps: int, generator: torch.Generator) -> list[int]:
+    """One exit-step index per chunk, drawn on rank 0 and broadcast so every rank exits alike.
+
+    Ranks that disagree would run different numbers of forwards and different grad paths (a known
+    bug of some Self-Forcing forks); the broadcast makes the draw rank 0's whatever the other ranks'
+    generators hold.
+    """
+    idx = torch.randint(0, num_steps, (num_chunks,), generator=generator, device=generator.device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        backend = dist.get_backend()
+        dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        idx = idx.to(dev)
+        dist.broadcast(idx, src=0)
+    return [int(i) for i in idx.tolist()]
+
+
+def _read_only_copy(cache: KVCache) -> KVCache:
+    """A snapshot of ``cache`` for a grad forward under activation checkpointing: the recomputation in
+    backward must read the same cached values, while later chunks overwrite ring slots in place."""
+    snap = copy.copy(cache)
+    snap.buffers = {k: v.clone() for k, v in cache.buffers.items()}
+    snap.slot_frame = list(cache.slot_frame)
+    snap.cross = _NoCrossKV([None] * cache.num_layers)  # recomputation must recompute the text K/V too
+    return snap
+
+
+class _NoCrossKV(list):
+    """Cross-attention K/V slots that stay empty: every forward (and its recomputation) computes them."""
+
+    def __setitem__(self, index, value) -> None:
+        pass
+
+
+def _drop_cross_kv(cache: KVCache) -> None:
+    """Forget the per-prompt cross-attention K/V (they are stored detached): the grad forward
+    recomputes them so the text path (text embedder, cross-attention K/V) receives gradients."""
+    cache.cross = [None] * cache.num_layers
+
+
+def self_forcing_rollout(
+    student: Callable[..., torch.Tensor],
+    cache: KVCache,
+    text: torch.Tensor,
+    num_frames: int,
+    chunk_frames: int,
+    latent_shape: tuple[int, int, int],
+    timesteps: Sequence[float],
+    exit_steps: Sequence[int] | None,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    snapshot_cache: bool = False,
+) -> torch.Tensor:
+    """Generate ``num_frames`` latent frames [B, F, C, H, W] chunk by chunk, Self-Forcing style.
+
+    ``student(x, t, text, cache=, write_cache=)`` is the (possibly engine-wrapped) student forward;
+    ``cache`` an empty cache from ``student.new_cache``; ``latent_shape`` = (C, H, W); ``timesteps``
+    the warped step list. Per chunk i: the steps before ``exit_steps[i]`` run without grad (predict x0,
+    re-noise with fresh noise to the next step), the exit step runs with grad if grad is enabled by the
+    caller, then the clean x0 is re-run at t = 0 without grad to write the cache. ``exit_steps=None``
+    runs every step (the critic's no-grad rollout uses the drawn exits too, for the same distribution).
+    """
+    c, h, w = latent_shape
+    b = text.shape[0]
+    dev = generator.device
+    num_chunks = len(chunk_starts(num_frames, chunk_frames))
+    exits = list(exit_steps) if exit_steps is not None else [len(timesteps) - 1] * num_chunks
+    if len(exits) != num_chunks or not all(0 <= e < len(timesteps) for e in exits):
+        raise ValueError(f"exit_steps {exits}: expected {num_chunks} indices in [0, {len(timesteps)})")
+    grad = torch.is_grad_enabled()
+    outs = []
+    for i in range(num_chunks):
+        x = torch.randn(b, chunk_frames, c, h, w, generator=generator, device=dev).to(dtype)  # (B, f, C, H, W)
+        for j in range(exits[i] + 1):
+            tt = torch.full((b, chunk_frames), float(timesteps[j]), device=dev)
+            if j < exits[i]:  # 1. denoise without grad, re-noise to the next step with fresh noise
+                with torch.no_grad():
+                    x0 = schedule.x0_from_flow(x, student(x, tt, text, cache=cache), tt)
+                    noise = torch.randn(x0.shape, generator=generator, device=dev).to(dtype)
+                    x = schedule.add_noise(x0, noise, torch.full_like(tt, float(timesteps[j + 1])))
+            else:  # 2. the exit step: the only forward of this chunk that may carry grad
+                view = _read_only_copy(cache) if (grad and snapshot_cache) else cache
+                if grad and not snapshot_cache:
+                    _drop_cross_kv(view)
+                x0 = schedule.x0_from_flow(x, student(x, tt, text, cache=view), tt)
+        with torch.no_grad():  # 3. clean re-run at t = 0 writes the (detached) cache
+            student(x0.detach(), torch.zeros(b, chunk_frames, device=dev), text, cache=cache, write_cache=True)
+        outs.append(x0)
+    return torch.cat(outs, 1)  # (B, F, C, H, W)

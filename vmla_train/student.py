@@ -224,7 +224,7 @@ class WanStudent(nn.Module):
         if cache is None:
             pos = torch.arange(fp, device=device)
             rot = Rotary.from_angles(rope_angles(self.rope_spec, pos, hp, wp))
-            token_mask = mask.token_mask(fp, n, device) if mask is not None else None
+            token_mask = mask.build(fp, n, device, self.cfg.attention.mask_backend) if mask is not None else None
             return AttnInputs(q_rot=rot, k_rot=rot, mask=token_mask)
         if n != cache.tokens_per_frame:
             raise ValueError(f"chunk has {n} tokens per frame, the cache was built for {cache.tokens_per_frame}")

@@ -160,3 +160,54 @@ def load_student(folder: str | Path, overrides: Iterable[str] = (), device: torc
     if dtype is not None:
         model = model.to(dtype)
     return model, cfg
+
+
+class ShardWriter:
+    """Write a state dict tensor by tensor: a shard is flushed to disk once it passes ``max_shard_bytes``.
+
+    ``add(name, tensor)`` as tensors become ready, ``close()`` at the end: one shard becomes
+    ``model.safetensors``, several become ``model-0000i-of-0000N.safetensors`` + index (the same files
+    ``save_state_dict`` writes). At most one shard is held in memory. Write into an ``AtomicDir``.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []  # (temporary file, keys)
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in keys for _, keys in self._written):
+            raise CheckpointError(f"tensor '{name}' written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous().cpu()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f".shard-{len(self._written):05d}.safetensors"
+        save_file(self._pending, str(path))
+        self._written.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush the last shard, give the files their final names, write the index. Returns the names."""
+        if self._pending or not self._written:
+            self._flush()
+        if len(self._written) == 1:
+            os.replace(self._written[0][0], self.folder / SINGLE_NAME)
+            return [SINGLE_NAME]
+        n = len(self._written)
+        names, weight_map = [], {}
+        for i, (path, keys) in enumerate(self._written):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(path, self.folder / name)
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        (self.folder / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=1))
+        return names

@@ -1,0 +1,258 @@
+"""Per-layer attention at the 1.3B chunk geometry: MHA (cuDNN, flash) vs MLA (reference, absorbed SDPA,
+Triton bf16, Triton fp8). One GPU command; writes benchmarks/results/latent_attention-<device>.json.
+
+    python benchmarks/latent_attention.py [--out DIR] [--quick]
+
+Every MLA variant runs the real ``MLASelfAttention`` code path of a random-weight layer (bf16, CUDA):
+from the projected query (q_c, roped q_r) and the cached + current latents to the per-head output
+[B, L, H, Dh] — the absorption, the key pre-pass and W_uv included — so the times compare what a rollout
+pays. MHA variants time SDPA on given q/k/v (their projections are not part of attention either).
+``kernel_ms`` is the fused kernel alone. TF/s counts the attention core (DESIGN 4):
+MHA 4 d_h, absorbed 2 (2 d_c + d_r), reference 2 (d_qk + d_v) FLOPs per (query, key, head).
+rel_err: ||o - o_fp64|| / ||o_fp64|| over 384 random query tokens (all heads), fresh random inputs;
+``rel_err_sharp`` with the queries scaled x4 (a sharpened softmax, closer to trained attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vmla_train import config as C  # noqa: E402
+from vmla_train.attention import AttnInputs, MLASelfAttention  # noqa: E402
+from vmla_train.kernels import latent_attention as LA  # noqa: E402
+from vmla_train.rope import Rotary, rope_angles  # noqa: E402
+
+ROWS = 384  # query tokens checked against float64
+
+
+def bench(fn) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median"))
+
+
+def gemm_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a.double() - ref).norm() / ref.norm())
+
+
+# ----------------------------------------------------------------------------------------------
+def mha_case(cfg: C.Config, n_q: int, n_k: int, backend: SDPBackend) -> dict:
+    h, d = cfg.model.num_heads, cfg.model.head_dim
+    q = torch.randn(1, h, n_q, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, h, n_k, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, h, n_k, d, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel(backend):
+        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+    rows = torch.randperm(n_q, device="cuda")[:ROWS]
+    ref = torch.softmax(q[:, :, rows].double() @ k.double().transpose(-1, -2) * d**-0.5, -1) @ v.double()
+    flops = 4 * d * n_q * n_k * h
+    return dict(ms=ms, tflops=flops / ms / 1e9, rel_err=rel(o[:, :, rows], ref))
+
+
+class MLACase:
+    """A random MLA layer and one cached call's inputs (current chunk of n_q tokens, n_k keys in all)."""
+
+    def __init__(self, cfg: C.Config, n_q: int, n_k: int, q_gain: float = 1.0, seed: int = 0):
+        torch.manual_seed(seed)
+        self.cfg = cfg
+        self.attn = MLASelfAttention(cfg).cuda().to(torch.bfloat16).eval()
+        with torch.no_grad():
+            self.attn.norm_k.weight.uniform_(0.5, 1.5)
+        a = self.attn
+        H, dn, dr, G, dc = a.num_heads, a.d_n, a.d_r, a.groups, a.d_c
+        tpf = cfg.tokens_per_frame
+        ps = cfg.model.patch_size
+        hp, wp = cfg.video.latent_height // ps[1], cfg.video.latent_width // ps[2]
+        x = torch.randn(1, n_q, cfg.model.dim, device="cuda", dtype=torch.bfloat16)
+        xk = torch.randn(1, n_k - n_q, cfg.model.dim, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            q = a.norm_q(a.to_q(x)).unflatten(-1, (H, dn + dr))
+            frames_k, frames_q = n_k // tpf, n_q // tpf
+            kpos = torch.arange(frames_k, device="cuda")
+            self.inp = AttnInputs(
+                q_rot=Rotary.from_angles(rope_angles(a.rope_spec(cfg), kpos[-frames_q:], hp, wp)),
+                k_rot=Rotary.from_angles(rope_angles(a.rope_spec(cfg), kpos, hp, wp)), mask=None)
+            from vmla_train.rope import apply_rope
+
+            self.q_c = (q[..., :dn] * q_gain).contiguous()
+            self.q_r = (apply_rope(q[..., dn:], self.inp.q_rot) * q_gain).contiguous()
+            self.c_past, self.kr_past = a.to_kv_a(xk), a.to_k_rope(xk)  # as the cache holds them
+            self.c, self.kr = a.to_kv_a(x), a.to_k_rope(x)
+            self.g_n, self.g_r = a._gains()
+            self.c_all = torch.cat([self.c_past, self.c], 1)
+            self.kr_all = torch.cat([self.kr_past, self.kr], 1)
+
+    def run(self, variant: str) -> torch.Tensor:
+        a = self.attn
+        with torch.no_grad():
+            if variant == "mla_reference":
+                return a._reference(self.q_c, self.q_r, self.c_all, self.kr_all, self.g_n, self.g_r, self.inp)
+            if variant == "mla_absorbed_sdpa":
+                return a._absorbed(self.q_c, self.q_r, self.c_all, self.kr_all, self.g_n, self.g_r, self.inp)
+            if variant == "triton_fp8":
+                return self.run_fp8_cache()
+            impl = C.AttentionImpl.triton if variant == "triton_bf16" else C.AttentionImpl.triton_fp8  # *_bf16cache
+            past = {"c": self.c_past, "kr": self.kr_past}
+            return a._fused(self.q_c, self.q_r, self.c, self.kr, past, self.g_n, self.g_r, self.inp, impl)
+
+    def run_fp8_cache(self) -> torch.Tensor:
+        """An 8-bit cache (prefix quantised once at write time, outside the timing); per call: the
+        queries (absorbed + quantised in one kernel), the current chunk, the RoPE key pre-pass + its
+        quantisation, the key scale, the kernel and W_uv — what ``_fused`` does with a QuantLatent prefix."""
+        from vmla_train.kernels import latent_attention_fp8 as LA8
+
+        a = self.attn
+        H, dn = a.num_heads, a.d_n
+        if not hasattr(self, "past8"):
+            self.past8 = LA8.quantize_latent(self.c_past)
+        w_uk = a.k_up.weight.unflatten(0, (H, dn)) * self.g_n.unflatten(0, (H, dn))[..., None]
+        s = torch.cat([a._key_scale(self.c_past, self.kr_past), a._key_scale(self.c, self.kr)], 1).squeeze(-1)
+        kr_all = torch.cat([self.kr_past, self.kr], 1)
+        rho = a._rope_key(kr_all, 1.0, self.g_r, self.inp.k_rot).to(self.q_c.dtype)
+        o_lat = LA8.latent_attention_fp8(self.q_c, w_uk, self.q_r, self.past8, self.c, rho, s, a.scale)
+        w_uv = a.v_up.weight.unflatten(0, (H, a.head_dim))
+        o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))
+        return o + a.v_up.bias.unflatten(0, (H, a.head_dim)).to(o.dtype)
+
+    def reference(self, rows: torch.Tensor) -> torch.Tensor:
+        """float64 output for query tokens ``rows`` (the absorbed math, exact up to the fp32 key scale)."""
+        a = self.attn
+        H, dn, dc = a.num_heads, a.d_n, a.d_c
+        d = torch.float64
+        w_uk = a.k_up.weight.double().unflatten(0, (H, dn)) * self.g_n.double().unflatten(0, (H, dn))[..., None]
+        q_lat = torch.einsum("blhn,hnc->blhc", self.q_c[:, rows].double(), w_uk)
+        s = a._key_scale(self.c_all.double(), self.kr_all.double()).squeeze(-1).double()
+        rot = Rotary(self.inp.k_rot.cos.double(), self.inp.k_rot.sin.double())
+        rho = a._rope_key(self.kr_all.double(), 1.0, self.g_r.double(), rot)
+        o_lat, _ = LA.reference(q_lat, self.q_r[:, rows].double(), self.c_all.double(), rho, s, a.scale, d)
+        w_uv = a.v_up.weight.double().unflatten(0, (H, a.head_dim))
+        return torch.einsum("blhc,hdc->blhd", o_lat, w_uv) + a.v_up.bias.double().unflatten(0, (H, a.head_dim))
+
+
+def mla_flops(cfg: C.Config, variant: str, n_q: int, n_k: int) -> float:
+    a, m = cfg.attention, cfg.model
+    if variant == "mla_reference":
+        per = 2 * (m.head_dim + a.d_r // a.rope_key_groups + m.head_dim)
+    else:
+        per = 2 * (2 * a.d_c + a.d_r // a.rope_key_groups)
+    return per * n_q * n_k * m.num_heads
+
+
+def kernel_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:
+    """The kernel alone at its default tiles, and a sweep of the candidate tiles (best reported)."""
+    a = case.attn
+    H, dn = a.num_heads, a.d_n
+    with torch.no_grad():
+        w_uk = a.k_up.weight.unflatten(0, (H, dn)) * case.g_n.unflatten(0, (H, dn))[..., None]
+        q_lat = torch.einsum("blhn,hnc->blhc", case.q_c, w_uk.to(case.q_c.dtype)).contiguous()
+        s = torch.cat([a._key_scale(case.c_past, case.kr_past), a._key_scale(case.c, case.kr)], 1).squeeze(-1)
+        rho = a._rope_key(case.kr_all, 1.0, case.g_r, case.inp.k_rot).to(q_lat.dtype)
+    args = (q_lat, case.q_r, case.c_past, case.c, rho, s.contiguous(), a.scale)
+    default = bench(lambda: LA.latent_attention(*args))
+    sweep = []
+    if not sweep_tiles:
+        return default, None, sweep
+    for cand in LA.CANDIDATES:
+        for splits in (1, 2, 3):
+            cfg = LA.TileConfig(cand.block_m, cand.block_n, cand.num_warps, cand.num_stages, splits)
+            try:
+                sweep.append((bench(lambda: LA.latent_attention(*args, config=cfg)), cfg))
+            except Exception as e:  # out of shared memory / registers for this tile: pruned
+                print(f"  tile {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
+    sweep.sort(key=lambda t: t[0])
+    return default, (sweep[0][1] if sweep else None), sweep
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true", help="only the 21-frame cases")
+    p.add_argument("--no-fp8", action="store_true")
+    p.add_argument("--no-sweep", action="store_true", help="kernel at its default tiles only")
+    args = p.parse_args()
+    dev = torch.cuda.get_device_name()
+    peak = gemm_tflops()
+    print(f"device {dev}; bf16 GEMM 8192^3: {peak:.0f} TF/s", flush=True)
+    base = C.load(None, [])
+    tpf = base.tokens_per_frame
+    chunk = base.video.chunk_frames
+    variants_mla = ["mla_reference", "mla_absorbed_sdpa", "triton_bf16"]
+    variants_mla += [] if args.no_fp8 else ["triton_fp8", "triton_fp8_bf16cache"]  # 8-bit cache / requantised per call
+    cases = []
+    sweeps = {}
+    geoms = [(21, 3), (21, 0)] if args.quick else [(3, 3), (9, 3), (21, 3), (21, 0)]
+    for n_q_frames in (chunk, 1):  # a whole chunk, and one frame
+        n_q = n_q_frames * tpf
+        for frames, sinks in geoms:
+            n_k = (frames + sinks) * tpf  # window (chunk included) + sinks
+            for var, be in (("mha_cudnn", SDPBackend.CUDNN_ATTENTION), ("mha_flash", SDPBackend.FLASH_ATTENTION)):
+                r = mha_case(base, n_q, n_k, be)
+                cases.append(dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=0, d_r=0, variant=var, **r))
+                print(f"{n_q:5d} {frames:2d}+{sinks} {var:18s} {r['ms']:7.3f} ms {r['tflops']:6.0f} TF/s "
+                      f"{r['tflops'] / peak:5.1%} err {r['rel_err']:.1e}", flush=True)
+            for dc, dr in ((160, 64), (192, 32)):
+                cfg = C.load(None, [f"attention.d_c={dc}", f"attention.d_r={dr}"])
+                case = MLACase(cfg, n_q, n_k)
+                sharp = MLACase(cfg, n_q, n_k, q_gain=4.0, seed=1)
+                rows = torch.randperm(n_q, device="cuda")[:ROWS]
+                ref, ref_sharp = case.reference(rows), sharp.reference(rows)
+                for var in variants_mla:
+                    try:
+                        ms = bench(lambda: case.run(var))
+                        err = rel(case.run(var)[:, rows], ref)
+                        err_sharp = rel(sharp.run(var)[:, rows], ref_sharp)
+                    except Exception as e:
+                        print(f"  {var} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        continue
+                    fl = mla_flops(cfg, var, n_q, n_k)
+                    row = dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=dc, d_r=dr, variant=var, ms=ms,
+                               tflops=fl / ms / 1e9, rel_err=err, rel_err_sharp=err_sharp)
+                    if var == "triton_bf16":
+                        k_ms, best, sweep = kernel_only(case, sweep_tiles=frames == 21 and not args.no_sweep)
+                        row.update(kernel_ms=k_ms, kernel_tflops=fl / k_ms / 1e9)
+                        if sweep:
+                            row.update(best_tile_ms=sweep[0][0], best_tile=vars(best))
+                            sweeps[f"{n_q}-{frames}+{sinks}-{dc}/{dr}"] = [(t, vars(c)) for t, c in sweep]
+                    cases.append(row)
+                    extra = f" kernel {row['kernel_ms']:.3f} ms ({row['kernel_tflops'] / peak:.1%} peak), best tile " \
+                            f"{row.get('best_tile_ms', float('nan')):.3f} {row.get('best_tile')}" if "kernel_ms" in row else ""
+                    print(f"{n_q:5d} {frames:2d}+{sinks} {var:18s} {ms:7.3f} ms {row['tflops']:6.0f} TF/s "
+                          f"{row['tflops'] / peak:5.1%} err {err:.1e} sharp {err_sharp:.1e} [{dc}/{dr}]{extra}",
+                          flush=True)
+                del case, sharp
+                torch.cuda.empty_cache()
+    out = dict(device=dev, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), gemm_tflops=peak,
+               cases=cases, tile_sweeps=sweeps)
+    name = "latent_attention-" + dev.replace(" ", "_").replace("/", "_") + ".json"
+    for folder in {args.out, os.environ.get("OUT", args.out)}:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tmp = Path(folder) / f".{name}.tmp"
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, Path(folder) / name)
+    print(f"wrote {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Minute-scale rollout throughput: random-weight 1.3B students, MHA vs MLA, on one GPU.
+
+    python benchmarks/rollout.py [--out DIR] [--chunks N]
+
+Geometry from the config (480x832, chunk 3 latent frames, window 21 + 3 sinks, 4 denoising steps + the
+clean cache-writing pass per chunk). A 60 s video is ``latent_frames_for(cfg)`` = 240 latent frames =
+80 chunks; every chunk after the window fills (chunk 7) costs the same, so the steady state is measured
+directly: the cache is filled with random entries and marked full (as after any number of chunks),
+then ``rollout.sample_video`` runs N chunks and the median chunk latency gives frames/s and the 60 s
+time. Peak memory is torch's max allocated over the run (weights included); cache_gb the KV buffers.
+Max batch: from the measured per-sample memory, confirmed by running it (one chunk). Max window: the
+largest window (batch 1) whose cache fits, confirmed by one full-window chunk forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vmla_train import config as C  # noqa: E402
+from vmla_train import schedule  # noqa: E402
+from vmla_train.generate import latent_frames_for  # noqa: E402
+from vmla_train.kv_cache import KVCache  # noqa: E402
+from vmla_train.rollout import sample_video  # noqa: E402
+from vmla_train.student import WanStudent  # noqa: E402
+
+GB = 1 << 30
+
+
+def build(kind: str, impl: str) -> WanStudent:
+    over = [f"attention.kind={kind}", f"attention.impl={impl}" if kind == "mla" else "attention.impl=auto"]
+    cfg = C.load(None, over)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        s = WanStudent(cfg)
+    return s.to(torch.bfloat16).eval()
+
+
+def full_cache(student: WanStudent, batch: int, window: int | None = None) -> KVCache:
+    """A cache whose window is full of random entries (the steady state of a long rollout)."""
+    cfg = student.cfg
+    c = cfg.cache
+    cache = KVCache(kind=cfg.attention.kind.value, num_layers=cfg.model.num_layers, batch=batch,
+                    tokens_per_frame=cfg.tokens_per_frame, sink_frames=c.sink_frames,
+                    window_frames=window or c.window_frames, chunk_frames=cfg.video.chunk_frames,
+                    widths=student._attn_cls.cache_widths(cfg), position_scheme=c.position_scheme,
+                    dtype=torch.bfloat16, device="cuda")
+    for buf in cache.buffers.values():
+        buf.normal_()
+    past = cache.num_slots + cfg.video.chunk_frames * 2
+    for f in range(past):
+        slot = cache._slot_of(f)
+        if slot is not None:
+            cache.slot_frame[slot] = f
+    cache.next_frame = past
+    return cache
+
+
+def backend(impl: str):
+    if impl == "cudnn":
+        return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+    if impl == "flash":
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    return nullcontext()
+
+
+def run(student: WanStudent, impl: str, batch: int, chunks: int, window: int | None = None) -> dict:
+    cfg = student.cfg
+    steps = schedule.warp_timesteps(cfg.demo.denoising_steps, cfg.demo.shift)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    text = torch.randn(batch, 64, cfg.model.text_dim, device="cuda", generator=gen)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = full_cache(student, batch, window)
+    stamps = [0.0]
+
+    def on_chunk(i: int, x0: torch.Tensor) -> None:
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    with backend(impl):
+        torch.cuda.synchronize()
+        stamps[0] = time.perf_counter()
+        sample_video(student, text, chunks * cfg.video.chunk_frames, steps, generator=gen, cache=cache,
+                     on_chunk=on_chunk, keep=False)
+    lat = [b - a for a, b in zip(stamps, stamps[1:])]
+    lat = lat[1:] if len(lat) > 1 else lat  # the first chunk also builds the prompt's cross-attention K/V
+    chunk_s = statistics.median(lat)
+    fps = cfg.video.chunk_frames * batch / chunk_s
+    out = dict(attention=cfg.attention.kind.value, impl=impl, batch=batch,
+               window_frames=window or cfg.cache.window_frames, frames_per_s=fps,
+               video_frames_per_s=fps * cfg.video.vae_stride[0], chunk_latency_s=chunk_s,
+               seconds_for_60s_video=latent_frames_for(cfg) * batch / fps,  # wall time for the batch
+               peak_mem_gb=torch.cuda.max_memory_allocated() / GB, cache_gb=cache.nbytes() / GB)
+    del cache
+    return out
+
+
+def max_batch(student: WanStudent, impl: str, one: dict, two: dict, total: float) -> int:
+    per = max(two["peak_mem_gb"] - one["peak_mem_gb"], 1e-3)
+    fixed = one["peak_mem_gb"] - per
+    return max(1, int((total * 0.93 - fixed) / per))
+
+
+def fits(fn) -> bool:
+    try:
+        fn()
+        return True
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return False
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--chunks", type=int, default=3)
+    p.add_argument("--mla-impls", default="triton,absorbed_sdpa")
+    args = p.parse_args()
+    dev = torch.cuda.get_device_name()
+    total = torch.cuda.get_device_properties(0).total_memory / GB
+    print(f"device {dev}, {total:.1f} GiB", flush=True)
+    runs, max_window = [], {}
+
+    def show(r):
+        runs.append(r)
+        print(f"{r['attention']:3s} {r['impl']:13s} B={r['batch']:3d} W={r['window_frames']:4d} "
+              f"{r['frames_per_s']:7.2f} latent fr/s ({r['video_frames_per_s']:6.1f} video fr/s) "
+              f"chunk {r['chunk_latency_s']:.3f} s  60 s video in {r['seconds_for_60s_video']:.1f} s  "
+              f"peak {r['peak_mem_gb']:.1f} GB cache {r['cache_gb']:.2f} GB", flush=True)
+
+    for kind, impls in (("mha", ["cudnn", "flash"]), ("mla", args.mla_impls.split(","))):
+        student = build(kind, impls[0] if kind == "mla" else "auto")
+        one = run(student, impls[0], 1, 2)  # warm-up (kernel compiles), B=1 and B=2 give per-sample memory
+        two = run(student, impls[0], 2, 2)
+        mb = max_batch(student, impls[0], one, two, total)
+        for impl in impls:
+            if kind == "mla":
+                for blk in student.blocks:
+                    blk.attn1.impl = C.AttentionImpl(impl)
+            show(run(student, impl, 1, args.chunks))
+        # Largest batch: confirmed by running one chunk (backing off on OOM).
+        for impl in impls[:1] if kind == "mla" else impls:
+            if kind == "mla":
+                for blk in student.blocks:
+                    blk.attn1.impl = C.AttentionImpl(impl)
+            b = mb
+            while b >= 1:
+                try:
+                    r = run(student, impl, b, 2)
+                    r["max_batch"] = True
+                    show(r)
+                    break
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    b = int(b * 0.9)
+        # Largest window at batch 1: cache bytes per frame -> estimate, confirmed with one forward.
+        per_frame = one["cache_gb"] / (student.cfg.cache.sink_frames + student.cfg.cache.window_frames
+                                       - student.cfg.video.chunk_frames)
+        w = int((total * 0.9 - (one["peak_mem_gb"] - one["cache_gb"]) * 1.5) / per_frame)
+        w -= w % student.cfg.video.chunk_frames
+        need = latent_frames_for(student.cfg) + student.cfg.video.chunk_frames  # a whole 60 s history
+        if kind == "mla":
+            w = min(w, 4 * need)  # past 4 minutes of history the check only costs time
+        while w > student.cfg.video.chunk_frames:
+            cfg = student.cfg
+            x = torch.randn(1, cfg.video.chunk_frames, cfg.model.in_channels, cfg.video.latent_height,
+                            cfg.video.latent_width, device="cuda", dtype=torch.bfloat16)
+            t = torch.full((1, cfg.video.chunk_frames), 500.0, device="cuda")
+            text = torch.randn(1, 64, cfg.model.text_dim, device="cuda", dtype=torch.bfloat16)
+
+            def fwd():
+                cache = full_cache(student, 1, w)
+                with backend(impls[0]), torch.no_grad():
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    student(x, t, text, cache=cache)
+                    torch.cuda.synchronize()
+                print(f"{kind}: window {w} frames fits (one chunk forward {time.perf_counter() - t0:.2f} s, "
+                      f"cache {cache.nbytes() / GB:.1f} GB)", flush=True)
+
+            if fits(fwd):
+                break
+            w = int(w * 0.9) - int(w * 0.9) % cfg.video.chunk_frames
+        max_window[kind] = w
+        print(f"{kind}: max window {w} latent frames at batch 1 (60 s history needs {need})", flush=True)
+        del student
+        torch.cuda.empty_cache()
+
+    out = dict(device=dev, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), runs=runs,
+               max_window_frames=max_window)
+    name = "rollout-" + dev.replace(" ", "_").replace("/", "_") + ".json"
+    for folder in {args.out, os.environ.get("OUT", args.out)}:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tmp = Path(folder) / f".{name}.tmp"
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, Path(folder) / name)
+    print(f"wrote {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The rank study (vmla-analyze rank) and the training-time c_kv occupation monitor."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from vmla_train import analyze as A
+from vmla_train import config as C
+from vmla_train import convert as V
+from vmla_train import wan
+from vmla_train.student import WanStudent
+
+QUIET = dict(log=lambda *a: None)
+CALIB = ["convert.calib_samples=2", "convert.calib_timesteps=[900,300]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan")
+    cfg = C.load(None, ["model.name=tiny", "attention.kind=mha"])
+    ref = wan.build_wan_transformer(cfg.model, seed=0)
+    ref.save_pretrained(root / "diff", safe_serialization=True)
+    return root / "diff", ref
+
+
+def test_effective_rank_counts_energy():
+    s = torch.tensor([10.0, 5.0, 1.0, 0.1])
+    m = torch.diag(s) @ torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0].float()
+    total = float((s**2).sum())
+    assert V.effective_rank(m, 0.99) == 2  # energies 100, 25, 1, 0.01: 125 >= 0.99 * 126.01
+    assert V.effective_rank(m, 0.995) == 3  # 125 < 125.38 <= 126
+    assert V.effective_rank(m, (100 + 25) / total) == 2
+    assert V.effective_rank(m, (100 + 25.5) / total) == 3
+    assert V.effective_rank(m, 1.0) == 4
+    assert V.effective_rank(torch.zeros(3, 3), 0.99) == 0
+
+
+@pytest.mark.timeout(60)
+def test_rank_study_of_a_wan_checkpoint(tiny_wan, tmp_path):
+    src, ref = tiny_wan
+    res = A.rank_study(src, tmp_path / "rank", overrides=CALIB, **QUIET)
+    files = {p.name for p in (tmp_path / "rank").iterdir()}
+    assert files == {"rank.csv", "rank.json", "rank.png"}
+    rows = list(csv.DictReader((tmp_path / "rank" / "rank.csv").open()))
+    assert len(rows) == 2 and json.loads((tmp_path / "rank" / "rank.json").read_text())["layers"] == res["layers"]
+    sd = ref.state_dict()
+    for r in res["layers"]:
+        wk, wv = sd[f"blocks.{r['layer']}.attn1.to_k.weight"], sd[f"blocks.{r['layer']}.attn1.to_v.weight"]
+        assert r["w_k"] == V.effective_rank(wk) and r["w_v"] == V.effective_rank(wv)
+        assert r["w_kv"] == V.effective_rank(torch.cat([wk, wv])) >= max(r["w_k"], r["w_v"])
+        for t in (900, 300):
+            assert 1 <= r[f"act_k_t{t}"] <= min(res["dim"], res["tokens_per_bucket"])
+    assert res["tokens_per_bucket"] == 2 * 3 * 8 * 8  # samples x frames x (16/2) x (16/2) tokens
+
+
+@pytest.mark.timeout(60)
+def test_rank_study_of_an_mla_student_reports_c_occupation(tiny_wan, tmp_path):
+    src, _ = tiny_wan
+    V.convert(src, tmp_path / "mla", overrides=["attention.d_c=8", "attention.d_r=6"], **QUIET)
+    res = A.rank_study(tmp_path / "mla", tmp_path / "rank", overrides=CALIB, **QUIET)
+    assert res["kind"] == "mla" and res["d_c"] == 8
+    for r in res["layers"]:
+        assert 0 < r["c_occupation"] <= 1.0
+        assert r["c_occupation_t900"] == r["act_c_t900"] / 8
+        assert r["w_k"] <= 8 and r["w_v"] <= 8  # K and V pass through the d_c bottleneck
+
+
+def _student_with_latent_rank(rank: int) -> WanStudent:
+    cfg = C.load(None, ["model.name=tiny", "attention.kind=mla"])
+    torch.manual_seed(0)
+    student = WanStudent(cfg)
+    with torch.no_grad():
+        for blk in student.blocks:
+            blk.attn1.to_kv_a.weight[rank:] = 0
+            blk.attn1.to_kv_a.bias.zero_()
+    return student
+
+
+def test_monitor_logs_occupation_at_its_interval():
+    student = _student_with_latent_rank(5)
+    cfg = student.cfg
+    batch = {"latents": torch.randn(2, 3, cfg.model.in_channels, 8, 12), "text": torch.randn(2, 4, cfg.model.text_dim)}
+    logged = []
+    mon = A.RankOccupationMonitor(every_n_steps=3, energy=1.0)
+    assert mon.maybe_log(1, student, batch, logged.append) is None and not logged
+    student.train()
+    metrics = mon.maybe_log(3, student, batch, logged.append)
+    assert logged == [metrics] and student.training
+    assert metrics["rank/c_kv_occupation/layer_00"] == pytest.approx(5 / cfg.attention.d_c)
+    assert metrics["rank/c_kv_occupation/layer_01"] == pytest.approx(5 / cfg.attention.d_c)
+    assert metrics["rank/c_kv_occupation/mean"] == pytest.approx(5 / cfg.attention.d_c)
+    mha = WanStudent(C.load(None, ["model.name=tiny", "attention.kind=mha"]))
+    assert mon.maybe_log(0, mha, batch, logged.append) is None and len(logged) == 1
+
+
+def test_cli_rank_bad_input_exits_2(tmp_path, capsys):
+    assert A.main(["rank", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "o").exists()
