@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train.attention import AttnInputs, MLASelfAttention  # noqa: E402
 from vmla_train.kernels import latent_attention as LA  # noqa: E402
@@ -80,7 +79,7 @@ class MLACase:
         with torch.no_grad():
             self.attn.norm_k.weight.uniform_(0.5, 1.5)
         a = self.attn
-        H, dn, dr, G, dc = a.num_heads, a.d_n, a.d_r, a.groups, a.d_c
+        H, dn, dr = a.num_heads, a.d_n, a.d_r
         tpf = cfg.tokens_per_frame
         ps = cfg.model.patch_size
         hp, wp = cfg.video.latent_height // ps[1], cfg.video.latent_width // ps[2]
@@ -138,7 +137,7 @@ class MLACase:
     def reference(self, rows: torch.Tensor) -> torch.Tensor:
         """float64 output for query tokens ``rows`` (the absorbed math, exact up to the fp32 key scale)."""
         a = self.attn
-        H, dn, dc = a.num_heads, a.d_n, a.d_c
+        H, dn = a.num_heads, a.d_n
         d = torch.float64
         w_uk = a.k_up.weight.double().unflatten(0, (H, dn)) * self.g_n.double().unflatten(0, (H, dn))[..., None]
         q_lat = torch.einsum("blhn,hnc->blhc", self.q_c[:, rows].double(), w_uk)
@@ -244,13 +243,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
     out = dict(device=dev, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), gemm_tflops=peak,
                cases=cases, tile_sweeps=sweeps)
-    name = "latent_attention-" + dev.replace(" ", "_").replace("/", "_") + ".json"
-    for folder in {args.out, os.environ.get("OUT", args.out)}:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        tmp = Path(folder) / f".{name}.tmp"
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, Path(folder) / name)
-    print(f"wrote {name}")
+    write_result("latent_attention", dev, out, args.out)
     return 0
 
 

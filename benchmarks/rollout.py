@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import math
-import os
 import statistics
 import sys
 import time
@@ -30,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train import schedule  # noqa: E402
 from vmla_train.generate import latent_frames_for  # noqa: E402
@@ -202,13 +200,7 @@ def main() -> int:
 
     out = dict(device=dev, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), runs=runs,
                max_window_frames=max_window)
-    name = "rollout-" + dev.replace(" ", "_").replace("/", "_") + ".json"
-    for folder in {args.out, os.environ.get("OUT", args.out)}:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        tmp = Path(folder) / f".{name}.tmp"
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, Path(folder) / name)
-    print(f"wrote {name}")
+    write_result("rollout", dev, out, args.out)
     return 0
 
 

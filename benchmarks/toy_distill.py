@@ -61,7 +61,7 @@ class Toy:
 
     def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents [n, F, C, H, W], text [n, Lt, D], class [n])."""
-        v, m = self.cfg.video, self.cfg.model
+        v = self.cfg.video
         f, h, w = v.latent_frames, v.latent_height, v.latent_width
         cls = torch.randint(0, len(DIRECTIONS), (n,), generator=g)
         vel = torch.tensor(DIRECTIONS)[cls]  # (n, 2)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_cfg
 from vmla_train import config as C
 from vmla_train.config import PositionScheme
 from vmla_train.kv_cache import KVCache

@@ -6,7 +6,6 @@ iteration), and weights, AdamW moments and step counts are restored bit for bit 
 round-trip exactly through torch.save), so the losses are bitwise equal. Any difference is a bug.
 """
 
-import os
 import signal
 import subprocess
 import sys

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vmla_train import config as C
-from vmla_train import parallel, recipe, schedule, wan
+from vmla_train import parallel, recipe, schedule
 from vmla_train.rollout import draw_exit_steps, sample_video, self_forcing_rollout
 from vmla_train.student import WanStudent
 

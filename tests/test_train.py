@@ -1,6 +1,5 @@
 """The Fabric loop: the three stages from their debug twins, checkpoints, export, the demo."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +80,17 @@ def test_demo_artefacts(tmp_path):
     assert frames == cfg.video.num_frames
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.timeout(60)
+def test_wandb_run_id_continues_on_resume_and_is_new_when_starting_over(tmp_path):
+    def run(steps, resume):
+        cfg = C.load(ROOT / "configs/adapt-debug.yaml", [f"runtime.run_dir={tmp_path}", f"train.num_steps={steps}",
+                                                         f"checkpoint.resume={str(resume).lower()}"])
+        return train.fit(cfg)["run_id"]
+
+    first = run(1, resume=True)
+    assert run(2, resume=True) == first  # resumed: the same W&B run
+    again = run(1, resume=False)  # starting over in the same folder: a new run
+    assert again != first
+    assert (tmp_path / "wandb_run_id").read_text().strip() == again

@@ -32,6 +32,7 @@ import torch
 
 from . import config as C
 from . import student_io, wan_keys
+from .cliargs import parse_with_overrides
 from .convert import (Calibration, ConversionError, WanSource, _mha, build_config, check_source, effective_rank,
                       effective_rank_from_energies, gram_energies, resolve_device)
 
@@ -230,11 +231,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)  # key=value overrides may follow the options too
-    bad = [x for x in extra if x.startswith("-") or "=" not in x]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
+    args = parse_with_overrides(parser, argv)  # key=value overrides may follow the options too
     out = Path(args.out) if args.out else Path("runs") / "rank" / Path(args.ckpt).resolve().name
     try:
         rank_study(args.ckpt, out, args.config, args.overrides)

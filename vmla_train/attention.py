@@ -98,9 +98,13 @@ class FrameMask:
         return create_block_mask(mask_mod, None, None, n, n, device=device)
 
     def build(self, num_frames: int, tokens_per_frame: int, device: torch.device, backend: MaskBackend):
-        """A dense boolean mask or a BlockMask, by ``attention.mask_backend`` (auto: flex on CUDA)."""
-        use_flex = backend == MaskBackend.flex or (backend == MaskBackend.auto and torch.device(device).type == "cuda")
-        if use_flex:
+        """A dense boolean mask or a BlockMask, by ``attention.mask_backend``.
+
+        ``auto`` is the dense mask: on an H100 at 18 720 tokens (bf16, one 1.3B block) SDPA with the
+        dense mask ran the forward in 17.8 ms (MHA) / 21.5 ms (MLA absorbed) against 24.6 / 192.6 ms for
+        compiled flex (benchmarks/results/masked_forward-*.json). Flex saves the L^2 mask bytes.
+        """
+        if backend == MaskBackend.flex:
             return self.block_mask(num_frames, tokens_per_frame, device)
         return self.token_mask(num_frames, tokens_per_frame, device)
 
@@ -119,13 +123,19 @@ class AttnInputs:
 _compiled_flex = None
 
 
+def flex_kernel_options(q: torch.Tensor, v: torch.Tensor) -> dict | None:
+    """Tile options for compiled flex attention: flex's autotuned defaults. Smaller tiles were slower or
+    no better on an H100 (benchmarks/masked_forward.py sweeps them through this function)."""
+    return None
+
+
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float) -> torch.Tensor:
     global _compiled_flex  # a cache of the compiled kernel, not a behaviour switch
     if q.device.type != "cuda":
         return flex_attention(q, k, v, block_mask=mask, scale=scale)  # eager: reference speed, same result
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
+    return _compiled_flex(q, k, v, block_mask=mask, scale=scale, kernel_options=flex_kernel_options(q, v))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
@@ -151,12 +161,14 @@ def resolve_impl(impl: AttentionImpl, x: torch.Tensor, cached: bool = True, need
     Triton, ``triton`` for cached forwards of at most ``AUTO_TRITON_MAX_QUERIES`` query tokens per
     video (one latent frame: 12-15 % faster than absorbed SDPA) and ``absorbed_sdpa`` above (a 3-frame
     chunk: the kernel alone is 3 % faster, its per-call key pre-pass makes the path 1-4 % slower);
-    CPU or no Triton -> ``absorbed_sdpa``.
+    CPU, no Triton, or float32 activations (the kernel's tiles are sized for 16-bit operands) ->
+    ``absorbed_sdpa``. ``x`` is the query-side activation [B, L, ...] in the dtype attention runs in.
     """
     if impl == AttentionImpl.auto:
         from .kernels import latent_attention as LA
 
-        fused_ok = x.is_cuda and LA.available() and x.shape[1] <= LA.AUTO_TRITON_MAX_QUERIES
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        fused_ok = x.is_cuda and half and LA.available() and x.shape[1] <= LA.AUTO_TRITON_MAX_QUERIES
         impl = AttentionImpl.triton if fused_ok else AttentionImpl.absorbed_sdpa
     if impl in _FUSED:
         if needs_grad:
@@ -275,15 +287,14 @@ class MLASelfAttention(nn.Module):
         return apply_rope(k.unflatten(-1, (self.groups, self.d_r)), rot)
 
     def forward(self, x: torch.Tensor, inp: AttnInputs, layer: int) -> torch.Tensor:
-        b, l, _ = x.shape  # (B, L, D)
-        H, dn, dr, G = self.num_heads, self.d_n, self.d_r, self.groups
+        H, dn, dr = self.num_heads, self.d_n, self.d_r
         q = self.norm_q(self.to_q(x)).unflatten(-1, (H, dn + dr))  # (B, L, H, dn+dr)
         q_c, q_r = q[..., :dn], apply_rope(q[..., dn:], inp.q_rot)  # (B, L, H, dn), (B, L, H, dr)
         c = self.to_kv_a(x)  # (B, L, dc)
         kr = self.to_k_rope(x)  # (B, L, G*dr)
         g_n, g_r = self._gains()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.to_q.weight.requires_grad)
-        impl = resolve_impl(self.impl, x, inp.mask is None, needs_grad, self.backward)
+        impl = resolve_impl(self.impl, q_c, inp.mask is None, needs_grad, self.backward)
         past = inp.cache.read(layer, inp.step) if inp.cache is not None else None  # views: use before write
         if impl in _FUSED:
             o = self._fused(q_c, q_r, c, kr, past, g_n, g_r, inp, impl)
@@ -306,7 +317,7 @@ class MLASelfAttention(nn.Module):
         the latent window); pre-pass over the d_r-wide keys (RoPE, gain) and the per-key scale s."""
         from .kernels import latent_attention as LA
 
-        H, dn, dc = self.num_heads, self.d_n, self.d_c
+        H, dn = self.num_heads, self.d_n
         w_uk = self.k_up.weight.unflatten(0, (H, dn))  # (H, dn, dc)
         if g_n is not None:
             w_uk = w_uk * g_n.unflatten(0, (H, dn))[..., None]
@@ -342,7 +353,7 @@ class MLASelfAttention(nn.Module):
         return _sdpa(q, k, v, inp.mask, self.scale)  # (B, L, H, Dh)
 
     def _absorbed(self, q_c, q_r, c_all, kr_all, g_n, g_r, inp: AttnInputs) -> torch.Tensor:
-        H, dn, G, dc = self.num_heads, self.d_n, self.groups, self.d_c
+        H, dn, G = self.num_heads, self.d_n, self.groups
         w_uk = self.k_up.weight.unflatten(0, (H, dn))  # (H, dn, dc)
         if g_n is not None:
             w_uk = w_uk * g_n.unflatten(0, (H, dn))[..., None]

@@ -12,15 +12,22 @@ Layout (one folder per save; the manifest is the completion mark)::
       loader-rank{R}.json          the data loader's state on rank R
       train_state.json             counters (student/critic steps, iteration), W&B run id, losses so far
       config.yaml                  the resolved config
-      manifest.json                what is in here, written last: a folder without it is incomplete
+      manifest.json                what is in here (every file with its size and SHA-256), written
+                                   last: a folder without it is incomplete and never loaded
 
 Writes go to ``.tmp-step-NNNNNNNN`` first; rank 0 writes the manifest and renames the folder when
 every rank has written its files. Everything loads with ``torch.load(weights_only=True)``, safetensors
 or JSON (DeepSpeed engines load through DeepSpeed's own loader, Fabric's ``load``).
+
+Faults (README "Fault tolerance"): ``verify`` checks a folder against its manifest (missing file, size,
+SHA-256) before anything is loaded; ``usable_checkpoints`` lists the complete ones newest first, and the
+loop falls back to the next one when a folder fails verification or loading. ``clean_incomplete``
+removes temp folders and manifest-less step folders left by a crash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -33,10 +40,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import atomic_write_text
+from .student_io import CheckpointError
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-file size + SHA-256 in the manifest
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -63,6 +71,53 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     done = complete_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def usable_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders, newest first (the resume order: fall back down the list)."""
+    return complete_checkpoints(run_dir)[::-1]
+
+
+def clean_incomplete(run_dir: str | Path) -> list[Path]:
+    """Rank 0 at start: remove what a crash left behind (temp folders, step folders without a
+    manifest); they are never loaded either way. Returns what was removed."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and (p.name.startswith(".tmp-step-") or
+                                                          (STEP_RE.match(p.name) and not (p / MANIFEST).is_file()))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(folder: Path) -> None:
+    """Raise ``CheckpointError`` naming the file when ``folder`` does not match its manifest."""
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{folder}': unreadable {MANIFEST} ({e})") from None
+    sums = manifest.get("sha256")
+    if sums is None:  # format 1: names only
+        sums = {f: None for f in manifest.get("files", [])}
+    for name, digest in sums.items():
+        f = folder / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint '{folder}': file '{name}' listed in {MANIFEST} is missing")
+        size = manifest.get("sizes", {}).get(name)
+        if size is not None and f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint '{folder}': file '{name}' has {f.stat().st_size} bytes, the manifest "
+                                  f"says {size} (truncated or overwritten)")
+        if digest is not None and sha256_of(f) != digest:
+            raise CheckpointError(f"checkpoint '{folder}': file '{name}' fails its SHA-256 check (corrupted)")
 
 
 def engine_path(folder: Path, name: str, sharded: bool) -> Path:
@@ -126,15 +181,19 @@ def load_ema(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(f)) if f.is_file() else {}
 
 
-def finalize(run_dir: str | Path, step: int, train_state: dict, config_yaml: str, keep_last: int) -> Path:
-    """Rank 0, after every rank wrote its files: state + config + manifest (last), rename, prune."""
+def finalize(run_dir: str | Path, step: int, train_state: dict, config_yaml: str, keep_last: int,
+             checksums: bool = True) -> Path:
+    """Rank 0, after every rank wrote its files: state + config + manifest (last), rename, prune.
+    ``checksums``: SHA-256 per file (reads everything back once; off for very large engines)."""
     tmp, final = tmp_dir(run_dir, step), step_dir(run_dir, step)
     atomic_write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
     atomic_write_text(tmp / "config.yaml", config_yaml)
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     manifest = {"format_version": FORMAT_VERSION, "step": step, "stage": train_state.get("stage"),
                 "strategy": train_state.get("strategy"), "world_size": train_state.get("world_size"),
-                "wandb_run_id": train_state.get("wandb_run_id"), "files": files}
+                "wandb_run_id": train_state.get("wandb_run_id"), "files": files,
+                "sizes": {f: (tmp / f).stat().st_size for f in files},
+                "sha256": {f: sha256_of(tmp / f) if checksums else None for f in files}}
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)

@@ -5,6 +5,7 @@
     vmla-train demo-rollout CONFIG [k=v ...]  cached chunk-by-chunk rollout of a random tiny student
     vmla-train fit CONFIG [key=value ...]     train a stage; resumes from the run folder's latest checkpoint
     vmla-train export RUN_DIR OUT [--ema]     training checkpoint (ZeRO shards too) -> plain student folder
+    vmla-train config-reference               every config key, its default and doc (the README's table)
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def run_demo(cfg: C.Config):
     return video, cache
 
 
+def config_reference_markdown() -> str:
+    """The README's full config table, generated from the schema (defaults of the `wan-1.3b` size)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, doc in C.schema_reference():
+        lines.append(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmla-train", description="VideoMLA training framework")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. attention.d_c=192")
+    sub.add_parser("config-reference", help="every config key with its default and doc, as a Markdown table")
     e = sub.add_parser("export", help="latest training checkpoint of RUN_DIR -> plain student folder OUT")
     e.add_argument("run_dir", help="run folder (or one checkpoints/step-N folder)")
     e.add_argument("out", help="output student folder (model.safetensors + config.yaml)")
@@ -133,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "config-reference":
+        print(config_reference_markdown())
+        return 0
     if args.command == "export":
         from .train import export_student
 
@@ -161,7 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "fit":
         from .train import fit
 
-        fit(cfg)
+        try:
+            fit(cfg)  # checks the batch geometry against the world size before any process group starts
+        except C.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

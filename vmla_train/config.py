@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -103,9 +104,9 @@ class KNorm(str, Enum):
 
 
 class MaskBackend(str, Enum):
-    auto = "auto"  # flex attention with a block mask on CUDA, SDPA with a boolean mask elsewhere
-    sdpa = "sdpa"  # SDPA with a dense (L, L) boolean mask (reference)
-    flex = "flex"  # torch flex attention with a BlockMask (compiled on CUDA)
+    auto = "auto"  # SDPA with a dense mask (measured faster than flex on an H100: benchmarks/masked_forward.py)
+    sdpa = "sdpa"  # SDPA with a dense (L, L) boolean mask: L^2 bytes (1 GiB at 32 760 tokens)
+    flex = "flex"  # torch flex attention with a BlockMask (compiled on CUDA): O(L^2 / 128^2) mask memory
 
 
 @dataclass
@@ -119,7 +120,7 @@ class AttentionConfig:
     qk_nope_head_dim: int = -1  # MLA: per-head content q/k width; -1 means model head_dim
     impl: AttentionImpl = AttentionImpl.auto  # MLA: auto | reference | absorbed_sdpa | triton | triton_fp8
     k_norm: KNorm = KNorm.rms_scalar  # MLA: how Wan's full-width key RMSNorm is kept
-    mask_backend: MaskBackend = MaskBackend.auto  # masked full forwards: auto (flex on CUDA) | sdpa | flex
+    mask_backend: MaskBackend = MaskBackend.auto  # masked full forwards: auto (= sdpa) | sdpa | flex
     # --- kernels (issue 6) ---
     backward: AttentionImpl = AttentionImpl.absorbed_sdpa  # MLA: torch path run when gradients are needed (the Triton kernels are forward-only): absorbed_sdpa | reference
 
@@ -223,8 +224,14 @@ class TrainConfig:
     teacher_size: str = ""  # named size of teacher/critic (MODEL_SIZES); "" = model.name
     gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
     rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
+    # Faults (issue 7): non-finite steps are skipped on every rank; too many in a row stop the run.
+    max_consecutive_skips: int = 3  # consecutive non-finite (NaN/Inf loss or gradient) steps before the run stops
+    debug_inject_nan_steps: list[int] = field(default_factory=list)  # TEST HOOK: iterations whose loss is made NaN
+    debug_inject_nan_ranks: list[int] = field(default_factory=list)  # TEST HOOK: ranks that inject ([] = every rank)
 
     def __post_init__(self) -> None:
+        if self.max_consecutive_skips < 1:
+            _fail("train.max_consecutive_skips", ">= 1", self.max_consecutive_skips)
         if self.num_steps < 1:
             _fail("train.num_steps", ">= 1", self.num_steps)
         if self.global_batch_size < 1:
@@ -341,10 +348,14 @@ class CheckpointConfig:
     every_n_steps: int = 100  # iterations between checkpoints (also at the end and on SIGUSR1/SIGTERM)
     keep_last: int = 3  # complete checkpoints kept
     resume: bool = True  # resume from the run folder's latest complete checkpoint
+    on_write_error: str = "stop"  # a failed checkpoint write (e.g. disk full): stop (raise) | continue training
+    checksums: bool = True  # SHA-256 of every file in the manifest, verified at resume (sizes are always checked)
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 1 or self.keep_last < 1:
             _fail("checkpoint.every_n_steps/keep_last", ">= 1", (self.every_n_steps, self.keep_last))
+        if self.on_write_error not in ("stop", "continue"):
+            _fail("checkpoint.on_write_error", "stop | continue", self.on_write_error)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,6 +748,39 @@ def from_layers(layers: Sequence[DictConfig | dict]) -> Config:
         raise
     except OmegaConfBaseException as e:
         raise ConfigError(f"config key '{_key_of(e)}': {e.msg.splitlines()[0]}") from None
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The one-line doc of each field: its inline ``# comment`` in the dataclass source."""
+    import inspect
+    import re
+
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def schema_reference(cfg: Config | None = None) -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf key of the schema, in declaration order."""
+    cfg = cfg if cfg is not None else Config()
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        docs = _field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                shown = value.value if isinstance(value, Enum) else value
+                rows.append((key, json.dumps(shown), docs.get(f.name, "")))
+
+    walk(cfg, "")
+    return rows
 
 
 def to_yaml(cfg: Config) -> str:

@@ -65,6 +65,7 @@ from safetensors import safe_open
 
 from . import config as C
 from . import schedule, student_io, wan_keys
+from .cliargs import parse_with_overrides
 from .attention import AttnInputs, MHASelfAttention, MLASelfAttention
 from .rope import RopeSpec, Rotary, axis_pairs, rope_angles
 from .student import WanStudent, timestep_sinusoid
@@ -825,11 +826,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)  # key=value overrides may follow the options too
-    bad = [x for x in extra if x.startswith("-") or "=" not in x]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
+    args = parse_with_overrides(parser, argv)  # key=value overrides may follow the options too
     try:
         if args.to == "diffusers":
             export_diffusers(args.src, args.out, args.config, args.overrides, args.overwrite)

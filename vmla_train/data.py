@@ -11,6 +11,11 @@ batches per epoch (no uneven-rank hangs), ranks see disjoint samples within a pa
 function of ``(data.seed, position)``, and the loader state is one integer (global samples consumed):
 a resumed run continues exactly where it stopped, even with a different world size or batch size.
 
+Bad samples (a corrupt shard or member, a wrong shape): sample ``i`` is replaced by the next readable
+index ``i+1, i+2, ...`` (mod ``N``), a pure function of ``i``, so every rank still yields its batches
+and all ranks agree; each replacement is logged (warning) and counted (``batch.skipped``,
+``loader.skipped_samples``, kept in the loader state). Only a source with no readable sample raises.
+
 Shards are WebDataset tars (written by ``vmla_train.dataprep``; members ``<key>.<ext>``, keys without
 dots) read by random access: each worker scans a shard's tar headers once (seeks, no data read) and
 then reads only the members a batch needs (``prompts`` never touches the latents). The per-shard sample
@@ -32,6 +37,7 @@ import bisect
 import glob
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -49,6 +55,7 @@ from .config import Config, DataSource
 KINDS = ("latents", "prompts", "ode")
 INDEX_NAME = "index.json"  # per-folder shard index: {"kind": ..., "shards": {"name.tar": num_samples}}
 STATE_VERSION = 1
+log = logging.getLogger(__name__)
 _MEMBER_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key = up to the first dot
 
 
@@ -76,6 +83,7 @@ class LatentBatch(_Batch):
     text: Tensor  # [B, Lt, text_dim] float32, zero past each prompt's length
     text_mask: Tensor  # [B, Lt] bool
     captions: list[str]
+    skipped: int = 0  # unreadable samples replaced while making this batch
 
 
 @dataclass
@@ -85,6 +93,7 @@ class PromptBatch(_Batch):
     text: Tensor  # [B, Lt, text_dim] float32, zero past each prompt's length
     text_mask: Tensor  # [B, Lt] bool
     captions: list[str]
+    skipped: int = 0  # unreadable samples replaced while making this batch
 
 
 @dataclass
@@ -98,6 +107,7 @@ class OdeBatch(_Batch):
     text: Tensor  # [B, Lt, text_dim] float32
     text_mask: Tensor  # [B, Lt] bool
     captions: list[str]
+    skipped: int = 0  # unreadable samples replaced while making this batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,18 +439,46 @@ class _Batcher:
             out[b].copy_(x)  # converts the stored dtype
         return out
 
+    def _check(self, s: dict) -> None:
+        """The shapes a batch needs, per sample (so a bad one is replaced, not the whole batch lost)."""
+        where, m = s.get("where", s["key"]), self.cfg.model
+        t = s.get("text")
+        if t is not None and (t.ndim != 2 or t.shape[1] != m.text_dim):
+            raise ValueError(f"{where}: text embedding shape {tuple(t.shape)}, expected [L, model.text_dim={m.text_dim}]")
+        for name in ("latents", "noise", "clean"):
+            if name in s and tuple(s[name].shape) != self.latent_shape:
+                raise ValueError(f"{where}: {name} shape {tuple(s[name].shape)}, expected {list(self.latent_shape)} "
+                                 f"(video.num_frames/height/width and model.in_channels of this config)")
+
+    def _readable(self, i: int) -> tuple[dict, int]:
+        """Sample ``i``, or the next readable index after it (mod N); returns it and how many were skipped."""
+        n, first = len(self.source), None
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                s = self.source.sample(j)
+                self._check(s)
+                return s, k
+            except (ValueError, OSError) as e:
+                first = first or e
+                log.warning("data: skipping sample %d (%s); trying sample %d", j, e, (j + 1) % n)
+        raise ValueError(f"{first} -- and none of the source's {n} samples is readable") from None
+
     def __call__(self, p: int):
-        samples = [self.source.sample(i) for i in self.indices(p)]
+        read = [self._readable(i) for i in self.indices(p)]
+        samples, skipped = [s for s, _ in read], sum(k for _, k in read)
         where = [s.get("where", s["key"]) for s in samples]
         captions = [s["caption"] for s in samples]
         m = self.cfg.model
         if "text" not in samples[0]:  # prompts file: embedded in the main process (see StatefulLoader)
-            return PromptBatch(text=torch.empty(0), text_mask=torch.empty(0, dtype=torch.bool), captions=captions)
+            return PromptBatch(text=torch.empty(0), text_mask=torch.empty(0, dtype=torch.bool), captions=captions,
+                               skipped=skipped)
         text, mask = _pad_text([s["text"] for s in samples], m.text_len, m.text_dim, where)
         if self.kind == "prompts":
-            return PromptBatch(text=text, text_mask=mask, captions=captions)
+            return PromptBatch(text=text, text_mask=mask, captions=captions, skipped=skipped)
         if self.kind == "latents":
-            return LatentBatch(latents=self._stack(samples, "latents", where), text=text, text_mask=mask, captions=captions)
+            return LatentBatch(latents=self._stack(samples, "latents", where), text=text, text_mask=mask, captions=captions,
+                               skipped=skipped)
         ts = samples[0]["timesteps"]
         for s, w in zip(samples, where):
             if not torch.equal(s["timesteps"], ts):
@@ -449,7 +487,7 @@ class _Batcher:
         k = ts.numel()
         return OdeBatch(noise=self._stack(samples, "noise", where), trajectory=self._stack(samples, "trajectory", where, (k,)),
                         timesteps=ts, clean=self._stack(samples, "clean", where), text=text, text_mask=mask,
-                        captions=captions)
+                        captions=captions, skipped=skipped)
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
@@ -478,6 +516,7 @@ class StatefulLoader:
         self.cfg, self.kind, self.rank, self.world_size = cfg, kind, rank, world_size
         self.batcher = _Batcher(cfg, kind, source, rank, world_size)
         self.position = 0  # batches this rank has consumed
+        self.skipped_samples = 0  # unreadable samples replaced so far on this rank (see the module docstring)
         self._it: Iterator | None = None
         self._text_model = None
 
@@ -517,6 +556,7 @@ class StatefulLoader:
         if p != self.position:  # the round-robin order is the determinism guarantee: check it
             raise RuntimeError(f"loader produced batch {p}, expected {self.position} (rank {self.rank})")
         self.position += 1
+        self.skipped_samples += batch.skipped
         if isinstance(batch, PromptBatch) and batch.text.numel() == 0:
             batch = self._embed(batch.captions)
         return batch
@@ -565,6 +605,7 @@ class StatefulLoader:
             "version": STATE_VERSION, "kind": self.kind, "source": d.source.value, "seed": d.seed,
             "num_samples": self.num_samples, "batch_size": d.batch_size, "world_size": self.world_size,
             "position": self.position, "global_samples": self.position * d.batch_size * self.world_size,
+            "skipped_samples": self.skipped_samples,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -583,6 +624,7 @@ class StatefulLoader:
                              f"world_size = {step}; resume with a batch size / world size that divides it")
         self.close()
         self.position = g // step
+        self.skipped_samples = int(state.get("skipped_samples", 0))
 
 
 def build_loader(cfg: Config, kind: str, rank: int = 0, world_size: int = 1) -> StatefulLoader:

@@ -24,12 +24,13 @@ from .config import atomic_write_text
 RUN_ID_FILE = "wandb_run_id"
 
 
-def run_id_for(run_dir: str | Path, saved_id: str | None = None) -> str:
-    """The run's W&B id: the checkpoint's, else the run folder's, else a new one (written down)."""
+def run_id_for(run_dir: str | Path, saved_id: str | None = None, fresh: bool = False) -> str:
+    """The run's W&B id: the checkpoint's, else the run folder's, else a new one (written down).
+    ``fresh`` (training starts over, ``checkpoint.resume=false``) always makes a new one."""
     path = Path(run_dir) / RUN_ID_FILE
-    if saved_id:
+    if saved_id and not fresh:
         run_id = saved_id
-    elif path.is_file():
+    elif path.is_file() and not fresh:
         run_id = path.read_text().strip()
     else:
         alphabet = string.ascii_lowercase + string.digits  # W&B's own id alphabet and length
@@ -43,7 +44,6 @@ def build_logger(cfg: C.Config, run_dir: str | Path, run_id: str):
     """A ``WandbLogger`` for the run (or None with ``logging.wandb_mode=disabled``)."""
     if cfg.logging.wandb_mode == "disabled":
         return None
-    from lightning.fabric.loggers import Logger  # noqa: F401  (Fabric accepts any Lightning logger)
     from lightning.pytorch.loggers import WandbLogger
 
     save_dir = Path(run_dir)

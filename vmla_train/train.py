@@ -16,13 +16,18 @@ Batches: ``train.global_batch_size = data.batch_size x world_size x accumulation
 is derived and checked here. Randomness: every draw of an iteration comes from generators seeded by
 ``(runtime.seed, rank, step)`` (and ``(seed, step)`` on rank 0 for the exit steps), so a resumed run
 draws what the uninterrupted one drew; global RNG states are saved too.
+
+Faults (README "Fault tolerance"): resume takes the newest checkpoint that verifies against its
+manifest and loads on every rank, falling back (logged) to older ones; a step whose loss or gradient
+is non-finite on any rank is skipped on every rank (``train.max_consecutive_skips`` in a row stop the
+run after a checkpoint); a failed checkpoint write removes its temp folder, leaves the previous
+checkpoints intact and stops or continues per ``checkpoint.on_write_error``.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ from .analyze import RankOccupationMonitor
 from .ema import EMA
 from .attention import FrameMask
 from .rollout import draw_exit_steps
+from .student_io import CheckpointError
 
 # Dense bf16 peak (TFLOP/s, no sparsity) per device for the MFU estimate.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
@@ -47,6 +53,14 @@ class StopRequested(Exception):
     pass
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: the run stopped after checkpointing the last good weights."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...) and ``checkpoint.on_write_error=stop``."""
+
+
 @dataclass
 class Counters:
     step: int = 0  # iterations done (the schedule clock)
@@ -54,6 +68,7 @@ class Counters:
     critic_steps: int = 0  # critic optimizer steps
     samples: int = 0  # training samples consumed (all ranks)
     losses: list = field(default_factory=list)  # (step, name, value) of every logged loss, for resume checks
+    skipped_steps: int = 0  # iterations whose update was skipped (non-finite loss or gradient on some rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,9 +206,17 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
     stop.install()
 
     # 2. Resume point (the latest complete checkpoint of the run folder) and the W&B run.
-    resume = ckpt.latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    saved = ckpt.read_train_state(resume) if resume is not None else {}
-    run_id = fabric.broadcast(tracking.run_id_for(run_dir, saved.get("wandb_run_id")) if rank == 0 else None)
+    #    Folders a crash left incomplete are removed; the candidates are verified and loaded in step 5.
+    candidates: list[Path] = []
+    if cfg.checkpoint.resume:
+        if rank == 0:
+            for p in ckpt.clean_incomplete(run_dir):
+                fabric.print(f"removed incomplete checkpoint folder {p} (no manifest: a save was interrupted)")
+        fabric.barrier()
+        candidates = ckpt.usable_checkpoints(run_dir)
+    saved_id = next((i for i in map(_saved_run_id, candidates) if i), None)
+    fresh = not cfg.checkpoint.resume  # starting over: a new W&B run, not the folder's old one
+    run_id = fabric.broadcast(tracking.run_id_for(run_dir, saved_id, fresh) if rank == 0 else None)
     logger = tracking.build_logger(cfg, run_dir, run_id) if rank == 0 else None
     if rank == 0:
         C.save(cfg, run_dir / "config.yaml")
@@ -230,9 +253,12 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
     loader = data.build_loader(cfg, kind, rank, world)
 
     counters = Counters()
+    resume = _resume(fabric, run_dir, candidates, lambda folder, saved: _restore(
+        fabric, folder, rank, student_m, opt_s, critic_m, opt_c, ema, loader, counters, saved, ds))
     if resume is not None:
-        _restore(fabric, resume, rank, student_m, opt_s, critic_m, opt_c, ema, loader, counters, saved, ds)
         fabric.print(f"resumed from {resume} at step {counters.step}")
+    if rank == 0:  # iterations past the resume point are re-run: drop their lines so each step is logged once
+        _trim_metrics(run_dir / "metrics.jsonl", counters.step)
 
     # Fixed prompts for validation and sample videos: the first prompt batches of rank 0's order.
     fixed = data.build_loader(cfg, "prompts", 0, 1)
@@ -278,6 +304,7 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
     peak = peak_tflops(dev)
     last_ckpt = None
     run_iters = 0
+    consecutive_skips = 0
     history: list[dict] = []
     while counters.step < cfg.train.num_steps:
         # 6a. A signal on any rank stops every rank at the same step boundary (after a checkpoint).
@@ -288,6 +315,7 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
             break
         t0 = time.perf_counter()
         gen = _generator(dev, cfg.runtime.seed, rank, counters.step)  # every draw of this rank and iteration
+        inject = _inject_nan(cfg, counters.step, rank)  # test hook (train.debug_inject_nan_steps)
         batches = [next(loader).to(dev) for _ in range(accum)]
         metrics: dict[str, float] = {}
         it_flops = 0.0
@@ -301,22 +329,23 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
             if counters.step % cfg.dmd.critic_steps_per_student_step == 0:
                 set_lr(opt_s, o.student_lr, counters.student_steps, o.warmup_steps)
                 metrics.update(_student_dmd_step(fabric, cfg, student_m, opt_s, critic_m, teacher, new_cache, batches,
-                                                 neg_text, spec, gen, rollout_dtype, ds, accum))
-                counters.student_steps += 1
-                ema.update(student_m.module if hasattr(student_m, "module") else student_m, counters.step,
-                           lambda m: parallel.gathered(m, zero3))
+                                                 neg_text, spec, gen, rollout_dtype, ds, accum, inject))
+                if not metrics["skipped/student"]:
+                    counters.student_steps += 1
+                    ema.update(student_m.module if hasattr(student_m, "module") else student_m, counters.step,
+                               lambda m: parallel.gathered(m, zero3))
                 it_flops += sum(flops.student_dmd(b.text.shape[0], spec) for b in batches)
             metrics.update(_critic_step(fabric, cfg, student_m, critic_m, opt_c, new_cache, batches, spec, gen,
-                                        rollout_dtype, ds, accum))
-            counters.critic_steps += 1
+                                        rollout_dtype, ds, accum, inject))
+            counters.critic_steps += 0 if metrics["skipped/critic"] else 1
             it_flops += sum(flops.critic(b.text.shape[0], spec) for b in batches)
             recipe.assert_frozen(teacher)
         else:
             # 6c. Adapt / ODE init: one student step on accumulated micro-batches.
             loss_fn = recipe.adapt_loss if stage == C.Stage.adapt else recipe.ode_loss
             set_lr(opt_s, o.student_lr, counters.student_steps, o.warmup_steps)
-            metrics.update(_simple_step(fabric, cfg, student_m, opt_s, loss_fn, batches, gen, ds, accum))
-            counters.student_steps += 1
+            metrics.update(_simple_step(fabric, cfg, student_m, opt_s, loss_fn, batches, gen, ds, accum, inject))
+            counters.student_steps += 0 if metrics["skipped/student"] else 1
             it_flops += sum(flops.full_student(b.text.shape[0]) for b in batches)
         counters.step += 1
         run_iters += 1
@@ -329,8 +358,14 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
         metrics = {k: float(fabric.all_reduce(torch.as_tensor(v, dtype=torch.float64, device=dev).float(),
                                                 reduce_op="mean")) for k, v in metrics.items()}
         tokens = cfg.train.global_batch_size * cfg.tokens_per_frame * (rollout_frames if sf else cfg.video.latent_frames)
+        skipped = any(v for k, v in metrics.items() if k.startswith("skipped/"))  # identical on every rank
+        counters.skipped_steps += int(skipped)
+        consecutive_skips = consecutive_skips + 1 if skipped else 0
+        metrics["data/skipped_samples"] = float(fabric.all_reduce(
+            torch.tensor(float(loader.skipped_samples), device=dev), reduce_op="sum"))
         metrics.update({"perf/s_per_step": dt, "perf/samples_per_s": cfg.train.global_batch_size / dt,
                         "perf/tokens_per_s": tokens / dt, "lr/student": opt_s.param_groups[0]["lr"],
+                        "counters/skipped_steps": counters.skipped_steps,
                         "counters/student_steps": counters.student_steps, "counters/critic_steps": counters.critic_steps})
         if peak is not None:
             metrics["perf/mfu"] = it_flops / dt / (peak * 1e12)
@@ -339,13 +374,34 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
             if k.startswith("loss/"):
                 counters.losses.append([counters.step, k, v])
         history.append({"step": counters.step, **metrics})
+        if rank == 0:  # RUN_DIR/metrics.jsonl: one line per iteration (trimmed to the resume point at start)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": counters.step, **metrics}) + "\n")
         if rank == 0 and logger is not None and counters.step % cfg.logging.every_n_steps == 0:
-            logger.log_metrics(metrics, step=counters.step)
+            try:
+                logger.log_metrics(metrics, step=counters.step)
+            except Exception as e:  # W&B's service process died (Slurm's requeue SIGTERMs every job process):
+                fabric.print(f"warning: W&B logging failed ({type(e).__name__}: {e}); continuing without W&B")
+                logger = None  # ... the stop flag still checkpoints at this step boundary
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss/")} |
                         {"it/s": f"{1 / dt:.2f}"})
 
-        # 6e. Periodic validation / sample video and checkpoint.
+        # 6e. Non-finite steps: skipped above on every rank; too many in a row stop after a checkpoint
+        #     (the weights in it are the last good ones: skipped steps changed nothing).
+        if skipped:
+            fabric.print(f"warning: iteration {counters.step}: non-finite loss or gradient on some rank, update skipped "
+                         f"on every rank ({consecutive_skips} in a row, {counters.skipped_steps} in all)")
+        if consecutive_skips >= cfg.train.max_consecutive_skips:
+            last_ckpt = save("nonfinite")
+            bar.close()
+            loader.close()
+            raise NonFiniteError(
+                f"{consecutive_skips} consecutive non-finite steps (train.max_consecutive_skips="
+                f"{cfg.train.max_consecutive_skips}) up to iteration {counters.step}: stopping; checkpoint "
+                f"{last_ckpt} holds the last good weights")
+
+        # 6f. Periodic validation / sample video and checkpoint.
         if counters.step < cfg.train.num_steps:
             media(final=False)
         if counters.step % cfg.checkpoint.every_n_steps == 0 and counters.step < cfg.train.num_steps:
@@ -355,10 +411,13 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
         media(final=True)
     bar.close()
     if rank == 0 and logger is not None:
-        logger.finalize("success")
         import wandb
 
-        wandb.finish()
+        try:
+            logger.finalize("success")
+            wandb.finish()
+        except Exception as e:  # a dead W&B service (see the loop) must not fail a run that checkpointed
+            fabric.print(f"warning: W&B finish failed ({type(e).__name__}: {e})")
     loader.close()
     return {"counters": counters, "history": history, "checkpoint": last_ckpt, "run_id": run_id, "rank": rank,
             "student": student_m, "critic": critic_m, "fabric": fabric, "ema": ema, "samples": summary_files,
@@ -409,20 +468,31 @@ def set_lr(opt, base_lr: float, step: int, warmup_steps: int) -> float:
     return lr
 
 
-def _optimizer_step(fabric, cfg: C.Config, model, opt, ds: bool) -> float:
-    """Clip and step one engine; returns the gradient norm before clipping."""
+def _inject_nan(cfg: C.Config, step: int, rank: int) -> bool:
+    """Test hook: is this iteration's loss made NaN on this rank (``train.debug_inject_nan_steps/ranks``)?"""
+    t = cfg.train
+    return step in t.debug_inject_nan_steps and (not t.debug_inject_nan_ranks or rank in t.debug_inject_nan_ranks)
+
+
+def _optimizer_step(fabric, cfg: C.Config, model, opt, ds: bool, finite_loss: bool = True) -> tuple[float, bool]:
+    """Clip and step one engine; returns the gradient norm before clipping and whether it stepped.
+    A non-finite loss or gradient norm on any rank skips the update on every rank (the flag is
+    all-reduced, so no rank diverges). DeepSpeed steps inside its engine: no skip there."""
     if ds:
         opt.step()  # DeepSpeed clips (gradient_clipping) and steps at the accumulation boundary
         norm = model._forward_module.get_global_grad_norm() if hasattr(model, "_forward_module") else None
         opt.zero_grad()
-        return float(norm) if norm is not None else float("nan")
+        return (float(norm) if norm is not None else float("nan")), True
     if cfg.optim.grad_clip > 0:
         norm = fabric.clip_gradients(model, opt, max_norm=cfg.optim.grad_clip, error_if_nonfinite=False)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    opt.step()
+    finite = float(finite_loss and bool(torch.isfinite(torch.as_tensor(norm))))
+    finite = float(fabric.all_reduce(torch.tensor(finite, device=fabric.device), reduce_op="min"))
+    if finite:
+        opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return float(norm), bool(finite)
 
 
 def _backward(fabric, loss: torch.Tensor, model, ds: bool, accum: int, last: bool) -> None:
@@ -435,27 +505,34 @@ def _backward(fabric, loss: torch.Tensor, model, ds: bool, accum: int, last: boo
         fabric.backward(loss.float() / accum, model=model)
 
 
-def _simple_step(fabric, cfg, student, opt, loss_fn, batches, gen, ds, accum) -> dict:
-    """Adapt / ODE init: 1. loss per micro-batch, 2. backward, 3. clip + step."""
+def _simple_step(fabric, cfg, student, opt, loss_fn, batches, gen, ds, accum, inject=False) -> dict:
+    """Adapt / ODE init: 1. loss per micro-batch, 2. backward, 3. clip + step (skipped if non-finite)."""
     out: dict[str, float] = {}
+    finite = True
     for i, batch in enumerate(batches):
         loss, m = loss_fn(student, batch, cfg, gen)  # 1.
+        loss = loss * float("nan") if inject else loss
+        finite = finite and bool(torch.isfinite(loss.detach()))
         _backward(fabric, loss, student, ds, accum, i == len(batches) - 1)  # 2.
         if ds and i < len(batches) - 1:
             opt.step()  # DeepSpeed: a micro-step (no update before the boundary)
         for k, v in m.items():
             out[k] = out.get(k, 0.0) + float(v) / accum
-    out["grad_norm/student"] = _optimizer_step(fabric, cfg, student, opt, ds)  # 3.
+    out["grad_norm/student"], stepped = _optimizer_step(fabric, cfg, student, opt, ds, finite)  # 3.
+    out["skipped/student"] = float(not stepped)
     return out
 
 
 def _student_dmd_step(fabric, cfg, student, opt, critic, teacher, new_cache, batches, neg_text, spec, gen, dtype,
-                      ds, accum) -> dict:
+                      ds, accum, inject=False) -> dict:
     """Student update (DMD, recipe.dmd_student_loss numbers its steps): the critic only scores."""
     out: dict[str, float] = {}
+    finite = True
     for i, batch in enumerate(batches):
         loss, m = recipe.dmd_student_loss(student, new_cache, teacher, critic, batch, neg_text, cfg, spec, gen, dtype,
                                           snapshot_cache=cfg.train.gradient_checkpointing)
+        loss = loss * float("nan") if inject else loss
+        finite = finite and bool(torch.isfinite(loss.detach()))
         _backward(fabric, loss, student, ds, accum, i == len(batches) - 1)
         if ds and i < len(batches) - 1:
             opt.step()
@@ -464,20 +541,25 @@ def _student_dmd_step(fabric, cfg, student, opt, critic, teacher, new_cache, bat
     if not ds:
         for p in critic.parameters():  # the critic scored under no_grad: nothing may have reached it
             assert p.grad is None, "DMD student step produced critic gradients"
-    out["grad_norm/student"] = _optimizer_step(fabric, cfg, student, opt, ds)
+    out["grad_norm/student"], stepped = _optimizer_step(fabric, cfg, student, opt, ds, finite)
+    out["skipped/student"] = float(not stepped)
     return out
 
 
-def _critic_step(fabric, cfg, student, critic, opt, new_cache, batches, spec, gen, dtype, ds, accum) -> dict:
+def _critic_step(fabric, cfg, student, critic, opt, new_cache, batches, spec, gen, dtype, ds, accum, inject=False) -> dict:
     out: dict[str, float] = {}
+    finite = True
     for i, batch in enumerate(batches):
         loss, m = recipe.critic_flow_loss(student, new_cache, critic, batch, cfg, spec, gen, dtype)
+        loss = loss * float("nan") if inject else loss
+        finite = finite and bool(torch.isfinite(loss.detach()))
         _backward(fabric, loss, critic, ds, accum, i == len(batches) - 1)
         if ds and i < len(batches) - 1:
             opt.step()
         for k, v in m.items():
             out[k] = out.get(k, 0.0) + float(v) / accum
-    out["grad_norm/critic"] = _optimizer_step(fabric, cfg, critic, opt, ds)
+    out["grad_norm/critic"], stepped = _optimizer_step(fabric, cfg, critic, opt, ds, finite)
+    out["skipped/critic"] = float(not stepped)
     return out
 
 
@@ -492,28 +574,99 @@ def _sharded(fabric) -> bool:
 
 def _save(fabric, cfg, run_dir, rank, student, opt_s, critic, opt_c, ema, loader, counters, run_id, world, ds,
           reason) -> Path | None:
+    """Write a checkpoint (temp folder, manifest last, rename). A write error on any rank (disk full,
+    ...) removes the temp folder on every rank's behalf, leaves the previous checkpoints as they were,
+    and raises or returns None per ``checkpoint.on_write_error``."""
     step = counters.step
-    if rank == 0:
-        ckpt.prepare(run_dir, step)
-    fabric.barrier()
     tmp = ckpt.tmp_dir(run_dir, step)
-    sharded = _sharded(fabric)
-    fabric.save(ckpt.engine_path(tmp, "student", sharded), {"model": student, "optimizer": opt_s})
-    if critic is not None:
-        fabric.save(ckpt.engine_path(tmp, "critic", sharded), {"model": critic, "optimizer": opt_c})
-    ckpt.save_rank_files(tmp, rank, loader.state_dict())
-    if rank == 0:
-        ckpt.save_ema(tmp, ema.state_dict())
-    fabric.barrier()
+    error = ""
+
+    def failed_anywhere() -> bool:
+        return float(fabric.all_reduce(torch.tensor(float(bool(error)), device=fabric.device), reduce_op="max")) > 0
+
+    try:
+        if rank == 0:
+            ckpt.prepare(run_dir, step)
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    if not failed_anywhere():  # (also the barrier: the temp folder exists before any rank writes)
+        try:
+            sharded = _sharded(fabric)
+            fabric.save(ckpt.engine_path(tmp, "student", sharded), {"model": student, "optimizer": opt_s})
+            if critic is not None:
+                fabric.save(ckpt.engine_path(tmp, "critic", sharded), {"model": critic, "optimizer": opt_c})
+            ckpt.save_rank_files(tmp, rank, loader.state_dict())
+            if rank == 0:
+                ckpt.save_ema(tmp, ema.state_dict())
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            error = f"{type(e).__name__}: {e}"
     final = None
-    if rank == 0:
+    if not failed_anywhere() and rank == 0:
         state = {"stage": cfg.train.stage.value, "strategy": cfg.strategy.name, "world_size": world,
                  "step": counters.step, "student_steps": counters.student_steps, "critic_steps": counters.critic_steps,
-                 "samples": counters.samples, "losses": counters.losses, "wandb_run_id": run_id, "reason": reason,
-                 "time": time.time()}
-        final = ckpt.finalize(run_dir, step, state, C.to_yaml(cfg), cfg.checkpoint.keep_last)
-    fabric.barrier()
+                 "samples": counters.samples, "losses": counters.losses, "skipped_steps": counters.skipped_steps,
+                 "wandb_run_id": run_id, "reason": reason, "time": time.time()}
+        try:
+            final = ckpt.finalize(run_dir, step, state, C.to_yaml(cfg), cfg.checkpoint.keep_last,
+                                  cfg.checkpoint.checksums)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    if failed_anywhere():
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        msg = (f"checkpoint of step {step} could not be written to '{tmp}' ({error or 'failed on another rank'}); "
+               f"previous checkpoint intact: {ckpt.latest_checkpoint(run_dir)}")
+        if cfg.checkpoint.on_write_error == "stop":
+            raise CheckpointWriteError(msg + " (checkpoint.on_write_error=stop)")
+        fabric.print(f"warning: {msg}; training continues (checkpoint.on_write_error=continue)")
+        return None
     return ckpt.step_dir(run_dir, step) if final is None else final
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``last_step`` (all of them gone on a fresh start)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    C.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _saved_run_id(folder: Path) -> str | None:
+    try:
+        return ckpt.read_train_state(folder).get("wandb_run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _resume(fabric, run_dir: Path, candidates: list[Path], restore) -> Path | None:
+    """Restore the newest of ``candidates`` that verifies (rank 0: files, sizes, SHA-256 against the
+    manifest) and loads on every rank; otherwise log why and fall back to the next older one. None
+    without candidates; ``CheckpointError`` naming every folder and reason when none is usable."""
+    reasons = []
+    for folder in candidates:
+        error = ""
+        if fabric.global_rank == 0:
+            try:
+                ckpt.verify(folder)
+            except CheckpointError as e:
+                error = str(e)
+        bad = fabric.all_reduce(torch.tensor(float(bool(error)), device=fabric.device), reduce_op="max")
+        if float(bad) == 0:
+            try:
+                restore(folder, ckpt.read_train_state(folder))
+            except Exception as e:  # any failure to load (unpickling refused, shape mismatch, ...): fall back
+                error = f"checkpoint '{folder}' does not load: {type(e).__name__}: {e}"
+            bad = fabric.all_reduce(torch.tensor(float(bool(error)), device=fabric.device), reduce_op="max")
+        if float(bad) == 0:
+            return folder
+        reasons.append(error or f"checkpoint '{folder}' failed on another rank")
+        older = candidates[candidates.index(folder) + 1:]
+        fabric.print(f"warning: {reasons[-1]}; " + (f"falling back to the previous complete checkpoint {older[0]}"
+                                                   if older else "no older complete checkpoint"))
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in '{ckpt.checkpoint_root(run_dir)}' "
+                              f"(checkpoint.resume=false starts afresh): " + " | ".join(reasons))
+    return None
 
 
 def _restore(fabric, folder, rank, student, opt_s, critic, opt_c, ema, loader, counters, saved, ds) -> None:
@@ -533,6 +686,7 @@ def _restore(fabric, folder, rank, student, opt_s, critic, opt_c, ema, loader, c
     counters.critic_steps = saved["critic_steps"]
     counters.samples = saved["samples"]
     counters.losses = [list(x) for x in saved.get("losses", [])]
+    counters.skipped_steps = saved.get("skipped_steps", 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,6 +698,7 @@ def export_student(run_dir: str | Path, out: str | Path, use_ema: bool = False, 
     folder = ckpt.latest_checkpoint(run_dir) if not str(run_dir).rstrip("/").split("/")[-1].startswith("step-") else Path(run_dir)
     if folder is None or not (folder / ckpt.MANIFEST).is_file():
         raise FileNotFoundError(f"'{run_dir}' holds no complete checkpoint (checkpoints/step-*/manifest.json)")
+    ckpt.verify(folder)  # CheckpointError naming a missing, truncated or corrupted file
     cfg = C.load(folder / "config.yaml")
     if use_ema:
         state = ckpt.load_ema(folder)

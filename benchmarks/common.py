@@ -1,0 +1,26 @@
+"""Shared by the benchmark scripts: where results go and how they are written (atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_slug(device: str) -> str:
+    return device.replace(" ", "_").replace("/", "_")
+
+
+def write_result(prefix: str, device: str, payload: dict, folder: str | Path = RESULTS) -> Path:
+    """Write ``<prefix>-<device>.json`` into ``folder`` (and into ``$OUT`` on the GPU machine)."""
+    name = f"{prefix}-{device_slug(device)}.json"
+    path = Path(folder) / name
+    for d in {Path(folder), Path(os.environ.get("OUT", folder))}:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{name}.tmp"
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, d / name)
+    print(f"wrote {path}")
+    return path
