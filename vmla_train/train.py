@@ -505,19 +505,26 @@ def _backward(fabric, loss: torch.Tensor, model, ds: bool, accum: int, last: boo
         fabric.backward(loss.float() / accum, model=model)
 
 
-def _simple_step(fabric, cfg, student, opt, loss_fn, batches, gen, ds, accum, inject=False) -> dict:
-    """Adapt / ODE init: 1. loss per micro-batch, 2. backward, 3. clip + step (skipped if non-finite)."""
+def _accumulate(fabric, model, opt, batches, loss_of, ds: bool, accum: int, inject: bool) -> tuple[dict, bool]:
+    """1. loss per micro-batch, 2. backward (DeepSpeed micro-steps between), metrics averaged over the
+    micro-batches. Returns (metrics, whether every loss was finite); the caller does 3. the step."""
     out: dict[str, float] = {}
     finite = True
     for i, batch in enumerate(batches):
-        loss, m = loss_fn(student, batch, cfg, gen)  # 1.
-        loss = loss * float("nan") if inject else loss
+        loss, m = loss_of(batch)  # 1.
+        loss = loss * float("nan") if inject else loss  # train.debug_inject_nan_steps (test hook)
         finite = finite and bool(torch.isfinite(loss.detach()))
-        _backward(fabric, loss, student, ds, accum, i == len(batches) - 1)  # 2.
+        _backward(fabric, loss, model, ds, accum, i == len(batches) - 1)  # 2.
         if ds and i < len(batches) - 1:
             opt.step()  # DeepSpeed: a micro-step (no update before the boundary)
         for k, v in m.items():
             out[k] = out.get(k, 0.0) + float(v) / accum
+    return out, finite
+
+
+def _simple_step(fabric, cfg, student, opt, loss_fn, batches, gen, ds, accum, inject=False) -> dict:
+    """Adapt / ODE init: loss, backward, then 3. clip + step (skipped on every rank if non-finite)."""
+    out, finite = _accumulate(fabric, student, opt, batches, lambda b: loss_fn(student, b, cfg, gen), ds, accum, inject)
     out["grad_norm/student"], stepped = _optimizer_step(fabric, cfg, student, opt, ds, finite)  # 3.
     out["skipped/student"] = float(not stepped)
     return out
@@ -526,18 +533,11 @@ def _simple_step(fabric, cfg, student, opt, loss_fn, batches, gen, ds, accum, in
 def _student_dmd_step(fabric, cfg, student, opt, critic, teacher, new_cache, batches, neg_text, spec, gen, dtype,
                       ds, accum, inject=False) -> dict:
     """Student update (DMD, recipe.dmd_student_loss numbers its steps): the critic only scores."""
-    out: dict[str, float] = {}
-    finite = True
-    for i, batch in enumerate(batches):
-        loss, m = recipe.dmd_student_loss(student, new_cache, teacher, critic, batch, neg_text, cfg, spec, gen, dtype,
-                                          snapshot_cache=cfg.train.gradient_checkpointing)
-        loss = loss * float("nan") if inject else loss
-        finite = finite and bool(torch.isfinite(loss.detach()))
-        _backward(fabric, loss, student, ds, accum, i == len(batches) - 1)
-        if ds and i < len(batches) - 1:
-            opt.step()
-        for k, v in m.items():
-            out[k] = out.get(k, 0.0) + float(v) / accum
+    def loss_of(batch):
+        return recipe.dmd_student_loss(student, new_cache, teacher, critic, batch, neg_text, cfg, spec, gen, dtype,
+                                       snapshot_cache=cfg.train.gradient_checkpointing)
+
+    out, finite = _accumulate(fabric, student, opt, batches, loss_of, ds, accum, inject)
     if not ds:
         for p in critic.parameters():  # the critic scored under no_grad: nothing may have reached it
             assert p.grad is None, "DMD student step produced critic gradients"
@@ -547,17 +547,10 @@ def _student_dmd_step(fabric, cfg, student, opt, critic, teacher, new_cache, bat
 
 
 def _critic_step(fabric, cfg, student, critic, opt, new_cache, batches, spec, gen, dtype, ds, accum, inject=False) -> dict:
-    out: dict[str, float] = {}
-    finite = True
-    for i, batch in enumerate(batches):
-        loss, m = recipe.critic_flow_loss(student, new_cache, critic, batch, cfg, spec, gen, dtype)
-        loss = loss * float("nan") if inject else loss
-        finite = finite and bool(torch.isfinite(loss.detach()))
-        _backward(fabric, loss, critic, ds, accum, i == len(batches) - 1)
-        if ds and i < len(batches) - 1:
-            opt.step()
-        for k, v in m.items():
-            out[k] = out.get(k, 0.0) + float(v) / accum
+    """Critic update: flow matching on a no-grad student rollout (recipe.critic_flow_loss)."""
+    out, finite = _accumulate(fabric, critic, opt, batches,
+                              lambda b: recipe.critic_flow_loss(student, new_cache, critic, b, cfg, spec, gen, dtype),
+                              ds, accum, inject)
     out["grad_norm/critic"], stepped = _optimizer_step(fabric, cfg, critic, opt, ds, finite)
     out["skipped/critic"] = float(not stepped)
     return out
