@@ -170,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "demo":
         from .train import run_training_demo
 
-        run_training_demo(cfg)
+        try:
+            run_training_demo(cfg)
+        finally:
+            _destroy_process_group()
     elif args.command == "fit":
         from .train import fit
 
@@ -179,7 +182,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except C.ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        finally:
+            _destroy_process_group()
     return 0
+
+
+def _destroy_process_group() -> None:
+    """Tear down the process group a distributed run made, so no communication thread (gloo, NCCL,
+    DeepSpeed) outlives the interpreter and aborts the process at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
