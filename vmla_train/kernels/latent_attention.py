@@ -455,8 +455,17 @@ def check(inputs: dict, config: TileConfig | None = None) -> tuple[float, float]
     return err(o, o_ref), err(lse, lse_ref)
 
 
-def bench(b=1, l=4680, h=12, dc=160, dr=64, lp=32760 - 4680, config: TileConfig | None = None) -> float:
-    """Median ms of the kernel alone on a CUDA device (do_bench)."""
-    x = random_inputs(b, l, h, dc, dr, lp, device="cuda", seed=0)
+def bench(cfg=None, batch: int = 1, config: TileConfig | None = None) -> float:
+    """Median ms of the kernel alone on a CUDA device (do_bench) for one chunk of ``cfg``'s geometry
+    attending to a full window (default: the VideoMLA 1.3B config: 3-frame chunk, 21-frame window)."""
+    from ..config import Config
+
+    cfg = cfg if cfg is not None else Config()
+    tpf, a = cfg.tokens_per_frame, cfg.attention
+    l = cfg.video.chunk_frames * tpf  # query tokens of one chunk
+    lp = (cfg.cache.window_frames - cfg.video.chunk_frames) * tpf  # cached tokens before it
+    d_n = cfg.model.head_dim if a.qk_nope_head_dim == -1 else a.qk_nope_head_dim
+    x = random_inputs(batch, l, cfg.model.num_heads, a.d_c, a.d_r, lp, groups=a.rope_key_groups, device="cuda",
+                      seed=0, d_n=d_n)
     return triton.testing.do_bench(lambda: latent_attention(**x, config=config), warmup=50, rep=300,
                                    return_mode="median")
