@@ -465,7 +465,7 @@ def bench(cfg=None, batch: int = 1, config: TileConfig | None = None) -> float:
     l = cfg.video.chunk_frames * tpf  # query tokens of one chunk
     lp = (cfg.cache.window_frames - cfg.video.chunk_frames) * tpf  # cached tokens before it
     d_n = cfg.model.head_dim if a.qk_nope_head_dim == -1 else a.qk_nope_head_dim
-    x = random_inputs(batch, l, cfg.model.num_heads, a.d_c, a.d_r, lp, groups=a.rope_key_groups, device="cuda",
+    x = random_inputs(batch, l, cfg.model.num_heads, a.d_c, a.d_r // a.rope_key_groups, lp, groups=a.rope_key_groups, device="cuda",
                       seed=0, d_n=d_n)
     return triton.testing.do_bench(lambda: latent_attention(**x, config=config), warmup=50, rep=300,
                                    return_mode="median")
