@@ -74,44 +74,38 @@ def _split_param(name: str) -> tuple[str, str]:
     return module, leaf
 
 
+def _translate(name: str, layout: str, head: tuple[str, str], modulation: tuple[str, str],
+               block_map: dict[str, str], top_map: dict[str, str]) -> str:
+    """One direction of the key mapping: the two renamed scale tables, then block and top-level modules."""
+    if name == head[0]:
+        return head[1]
+    m = _BLOCK_RE.match(name)
+    if m:
+        idx, rest = m.groups()
+        if rest == modulation[0]:
+            return f"blocks.{idx}.{modulation[1]}"
+        module, leaf = _split_param(rest)
+        if module in block_map:
+            return f"blocks.{idx}.{block_map[module]}.{leaf}"
+        raise KeyMappingError(f"{layout}-layout key '{name}': unknown block tensor (not a Wan2.1-T2V name)")
+    module, leaf = _split_param(name)
+    if module in top_map:
+        return f"{top_map[module]}.{leaf}"
+    raise KeyMappingError(f"{layout}-layout key '{name}': unknown tensor (not a Wan2.1-T2V name)")
+
+
 def original_to_diffusers(name: str) -> str:
     """``blocks.0.self_attn.q.weight`` -> ``blocks.0.attn1.to_q.weight`` (prefix stripped)."""
     if name.startswith(ORIGINAL_PREFIX):
         name = name[len(ORIGINAL_PREFIX) :]
-    if name == "head.modulation":
-        return "scale_shift_table"
-    m = _BLOCK_RE.match(name)
-    if m:
-        idx, rest = m.groups()
-        if rest == "modulation":
-            return f"blocks.{idx}.scale_shift_table"
-        module, leaf = _split_param(rest)
-        if module in _BLOCK_ORIG_TO_DIFF:
-            return f"blocks.{idx}.{_BLOCK_ORIG_TO_DIFF[module]}.{leaf}"
-        raise KeyMappingError(f"original-layout key '{name}': unknown block tensor (not a Wan2.1-T2V name)")
-    module, leaf = _split_param(name)
-    if module in _TOP_ORIG_TO_DIFF:
-        return f"{_TOP_ORIG_TO_DIFF[module]}.{leaf}"
-    raise KeyMappingError(f"original-layout key '{name}': unknown tensor (not a Wan2.1-T2V name)")
+    return _translate(name, "original", ("head.modulation", "scale_shift_table"), ("modulation", "scale_shift_table"),
+                      _BLOCK_ORIG_TO_DIFF, _TOP_ORIG_TO_DIFF)
 
 
 def diffusers_to_original(name: str) -> str:
     """Inverse of ``original_to_diffusers`` (without the optional prefix)."""
-    if name == "scale_shift_table":
-        return "head.modulation"
-    m = _BLOCK_RE.match(name)
-    if m:
-        idx, rest = m.groups()
-        if rest == "scale_shift_table":
-            return f"blocks.{idx}.modulation"
-        module, leaf = _split_param(rest)
-        if module in _BLOCK_DIFF_TO_ORIG:
-            return f"blocks.{idx}.{_BLOCK_DIFF_TO_ORIG[module]}.{leaf}"
-        raise KeyMappingError(f"diffusers-layout key '{name}': unknown block tensor (not a Wan2.1-T2V name)")
-    module, leaf = _split_param(name)
-    if module in _TOP_DIFF_TO_ORIG:
-        return f"{_TOP_DIFF_TO_ORIG[module]}.{leaf}"
-    raise KeyMappingError(f"diffusers-layout key '{name}': unknown tensor (not a Wan2.1-T2V name)")
+    return _translate(name, "diffusers", ("scale_shift_table", "head.modulation"), ("scale_shift_table", "modulation"),
+                      _BLOCK_DIFF_TO_ORIG, _TOP_DIFF_TO_ORIG)
 
 
 ORIGINAL, DIFFUSERS, STUDENT = "original", "diffusers", "student"
