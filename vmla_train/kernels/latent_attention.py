@@ -126,6 +126,22 @@ def _pieces(dc: int, dr: int) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
+    def _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale):
+        """Online-softmax step shared by both tile loaders: the key-norm scalar on the score column (log2
+        units), masking of keys past the segment, exp2 rescaling, P.V with the latent tile reused as V."""
+        s = tl.load(s_ptr + offs_n, mask=kmask, other=0.0)
+        qk = qk * (s * qk_scale)[None, :]
+        qk = tl.where(kmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = p.to(c0.dtype)
+        acc0 = tl.dot(pv, c0, acc0 * alpha[:, None])
+        acc1 = tl.dot(pv, c1, acc1 * alpha[:, None])
+        return acc0, acc1, m_new, l_i
+
+    @triton.jit
     def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, qr, c_ptr, stride_cn, kr_ptr, stride_krn, s_ptr, start, hi,
                      qk_scale, DC: tl.constexpr, DRR: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                      DR: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -145,17 +161,7 @@ if triton is not None:
         qk = tl.dot(q0, tl.trans(c0))
         qk = tl.dot(q1, tl.trans(c1), qk)
         qk = tl.dot(qr, tl.trans(kr.to(q0.dtype)), qk)  # (BM, BN) fp32
-        s = tl.load(s_ptr + offs_n, mask=kmask, other=0.0)
-        qk = qk * (s * qk_scale)[None, :]  # key-norm scalar on the score column, log2 units
-        qk = tl.where(kmask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = p.to(q0.dtype)
-        acc0 = tl.dot(pv, c0, acc0 * alpha[:, None])
-        acc1 = tl.dot(pv, c1, acc1 * alpha[:, None])
-        return acc0, acc1, m_new, l_i
+        return _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale)
 
     @triton.jit
     def _attend_tile_desc(acc0, acc1, m_i, l_i, q0, q1, qr, c0_desc, c1_desc, kr_desc, s_ptr, start, hi, qk_scale,
@@ -170,17 +176,7 @@ if triton is not None:
         qk = tl.dot(q0, tl.trans(c0))
         qk = tl.dot(q1, tl.trans(c1), qk)
         qk = tl.dot(qr, tl.trans(kr), qk)
-        s = tl.load(s_ptr + offs_n, mask=kmask, other=0.0)
-        qk = qk * (s * qk_scale)[None, :]
-        qk = tl.where(kmask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = p.to(c0.dtype)
-        acc0 = tl.dot(pv, c0, acc0 * alpha[:, None])
-        acc1 = tl.dot(pv, c1, acc1 * alpha[:, None])
-        return acc0, acc1, m_new, l_i
+        return _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale)
 
     @triton.jit
     def _attend_segment_desc(acc0, acc1, m_i, l_i, q0, q1, qr, c_ptr, stride_cn, n_seg, kr_ptr, stride_krn, s_ptr,
