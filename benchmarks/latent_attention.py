@@ -116,20 +116,26 @@ class MLACase:
             return a._fused(self.q_c, self.q_r, self.c, self.kr, past, self.g_n, self.g_r, self.inp, impl)
 
     def run_fp8_cache(self) -> torch.Tensor:
-        """An 8-bit cache (prefix quantised once at write time, outside the timing); per call: the
-        queries (absorbed + quantised in one kernel), the current chunk, the RoPE key pre-pass + its
-        quantisation, the key scale, the kernel and W_uv — what ``_fused`` does with a QuantLatent prefix."""
+        """An 8-bit cache: the prefix's key rows and values quantised once (as a cache write would, outside the
+        timing); per call: the queries (absorbed + quantised in one kernel), the current chunk's key scale,
+        RoPE key, key rows and quantisation, the kernel and W_uv."""
         from vmla_train.kernels import latent_attention_fp8 as LA8
+        from vmla_train.rope import Rotary
 
         a = self.attn
         H, dn = a.num_heads, a.d_n
+        lp, ln = self.c_past.shape[1], self.c.shape[1]
+        rot = self.inp.k_rot
         if not hasattr(self, "past8"):
-            self.past8 = LA8.quantize_latent(self.c_past)
+            s_p = a._key_scale(self.c_past, self.kr_past)
+            rho_p = a._rope_key(self.kr_past, 1.0, self.g_r, Rotary(rot.cos[:lp], rot.sin[:lp]))
+            self.past8 = LA8.quantize_keys(a.key_rows(self.c_past, rho_p.to(self.c.dtype), s_p), self.c_past)
         w_uk = a.k_up.weight.unflatten(0, (H, dn)) * self.g_n.unflatten(0, (H, dn))[..., None]
-        s = torch.cat([a._key_scale(self.c_past, self.kr_past), a._key_scale(self.c, self.kr)], 1).squeeze(-1)
-        kr_all = torch.cat([self.kr_past, self.kr], 1)
-        rho = a._rope_key(kr_all, 1.0, self.g_r, self.inp.k_rot).to(self.q_c.dtype)
-        o_lat = LA8.latent_attention_fp8(self.q_c, w_uk, self.q_r, self.past8, self.c, rho, s, a.scale)
+        s = a._key_scale(self.c, self.kr)
+        rho = a._rope_key(self.kr, 1.0, self.g_r, Rotary(rot.cos[lp:], rot.sin[lp:])).to(self.c.dtype)
+        new8 = LA8.quantize_keys(a.key_rows(self.c, rho, s), self.c)
+        q8, qr8, qs8, sq = LA8.quantize_queries(self.q_c, w_uk, self.q_r)
+        o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, self.past8, new8, a.scale, a.groups, out_dtype=self.q_c.dtype)
         w_uv = a.v_up.weight.unflatten(0, (H, a.head_dim))
         o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))
         return o + a.v_up.bias.unflatten(0, (H, a.head_dim)).to(o.dtype)

@@ -326,16 +326,27 @@ class MLASelfAttention(nn.Module):
         kr_all = torch.cat([kr_past.to(kr.dtype), kr], 1)  # (B, Lk, G*dr): d_r wide, cheap
         s = torch.cat([self._key_scale(c_past, kr_past), self._key_scale(c, kr)], 1)  # (B, Lk, 1)
         rho = self._rope_key(kr_all, 1.0, g_r, inp.k_rot).to(q_c.dtype)  # (B, Lk, G, dr), s applied in-kernel
-        if impl == AttentionImpl.triton_fp8:
+        if impl == AttentionImpl.triton_fp8:  # 8-bit: key rows [s c ; s rho] quantised per call (a 16-bit cache)
             from .kernels import latent_attention_fp8 as LA8
 
-            o_lat = LA8.latent_attention_fp8(q_c, w_uk, q_r, c_past, c, rho, s.squeeze(-1), self.scale)
+            lp = c_past.shape[1]
+            krow = self.key_rows(torch.cat([c_past.to(c.dtype), c], 1), rho, s)  # (B, Lk, dc + G*dr)
+            past8 = LA8.quantize_keys(krow[:, :lp], c_past) if lp else None
+            new8 = LA8.quantize_keys(krow[:, lp:], c)
+            q8, qr8, qs8, sq = LA8.quantize_queries(q_c, w_uk, q_r)
+            o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups, out_dtype=q_c.dtype)
         else:
             q_lat = torch.einsum("blhn,hnc->blhc", q_c, w_uk.to(q_c.dtype))  # (B, L, H, dc)
             o_lat, _ = LA.latent_attention(q_lat, q_r, c_past, c, rho, s.squeeze(-1).contiguous(), self.scale)
         w_uv = self.v_up.weight.unflatten(0, (H, self.head_dim))  # (H, Dh, dc)
         o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))  # (B, L, H, Dh)
         return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)  # softmax rows sum to 1
+
+    @staticmethod
+    def key_rows(c: torch.Tensor, rho: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The absorbed MQA key of every token, [s c ; s rho] (B, Lk, dc + G*dr) in c's dtype, from c (B, Lk, dc),
+        rho = RoPE(g_r kr) (B, Lk, G, dr) and the key-norm scale s (B, Lk, 1): what the 8-bit path quantises."""
+        return torch.cat([c.float() * s, rho.flatten(2).float() * s], -1).to(c.dtype)
 
     def _reference(self, q_c, q_r, c_all, kr_all, g_n, g_r, inp: AttnInputs) -> torch.Tensor:
         H, dn, G = self.num_heads, self.d_n, self.groups
