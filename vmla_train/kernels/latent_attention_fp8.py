@@ -320,6 +320,12 @@ def _need_triton() -> None:
         raise RuntimeError("8-bit latent attention needs Triton (attention.impl=absorbed_sdpa works without it)")
 
 
+def _check_width(dc: int, device: torch.device) -> None:
+    if device.type == "cuda" and dc > 256:  # measured: dc = 512 asks 590 KB of shared memory (H100: 227 KB)
+        raise ValueError(f"8-bit latent attention on the GPU takes dc <= 256, got dc={dc} "
+                         "(attention.impl=triton or absorbed_sdpa serve wider latents)")
+
+
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, N, D] -> (y [B, N, W >= D] int8 (rounded, /127) or e4m3 (/448), scale [B, N] fp32), one pass.
     ``out`` may be a wider [B, N, W] view (its extra columns are zeroed)."""
@@ -367,6 +373,7 @@ def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q
     _need_triton()
     b, l, h, dn = q_c.shape
     dc, dr = w_uk.shape[2], q_r.shape[3]
+    _check_width(dc, q_c.device)
     q_r_sink = q_r if q_r_sink is None else q_r_sink
     q_c, q_r, q_r_sink = (t if t.stride(3) == 1 else t.contiguous() for t in (q_c, q_r, q_r_sink))
     w = w_uk.to(q_c.dtype).contiguous()
@@ -389,9 +396,7 @@ def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q
 def default_config8(dc: int, on_gpu: bool) -> TileConfig:
     if not on_gpu:
         return TileConfig(16, 32, 1, 1)  # interpreter: small tiles, 32-key steps (the 8-bit K step)
-    if dc > 256:
-        return TileConfig(64, 64, 8, 2)
-    return TileConfig(64, 64, 4, 3)
+    return TileConfig(64, 64, 4, 3)  # the H100 run in README "Kernel and generation" (dc <= 256 on the GPU)
 
 
 CANDIDATES8 = [
@@ -411,9 +416,6 @@ def _descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: int, 
     if lat.k.data_ptr() % ALIGN or any(st % ALIGN for st in lat.k.stride()[:-1]):
         raise ValueError(f"8-bit latent attention: key rows need 16-byte aligned bases and row strides, got strides "
                          f"{lat.k.stride()}; build them with quantize_keys")
-    if dc > 256:  # measured: 64 x 64 tiles at dc = 512 ask 590 KB of shared memory (H100: 227 KB)
-        raise ValueError(f"8-bit latent attention on the GPU takes dc <= 256, got dc={dc} "
-                         "(attention.impl=triton or absorbed_sdpa serve wider latents)")
     if dc % ALIGN or dr % ALIGN or dc < d0:
         raise ValueError(f"8-bit latent attention on the GPU: dc={dc} (>= {d0}) and per-group dr={dr} must be "
                          f"multiples of {ALIGN}")
@@ -453,6 +455,7 @@ def attention8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch
     if not 0 <= sink_tokens <= lp:
         raise ValueError(f"8-bit latent attention: sink_tokens={sink_tokens} outside the {lp} cached keys")
     on_gpu = q8.is_cuda
+    _check_width(dc, q8.device)
     cfg = config or default_config8(dc, on_gpu)
     d0, d1, dr_p = pieces8(dc, dr)
     vmax = torch.maximum(past.vs.amax() if lp else new.vs.amax(), new.vs.amax()).reshape(1)
