@@ -56,6 +56,8 @@ assert same(c1, c2), "student step changed the critic"
 assert not same(s1, s2), "student step did not change the student"
 recipe.assert_frozen(teacher)
 print(f"rank {fabric.global_rank} OK", flush=True)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # as the CLI does: no gloo/shm threads left for interpreter exit
 '''
 
 
