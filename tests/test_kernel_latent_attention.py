@@ -80,11 +80,13 @@ def test_dispatch_table():
     cpu = torch.zeros(1)
     assert resolve_impl(AttentionImpl.auto, cpu) == AttentionImpl.absorbed_sdpa
     if ON_GPU:
-        few = torch.zeros(1, LA.AUTO_TRITON_MAX_QUERIES, 8, device="cuda", dtype=torch.bfloat16)
-        many = torch.zeros(1, LA.AUTO_TRITON_MAX_QUERIES + 1, 8, device="cuda", dtype=torch.bfloat16)
-        assert resolve_impl(AttentionImpl.auto, few) == AttentionImpl.triton
-        assert resolve_impl(AttentionImpl.auto, many) == AttentionImpl.absorbed_sdpa
-        assert resolve_impl(AttentionImpl.auto, few.float()) == AttentionImpl.absorbed_sdpa  # fp32: no kernel
+        frame = torch.zeros(1, 1560, 8, device="cuda", dtype=torch.bfloat16)  # one latent frame of queries
+        chunk = torch.zeros(1, 3 * 1560, 8, device="cuda", dtype=torch.bfloat16)  # a 3-frame chunk
+        assert resolve_impl(AttentionImpl.auto, frame) == AttentionImpl.triton
+        assert resolve_impl(AttentionImpl.auto, chunk) == AttentionImpl.triton
+        assert resolve_impl(AttentionImpl.auto, chunk, cached=False) == AttentionImpl.absorbed_sdpa
+        assert resolve_impl(AttentionImpl.auto, chunk, needs_grad=True) == AttentionImpl.absorbed_sdpa
+        assert resolve_impl(AttentionImpl.auto, frame.float()) == AttentionImpl.absorbed_sdpa  # fp32: no kernel
     assert resolve_impl(AttentionImpl.triton, cpu) == AttentionImpl.triton
     assert resolve_impl(AttentionImpl.triton, cpu, needs_grad=True, backward=AttentionImpl.reference) == AttentionImpl.reference
     assert resolve_impl(AttentionImpl.triton, cpu, cached=False) == AttentionImpl.absorbed_sdpa

@@ -157,18 +157,18 @@ def resolve_impl(impl: AttentionImpl, x: torch.Tensor, cached: bool = True, need
 
     The fused kernels (vmla_train.kernels) are forward-only and serve the cached path (no mask): a
     forward that needs gradients runs ``backward`` (attention.backward), a masked full forward runs
-    ``absorbed_sdpa``. ``auto`` (measured on an H100, README "Kernel and generation"): on CUDA with
-    Triton, ``triton`` for cached forwards of at most ``AUTO_TRITON_MAX_QUERIES`` query tokens per
-    video (one latent frame: 12-15 % faster than absorbed SDPA) and ``absorbed_sdpa`` above (a 3-frame
-    chunk: the kernel alone is 3 % faster, its per-call key pre-pass makes the path 1-4 % slower);
-    CPU, no Triton, or float32 activations (the kernel's tiles are sized for 16-bit operands) ->
-    ``absorbed_sdpa``. ``x`` is the query-side activation [B, L, ...] in the dtype attention runs in.
+    ``absorbed_sdpa``. ``auto`` (measured on an H100, README "Kernel and generation"): ``triton`` for
+    cached forwards on CUDA with Triton and 16-bit activations (faster than absorbed SDPA from one latent
+    frame of queries to a 3-frame chunk, key pre-pass included); ``absorbed_sdpa`` on CPU, without Triton,
+    or for float32 activations (the kernel's tiles are sized for 16-bit operands). ``triton_fp8`` is only
+    run when named (slower, benchmarks/NOTES-kernel.md). ``x`` is the query-side activation [B, L, ...] in
+    the dtype attention runs in.
     """
     if impl == AttentionImpl.auto:
         from .kernels import latent_attention as LA
 
         half = x.dtype in (torch.bfloat16, torch.float16)
-        fused_ok = x.is_cuda and half and LA.available() and x.shape[1] <= LA.AUTO_TRITON_MAX_QUERIES
+        fused_ok = x.is_cuda and half and LA.available()
         impl = AttentionImpl.triton if fused_ok else AttentionImpl.absorbed_sdpa
     if impl in _FUSED:
         if needs_grad:
@@ -297,7 +297,7 @@ class MLASelfAttention(nn.Module):
         impl = resolve_impl(self.impl, q_c, inp.mask is None, needs_grad, self.backward)
         past = inp.cache.read(layer, inp.step) if inp.cache is not None else None  # views: use before write
         if impl in _FUSED:
-            o = self._fused(q_c, q_r, c, kr, past, g_n, g_r, inp, impl)
+            o = self._fused(q_c, q_r, c, kr, past, g_n, g_r, inp, impl, layer)
         else:
             if past is not None:
                 c_all = torch.cat([past["c"].to(c.dtype), c], 1)  # (B, Lk, dc)
@@ -312,9 +312,10 @@ class MLASelfAttention(nn.Module):
             inp.cache.write(layer, inp.step, c=c, kr=kr)
         return self.to_out[0](o.flatten(2).to(x.dtype))
 
-    def _fused(self, q_c, q_r, c, kr, past, g_n, g_r, inp: AttnInputs, impl: AttentionImpl) -> torch.Tensor:
+    def _fused(self, q_c, q_r, c, kr, past, g_n, g_r, inp: AttnInputs, impl: AttentionImpl, layer: int = 0) -> torch.Tensor:
         """The Triton kernel: cached prefix and current chunk as separate inputs (no concatenation of
-        the latent window); pre-pass over the d_r-wide keys (RoPE, gain) and the per-key scale s."""
+        the latent window); pre-pass over the d_r-wide keys (RoPE, gain) and the per-key scale s, the
+        latter for the cached prefix once per cache state (all denoising steps of a chunk share it)."""
         from .kernels import latent_attention as LA
 
         H, dn = self.num_heads, self.d_n
@@ -323,9 +324,18 @@ class MLASelfAttention(nn.Module):
             w_uk = w_uk * g_n.unflatten(0, (H, dn))[..., None]
         c_past = past["c"] if past is not None else c[:, :0]  # (B, Lp, dc) view of the cache
         kr_past = past["kr"] if past is not None else kr[:, :0]
-        kr_all = torch.cat([kr_past.to(kr.dtype), kr], 1)  # (B, Lk, G*dr): d_r wide, cheap
-        s = torch.cat([self._key_scale(c_past, kr_past), self._key_scale(c, kr)], 1)  # (B, Lk, 1)
-        rho = self._rope_key(kr_all, 1.0, g_r, inp.k_rot).to(q_c.dtype)  # (B, Lk, G, dr), s applied in-kernel
+        lp = c_past.shape[1]
+        rot_past = Rotary(inp.k_rot.cos[:lp], inp.k_rot.sin[:lp])
+        rot_new = Rotary(inp.k_rot.cos[lp:], inp.k_rot.sin[lp:])
+
+        def prefix_scale():  # the cached keys' key-norm scale: once per cache state (KVCache.memo), 4 B a key
+            return self._key_scale(c_past, kr_past)
+
+        s_past = inp.cache.memo(layer, "mla_key_scale", prefix_scale) if inp.cache is not None else prefix_scale()
+        s = torch.cat([s_past, self._key_scale(c, kr)], 1)  # (B, Lk, 1)
+        rho = torch.cat([self._rope_key(kr_past, 1.0, g_r, rot_past).to(q_c.dtype),  # RoPE per call: keeping the
+                         self._rope_key(kr, 1.0, g_r, rot_new).to(q_c.dtype)], 1)  # rotated prefix costs d_r a key
+        # (B, Lk, G, dr)
         if impl == AttentionImpl.triton_fp8:  # 8-bit: key rows [s c ; s rho] quantised per call (a 16-bit cache)
             from .kernels import latent_attention_fp8 as LA8
 

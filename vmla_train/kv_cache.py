@@ -72,6 +72,8 @@ class KVCache:
     slot_frame: list[int] = field(init=False)
     next_frame: int = field(init=False, default=0)
     cross: list[tuple[torch.Tensor, torch.Tensor] | None] = field(init=False)
+    _memo: dict = field(init=False, default_factory=dict)  # (layer, name) -> (version, tensor), see ``memo``
+    _version: int = field(init=False, default=0)  # bumped by every write, commit and reset
 
     def __post_init__(self) -> None:
         if self.window_frames < self.chunk_frames:
@@ -110,6 +112,8 @@ class KVCache:
         """Forget all frames (new video). ``keep_cross`` keeps the prompt's cross-attention K/V."""
         self.slot_frame = [-1] * self.num_slots
         self.next_frame = 0
+        self._version += 1
+        self._memo = {}
         if not keep_cross:
             self.cross = [None] * self.num_layers
 
@@ -167,11 +171,25 @@ class KVCache:
         """Views [B, read_tokens, ...] of the valid prefix of each stored tensor for ``layer``."""
         return {name: buf[layer, :, : step.read_tokens] for name, buf in self.buffers.items()}
 
+    def memo(self, layer: int, name: str, compute):
+        """``compute()`` once per cache state: a value derived from this layer's cached prefix only (e.g. the
+        key-norm scale of the cached keys, or their RoPE at the current positions) is reused by every forward
+        until the next write, commit or reset (the denoising steps of one chunk read the same prefix). Not
+        for values that carry gradients."""
+        key = (layer, name)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == self._version:
+            return hit[1]
+        value = compute()
+        self._memo[key] = (self._version, value)
+        return value
+
     @torch.no_grad()
     def write(self, layer: int, step: CacheStep, **new: torch.Tensor) -> None:
         """Store the new frames' entries ``name=[B, num_frames * tokens_per_frame, ...]`` (detached)."""
         if not step.write or not step.write_src:
             return
+        self._version += 1
         tpf = self.tokens_per_frame
         for name, value in new.items():
             buf = self.buffers[name][layer]
@@ -191,6 +209,7 @@ class KVCache:
             for i, slot in zip(step.write_src, step.write_slots):
                 self.slot_frame[slot] = step.first_frame + i
             self.next_frame += step.num_frames
+            self._version += 1
 
     # Cross-attention ---------------------------------------------------------------------------
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -44,10 +44,6 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
     tl = None
 
 LOG2E = 1.4426950408889634
-# attention.impl=auto picks this kernel for cached forwards of at most this many query tokens per video
-# (H100: faster than absorbed SDPA at one latent frame of queries, slower at a 3-frame chunk; the bound
-# sits between the two measured points, benchmarks/results/latent_attention-*.json).
-AUTO_TRITON_MAX_QUERIES = 3072
 
 
 def available() -> bool:
@@ -97,7 +93,7 @@ def default_config(dc: int, dr: int, on_gpu: bool) -> TileConfig:
         return TileConfig(16, 16, 1, 1)  # interpreter: small tiles keep CPU tests fast and hit the tails
     if dc > 256:  # 64 x dc fp32 accumulators are already 128 registers/thread at 8 warps
         return TileConfig(64, 32, 8, 2)
-    return TileConfig(64, 64, 4, 2)  # measured best on H100 with 3 key splits (benchmarks/NOTES-kernel.md)
+    return TileConfig(64, 64, 4, 3)  # measured best on H100 with 3 key splits (benchmarks/NOTES-kernel.md)
 
 
 def choose_splits(programs: int, num_keys: int, block_n: int, device: torch.device) -> int:
@@ -126,12 +122,15 @@ def _pieces(dc: int, dr: int) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
-    def _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale):
+    def _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale, MASK: tl.constexpr):
         """Online-softmax step shared by both tile loaders: the key-norm scalar on the score column (log2
-        units), masking of keys past the segment, exp2 rescaling, P.V with the latent tile reused as V."""
-        s = tl.load(s_ptr + offs_n, mask=kmask, other=0.0)
-        qk = qk * (s * qk_scale)[None, :]
-        qk = tl.where(kmask[None, :], qk, float("-inf"))
+        units), masking of keys past the segment (MASK: the last tile of a range only), exp2 rescaling, P.V
+        with the latent tile reused as V."""
+        if MASK:
+            s = tl.load(s_ptr + offs_n, mask=kmask, other=0.0)
+            qk = tl.where(kmask[None, :], qk * (s * qk_scale)[None, :], float("-inf"))
+        else:
+            qk = qk * (tl.load(s_ptr + offs_n) * qk_scale)[None, :]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
@@ -161,11 +160,11 @@ if triton is not None:
         qk = tl.dot(q0, tl.trans(c0))
         qk = tl.dot(q1, tl.trans(c1), qk)
         qk = tl.dot(qr, tl.trans(kr.to(q0.dtype)), qk)  # (BM, BN) fp32
-        return _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale)
+        return _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale, True)
 
     @triton.jit
     def _attend_tile_desc(acc0, acc1, m_i, l_i, q0, q1, qr, c0_desc, c1_desc, kr_desc, s_ptr, start, hi, qk_scale,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, MASK: tl.constexpr):
         """``_attend_tile`` with the key tiles fetched by the tensor-memory accelerator (Hopper): no
         per-element pointer tensors in registers, rows/columns past the tensor read as zero."""
         c0 = c0_desc.load([start, 0])  # (BN, D0): K (content part) and V
@@ -176,7 +175,7 @@ if triton is not None:
         qk = tl.dot(q0, tl.trans(c0))
         qk = tl.dot(q1, tl.trans(c1), qk)
         qk = tl.dot(qr, tl.trans(kr), qk)
-        return _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale)
+        return _softmax_accumulate(acc0, acc1, m_i, l_i, qk, c0, c1, s_ptr, offs_n, kmask, qk_scale, MASK)
 
     @triton.jit
     def _attend_segment_desc(acc0, acc1, m_i, l_i, q0, q1, qr, c_ptr, stride_cn, n_seg, kr_ptr, stride_krn, s_ptr,
@@ -187,9 +186,13 @@ if triton is not None:
         c1_desc = tl.make_tensor_descriptor(c_ptr + D0, shape=[rows, DC - D0], strides=[stride_cn, 1],
                                             block_shape=[BLOCK_N, D1])
         kr_desc = tl.make_tensor_descriptor(kr_ptr, shape=[rows, DRR], strides=[stride_krn, 1], block_shape=[BLOCK_N, DR])
-        for start in range(lo, hi, BLOCK_N):
+        full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for start in range(lo, full, BLOCK_N):  # whole tiles: no masking
             acc0, acc1, m_i, l_i = _attend_tile_desc(acc0, acc1, m_i, l_i, q0, q1, qr, c0_desc, c1_desc, kr_desc,
-                                                     s_ptr, start, hi, qk_scale, BLOCK_N)
+                                                     s_ptr, start, hi, qk_scale, BLOCK_N, False)
+        if full < hi:
+            acc0, acc1, m_i, l_i = _attend_tile_desc(acc0, acc1, m_i, l_i, q0, q1, qr, c0_desc, c1_desc, kr_desc,
+                                                     s_ptr, full, hi, qk_scale, BLOCK_N, True)
         return acc0, acc1, m_i, l_i
 
     @triton.jit
