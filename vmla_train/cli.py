@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 import time
 from typing import Sequence
@@ -196,5 +198,25 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _multi_process_rank() -> bool:
+    """Whether this process is one rank of a multi-process job (torchrun, srun, the tests' launcher)."""
+    return max(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("SLURM_NTASKS", "1"))) > 1
+
+
+def entry() -> None:
+    """The console entry (``vmla-train``): ``main``, then exit. A rank of a multi-process job runs the
+    Python exit hooks (W&B's among them) and leaves with ``os._exit``: communication threads of gloo /
+    DeepSpeed's shared-memory op that survive ``destroy_process_group`` otherwise abort the process in
+    interpreter teardown ("terminate called without an active exception", exit -6) after a run that
+    finished and wrote everything."""
+    rc = main()
+    if _multi_process_rank():
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
