@@ -399,7 +399,9 @@ def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q
 def default_config8(dc: int, on_gpu: bool) -> TileConfig:
     if not on_gpu:
         return TileConfig(16, 32, 1, 1)  # interpreter: small tiles, 32-key steps (the 8-bit K step)
-    return TileConfig(64, 64, 4, 3)  # the H100 run in README "Kernel and generation" (dc <= 256 on the GPU)
+    # H100 sweep at 4680 x 24 frames (benchmarks/NOTES-kernel.md): 128x128 / 8 warps / 2 stages 5.34 ms against
+    # 9.2 ms at 64x64 / 4 warps; 32-key tiles 9.6-14 ms. dc <= 256 on the GPU.
+    return TileConfig(128, 128, 8, 2)
 
 
 CANDIDATES8 = [
