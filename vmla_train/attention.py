@@ -339,7 +339,6 @@ class MLASelfAttention(nn.Module):
         if impl == AttentionImpl.triton_fp8:  # 8-bit: key rows [s c ; s rho] quantised per call (a 16-bit cache)
             from .kernels import latent_attention_fp8 as LA8
 
-            lp = c_past.shape[1]
             krow = self.key_rows(torch.cat([c_past.to(c.dtype), c], 1), rho, s)  # (B, Lk, dc + G*dr)
             past8 = LA8.quantize_keys(krow[:, :lp], c_past) if lp else None
             new8 = LA8.quantize_keys(krow[:, lp:], c)
