@@ -32,6 +32,34 @@ def _write_chunk(cache, first_value):
 
 
 @pytest.mark.timeout(30)
+def test_memo_lives_until_the_next_write_commit_or_reset():
+    """KVCache.memo (the kernel path's prefix key scale): reused by the forwards that read one cache state,
+    recomputed after anything that can change the prefix, kept per layer."""
+    cache = _cache()
+    _write_chunk(cache, 0)
+    calls = []
+
+    def prefix_sum(layer):
+        calls.append(layer)
+        return cache.read(layer, cache.begin(1, write=False))["c"].sum()
+
+    first = cache.memo(0, "s", lambda: prefix_sum(0))
+    assert cache.memo(0, "s", lambda: prefix_sum(0)) is first and calls == [0]  # the denoising steps of a chunk
+    cache.memo(1, "s", lambda: prefix_sum(1))
+    assert calls == [0, 1]  # per layer
+    step = cache.begin(cache.chunk_frames, write=True)
+    n = cache.chunk_frames * cache.tokens_per_frame
+    cache.write(0, step, c=torch.full((1, n, 4), 7.0), kr=torch.zeros(1, n, 2))
+    assert cache.memo(0, "s", lambda: prefix_sum(0)) is not first and calls == [0, 1, 0]  # after a write
+    cache.commit(step)
+    after_commit = cache.memo(0, "s", lambda: prefix_sum(0))
+    assert calls == [0, 1, 0, 0] and float(after_commit) != float(first)  # the prefix now holds the new frames
+    cache.reset()
+    cache.memo(0, "s", lambda: torch.zeros(()))
+    assert cache.memo(0, "s", lambda: torch.ones(())) == 0  # a fresh state after the reset, then reused
+
+
+@pytest.mark.timeout(30)
 def test_ring_keeps_sinks_and_most_recent_frames():
     cache = _cache(sinks=1, window=6, chunk=3)  # 1 sink + ring of 3
     assert cache.num_slots == 4
