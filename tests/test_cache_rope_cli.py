@@ -50,7 +50,9 @@ def test_memo_lives_until_the_next_write_commit_or_reset():
     step = cache.begin(cache.chunk_frames, write=True)
     n = cache.chunk_frames * cache.tokens_per_frame
     cache.write(0, step, c=torch.full((1, n, 4), 7.0), kr=torch.zeros(1, n, 2))
-    assert cache.memo(0, "s", lambda: prefix_sum(0)) is not first and calls == [0, 1, 0]  # after a write
+    assert cache.memo(0, "s", lambda: prefix_sum(0)) is not first and calls == [0, 1, 0]  # after its write
+    cache.memo(1, "s", lambda: prefix_sum(1))
+    assert calls == [0, 1, 0]  # layer 1 is not written yet: its prefix (read before its write) is unchanged
     cache.commit(step)
     after_commit = cache.memo(0, "s", lambda: prefix_sum(0))
     assert calls == [0, 1, 0, 0] and float(after_commit) != float(first)  # the prefix now holds the new frames

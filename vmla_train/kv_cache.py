@@ -73,7 +73,7 @@ class KVCache:
     next_frame: int = field(init=False, default=0)
     cross: list[tuple[torch.Tensor, torch.Tensor] | None] = field(init=False)
     _memo: dict = field(init=False, default_factory=dict)  # (layer, name) -> (version, tensor), see ``memo``
-    _version: int = field(init=False, default=0)  # bumped by every write, commit and reset
+    _version: list[int] = field(init=False, default_factory=list)  # per layer: bumped by its writes, commits, resets
 
     def __post_init__(self) -> None:
         if self.window_frames < self.chunk_frames:
@@ -112,7 +112,7 @@ class KVCache:
         """Forget all frames (new video). ``keep_cross`` keeps the prompt's cross-attention K/V."""
         self.slot_frame = [-1] * self.num_slots
         self.next_frame = 0
-        self._version += 1
+        self._version = [v + 1 for v in self._version] or [0] * self.num_layers
         self._memo = {}
         if not keep_cross:
             self.cross = [None] * self.num_layers
@@ -173,15 +173,15 @@ class KVCache:
 
     def memo(self, layer: int, name: str, compute):
         """``compute()`` once per cache state: a value derived from this layer's cached prefix only (e.g. the
-        key-norm scale of the cached keys, or their RoPE at the current positions) is reused by every forward
-        until the next write, commit or reset (the denoising steps of one chunk read the same prefix). Not
-        for values that carry gradients."""
+        key-norm scale of the cached keys) is reused by every forward until this layer's next write, or the
+        next commit or reset (the denoising steps of one chunk and its cache pass, which reads each layer
+        before writing it, see the same prefix). Not for values that carry gradients."""
         key = (layer, name)
         hit = self._memo.get(key)
-        if hit is not None and hit[0] == self._version:
+        if hit is not None and hit[0] == self._version[layer]:
             return hit[1]
         value = compute()
-        self._memo[key] = (self._version, value)
+        self._memo[key] = (self._version[layer], value)
         return value
 
     @torch.no_grad()
@@ -189,7 +189,7 @@ class KVCache:
         """Store the new frames' entries ``name=[B, num_frames * tokens_per_frame, ...]`` (detached)."""
         if not step.write or not step.write_src:
             return
-        self._version += 1
+        self._version[layer] += 1
         tpf = self.tokens_per_frame
         for name, value in new.items():
             buf = self.buffers[name][layer]
@@ -209,7 +209,7 @@ class KVCache:
             for i, slot in zip(step.write_src, step.write_slots):
                 self.slot_frame[slot] = step.first_frame + i
             self.next_frame += step.num_frames
-            self._version += 1
+            self._version = [v + 1 for v in self._version]
 
     # Cross-attention ---------------------------------------------------------------------------
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:

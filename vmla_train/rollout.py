@@ -95,7 +95,7 @@ def _read_only_copy(cache: KVCache) -> KVCache:
     snap = copy.copy(cache)
     snap.buffers = {k: v.clone() for k, v in cache.buffers.items()}
     snap.slot_frame = list(cache.slot_frame)
-    snap._memo = {}  # its own derived values (same state, separate storage)
+    snap._memo, snap._version = {}, list(cache._version)  # its own derived values and their versions
     snap.cross = _NoCrossKV([None] * cache.num_layers)  # recomputation must recompute the text K/V too
     return snap
 
