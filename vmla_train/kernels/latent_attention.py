@@ -106,6 +106,43 @@ def choose_splits(programs: int, num_keys: int, block_n: int, device: torch.devi
     return max(1, min(want, 8, triton.cdiv(num_keys, 4 * block_n)))
 
 
+@dataclass
+class SplitPlan:
+    """How a call spreads its Lk keys over ``splits`` programs of ``keys_per_split`` keys, and where their
+    partial results go (fp32 buffers when split, else ``o`` / ``lse`` directly). Shared by the bf16 and the
+    8-bit kernels."""
+
+    splits: int
+    keys_per_split: int
+    o: torch.Tensor  # [B, L, H, dc]
+    lse: torch.Tensor  # [B, L, H] float32
+    o_buf: torch.Tensor
+    lse_buf: torch.Tensor
+
+    @classmethod
+    def make(cls, cfg: "TileConfig", programs: int, num_keys: int, b: int, l: int, h: int, dc: int,
+             device: torch.device, out_dtype: torch.dtype) -> "SplitPlan":
+        splits = cfg.splits or choose_splits(programs, num_keys, cfg.block_n, device)
+        per = triton.cdiv(triton.cdiv(num_keys, splits), cfg.block_n) * cfg.block_n
+        splits = triton.cdiv(num_keys, per)
+        o = torch.empty(b, l, h, dc, device=device, dtype=out_dtype)
+        lse = torch.empty(b, l, h, device=device, dtype=torch.float32)
+        if splits == 1:
+            return cls(splits, per, o, lse, o, lse)
+        return cls(splits, per, o, lse, torch.empty(splits, b * l * h, dc, device=device, dtype=torch.float32),
+                   torch.empty(splits, b * l * h, device=device, dtype=torch.float32))
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge the splits' partial results (one small kernel) and return (o, lse)."""
+        if self.splits > 1:
+            n_rows, dc = self.o_buf.shape[1], self.o_buf.shape[2]
+            block_r = 32 if self.o.is_cuda else 16
+            _combine_splits[(triton.cdiv(n_rows, block_r),)](
+                self.o_buf, self.lse_buf, self.o, self.lse, n_rows, DC=dc, DCP=1 << (dc - 1).bit_length(),
+                SPLITS=self.splits, BLOCK_R=block_r, num_warps=4)
+        return self.o, self.lse
+
+
 def _pieces(dc: int, dr: int) -> tuple[int, int, int]:
     """(D0, D1, DR): dc = D0 + (<= D1) with powers of two >= 16; DR = dr padded."""
     d0 = 1 << (max(dc - 1, 1).bit_length() - 1)  # largest power of two < dc
@@ -390,38 +427,20 @@ def latent_attention(q_lat: torch.Tensor, q_r: torch.Tensor, c_past: torch.Tenso
     cfg = config or default_config(dc, dr, on_gpu)
     q_lat = q_lat if q_lat.stride(3) == 1 else q_lat.contiguous()
     q_r = q_r if q_r.stride(3) == 1 else q_r.contiguous()
-    rows = l * (h // g)
-    m_tiles = triton.cdiv(rows, cfg.block_m)
-    splits = cfg.splits or choose_splits(m_tiles * b * g, lk, cfg.block_n, q_lat.device)
-    per = triton.cdiv(triton.cdiv(lk, splits), cfg.block_n) * cfg.block_n
-    splits = triton.cdiv(lk, per)
-    o = torch.empty(b, l, h, dc, device=q_lat.device, dtype=q_lat.dtype)
-    lse = torch.empty(b, l, h, device=q_lat.device, dtype=torch.float32)
-    if splits > 1:
-        o_buf = torch.empty(splits, b * l * h, dc, device=q_lat.device, dtype=torch.float32)
-        lse_buf = torch.empty(splits, b * l * h, device=q_lat.device, dtype=torch.float32)
-    else:
-        o_buf, lse_buf = o, lse
-    grid = (m_tiles, b * g, splits)
+    m_tiles = triton.cdiv(l * (h // g), cfg.block_m)
+    plan = SplitPlan.make(cfg, m_tiles * b * g, lk, b, l, h, dc, q_lat.device, q_lat.dtype)
     use_desc = on_gpu and not _interpreting() and _tma_ok(q_lat, c_past, c_new, rho)
-    _latent_attention_fwd[grid](
-        q_lat, q_r, c_past, c_new, rho, s, o_buf, lse_buf,
+    _latent_attention_fwd[(m_tiles, b * g, plan.splits)](
+        q_lat, q_r, c_past, c_new, rho, s, plan.o_buf, plan.lse_buf,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_r.stride(0), q_r.stride(1), q_r.stride(2),
         c_past.stride(0), c_past.stride(1), c_new.stride(0), c_new.stride(1),
         rho.stride(0), rho.stride(1), rho.stride(2), s.stride(0),
-        l, lp, ln, per, scale * LOG2E,
+        l, lp, ln, plan.keys_per_split, scale * LOG2E,
         H=h, G=g, DC=dc, DRR=dr, D0=d0, D1=d1, DR=dr_p,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=splits, INTERPRET=_interpreting(), USE_DESC=use_desc,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=plan.splits, INTERPRET=_interpreting(), USE_DESC=use_desc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if splits > 1:
-        n_rows = b * l * h
-        block_r = 16 if not on_gpu else 32
-        _combine_splits[(triton.cdiv(n_rows, block_r),)](
-            o_buf, lse_buf, o, lse, n_rows, DC=dc, DCP=1 << (dc - 1).bit_length(), SPLITS=splits, BLOCK_R=block_r,
-            num_warps=4,
-        )
-    return o, lse
+    return plan.finish()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ scheme's scores exactly.
 Kernel layout as the bf16 kernel: the REP heads of a RoPE group folded into M, key tiles fetched by TMA
 (host-made Hopper tensor descriptors; pointer loads in the CPU interpreter), value tiles through pointers
 (see ``_tile8``), the content dot split in power-of-two
-pieces >= 32 (the 8-bit wgmma K step), key-range splits merged by ``latent_attention._combine_splits``.
+pieces >= 32 (the 8-bit wgmma K step), key-range splits planned and merged by ``latent_attention.SplitPlan``.
 Only the last tile of a key range is masked.
 """
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .latent_attention import LOG2E, TileConfig, _interpreting, choose_splits, triton
+from .latent_attention import LOG2E, SplitPlan, TileConfig, _interpreting, triton
 
 if triton is not None:
     import triton.language as tl
@@ -465,38 +465,22 @@ def attention8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch
     d0, d1, dr_p = pieces8(dc, dr)
     vmax = torch.maximum(past.vs.amax() if lp else new.vs.amax(), new.vs.amax()).reshape(1)
     m_tiles = triton.cdiv(l * (h // groups), cfg.block_m)
-    splits = cfg.splits or choose_splits(m_tiles * b * groups, lk, cfg.block_n, q8.device)
-    per = triton.cdiv(triton.cdiv(lk, splits), cfg.block_n) * cfg.block_n
-    splits = triton.cdiv(lk, per)
-    o = torch.empty(b, l, h, dc, device=q8.device, dtype=out_dtype)
-    lse = torch.empty(b, l, h, device=q8.device, dtype=torch.float32)
-    if splits > 1:
-        o_buf = torch.empty(splits, b * l * h, dc, device=q8.device, dtype=torch.float32)
-        lse_buf = torch.empty(splits, b * l * h, device=q8.device, dtype=torch.float32)
-    else:
-        o_buf, lse_buf = o, lse
+    plan = SplitPlan.make(cfg, m_tiles * b * groups, lk, b, l, h, dc, q8.device, out_dtype)
     compiled = on_gpu and not _interpreting()
     if compiled:
         descs = _descriptors(past, dc, groups, dr, d0, d1, dr_p, cfg.block_n) + \
             _descriptors(new, dc, groups, dr, d0, d1, dr_p, cfg.block_n)
     else:  # the interpreter loads through pointers
         descs = [past.k] * 3 + [new.k] * 3
-    _fwd8[(m_tiles, b * groups, splits)](
-        q8, qr8, qs8, sq, past.k, past.ks, past.v, past.vs, new.k, new.ks, new.v, new.vs, vmax, o_buf, lse_buf, *descs,
+    _fwd8[(m_tiles, b * groups, plan.splits)](
+        q8, qr8, qs8, sq, past.k, past.ks, past.v, past.vs, new.k, new.ks, new.v, new.vs, vmax, plan.o_buf,
+        plan.lse_buf, *descs,
         past.k.stride(0), past.k.stride(1), past.ks.stride(0), past.v.stride(0), past.v.stride(1), past.vs.stride(0),
         new.k.stride(0), new.k.stride(1), new.ks.stride(0), new.v.stride(0), new.v.stride(1), new.vs.stride(0),
-        l, lp, ln, sink_tokens, per, scale * LOG2E,
-        H=h, G=groups, DC=dc, DRR=dr, D0=d0, D1=d1, DR=dr_p, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=splits,
-        DESC=compiled, COMPILED=compiled, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if splits > 1:
-        from .latent_attention import _combine_splits
-
-        n_rows = b * l * h
-        block_r = 32 if on_gpu else 16
-        _combine_splits[(triton.cdiv(n_rows, block_r),)](o_buf, lse_buf, o, lse, n_rows, DC=dc,
-                                                         DCP=1 << (dc - 1).bit_length(), SPLITS=splits,
-                                                         BLOCK_R=block_r, num_warps=4)
-    return o, lse
+        l, lp, ln, sink_tokens, plan.keys_per_split, scale * LOG2E,
+        H=h, G=groups, DC=dc, DRR=dr, D0=d0, D1=d1, DR=dr_p, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SPLITS=plan.splits, DESC=compiled, COMPILED=compiled, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return plan.finish()
 
 
 # ----------------------------------------------------------------------------------------------
