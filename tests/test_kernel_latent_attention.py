@@ -80,8 +80,9 @@ def test_dispatch_table():
     cpu = torch.zeros(1)
     assert resolve_impl(AttentionImpl.auto, cpu) == AttentionImpl.absorbed_sdpa
     if ON_GPU:
-        frame = torch.zeros(1, 1560, 8, device="cuda", dtype=torch.bfloat16)  # one latent frame of queries
-        chunk = torch.zeros(1, 3 * 1560, 8, device="cuda", dtype=torch.bfloat16)  # a 3-frame chunk
+        geo = C.load(None, [])  # the 1.3B default geometry
+        frame = torch.zeros(1, geo.tokens_per_frame, 8, device="cuda", dtype=torch.bfloat16)  # one latent frame
+        chunk = torch.zeros(1, geo.video.chunk_frames * geo.tokens_per_frame, 8, device="cuda", dtype=torch.bfloat16)
         assert resolve_impl(AttentionImpl.auto, frame) == AttentionImpl.triton
         assert resolve_impl(AttentionImpl.auto, chunk) == AttentionImpl.triton
         assert resolve_impl(AttentionImpl.auto, chunk, cached=False) == AttentionImpl.absorbed_sdpa
@@ -128,7 +129,7 @@ def test_student_rollout_triton_equals_absorbed():
 @pytest.mark.parametrize("dc,dr", DIMS)
 def test_kernel_full_shapes_gpu(dc, dr):
     """The 1.3B chunk geometry (12 heads, 3 chunk frames of 1560 tokens, 21 + 3 sink frames), bf16."""
-    tpf = 1560
+    tpf = C.load(None, []).tokens_per_frame
     x = LA.random_inputs(1, 3 * tpf, 12, dc, dr, 21 * tpf, device="cuda", dtype=torch.bfloat16, q_gain=2.0)
     o, lse = LA.latent_attention(**x)
     rows = torch.randperm(x["q_lat"].shape[1], device="cuda")[:256]
@@ -204,7 +205,7 @@ def test_kernel8_full_shapes_gpu(dc, dr):
     """The 1.3B chunk geometry (3 chunk frames of 1560 tokens, 21 frames + 3 sinks) on the H100, bf16 inputs."""
     from vmla_train.kernels import latent_attention_fp8 as LA8
 
-    tpf = 1560
+    tpf = C.load(None, []).tokens_per_frame
     x = LA8.random_inputs8(1, 3 * tpf, 12, dc, dr, 21 * tpf, sink_tokens=3 * tpf, device="cuda", seed=0)
     if dc > 256:
         with pytest.raises(ValueError, match="dc <= 256"):
