@@ -115,16 +115,15 @@ class MLACase:
             past = {"c": self.c_past, "kr": self.kr_past}
             return a._fused(self.q_c, self.q_r, self.c, self.kr, past, self.g_n, self.g_r, self.inp, impl)
 
-    def run_fp8_cache(self) -> torch.Tensor:
-        """An 8-bit cache: the prefix's key rows and values quantised once (as a cache write would, outside the
-        timing); per call: the queries (absorbed + quantised in one kernel), the current chunk's key scale,
-        RoPE key, key rows and quantisation, the kernel and W_uv."""
+    def fp8_operands(self) -> tuple:
+        """The 8-bit kernel's operands for this call: (quantised queries, prefix, chunk) — the prefix quantised
+        once (as a cache write would), the queries and the current chunk per call."""
         from vmla_train.kernels import latent_attention_fp8 as LA8
         from vmla_train.rope import Rotary
 
         a = self.attn
         H, dn = a.num_heads, a.d_n
-        lp, ln = self.c_past.shape[1], self.c.shape[1]
+        lp = self.c_past.shape[1]
         rot = self.inp.k_rot
         if not hasattr(self, "past8"):
             s_p = a._key_scale(self.c_past, self.kr_past)
@@ -134,11 +133,20 @@ class MLACase:
         s = a._key_scale(self.c, self.kr)
         rho = a._rope_key(self.kr, 1.0, self.g_r, Rotary(rot.cos[lp:], rot.sin[lp:])).to(self.c.dtype)
         new8 = LA8.quantize_keys(a.key_rows(self.c, rho, s), self.c)
-        q8, qr8, qs8, sq = LA8.quantize_queries(self.q_c, w_uk, self.q_r)
-        o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, self.past8, new8, a.scale, a.groups, out_dtype=self.q_c.dtype)
-        w_uv = a.v_up.weight.unflatten(0, (H, a.head_dim))
+        return LA8.quantize_queries(self.q_c, w_uk, self.q_r), self.past8, new8
+
+    def run_fp8_cache(self) -> torch.Tensor:
+        """An 8-bit cache: the prefix's key rows and values quantised once (as a cache write would, outside the
+        timing); per call: the queries (absorbed + quantised in one kernel), the current chunk's key scale,
+        RoPE key, key rows and quantisation, the kernel and W_uv."""
+        from vmla_train.kernels import latent_attention_fp8 as LA8
+
+        a = self.attn
+        (q8, qr8, qs8, sq), past8, new8 = self.fp8_operands()
+        o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups, out_dtype=self.q_c.dtype)
+        w_uv = a.v_up.weight.unflatten(0, (a.num_heads, a.head_dim))
         o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))
-        return o + a.v_up.bias.unflatten(0, (H, a.head_dim)).to(o.dtype)
+        return o + a.v_up.bias.unflatten(0, (a.num_heads, a.head_dim)).to(o.dtype)
 
     def reference(self, rows: torch.Tensor) -> torch.Tensor:
         """float64 output for query tokens ``rows`` (the absorbed math, exact up to the fp32 key scale)."""
@@ -189,12 +197,42 @@ def kernel_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig 
     return default, (sweep[0][1] if sweep else None), sweep
 
 
+CANDIDATES8 = [LA.TileConfig(*t) for t in ((128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
+                                              (64, 128, 4, 3))]
+
+
+def kernel8_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:
+    """The 8-bit kernel alone (operands quantised outside the timing) at its default tiles, and a sweep."""
+    from vmla_train.kernels import latent_attention_fp8 as LA8
+
+    with torch.no_grad():
+        (q8, qr8, qs8, sq), past8, new8 = case.fp8_operands()
+    run = lambda cfg=None: LA8.attention8(q8, qr8, qs8, sq, past8, new8, case.attn.scale, case.attn.groups,  # noqa: E731
+                                          config=cfg)
+    default = bench(run)
+    sweep = []
+    if not sweep_tiles:
+        return default, None, sweep
+    for cand in CANDIDATES8:
+        for splits in (2, 3, 4):
+            cfg = LA.TileConfig(cand.block_m, cand.block_n, cand.num_warps, cand.num_stages, splits)
+            try:
+                sweep.append((bench(lambda: run(cfg)), cfg))
+            except Exception as e:  # out of shared memory / registers for this tile: pruned
+                print(f"  tile {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
+    sweep.sort(key=lambda t: t[0])
+    return default, (sweep[0][1] if sweep else None), sweep
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="only the 21-frame cases")
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--no-sweep", action="store_true", help="kernel at its default tiles only")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="only the tile sweeps of both kernels at the whole-chunk 21-frame cases, d_c/d_r = 160/64 "
+                        "(and cuDNN MHA for the ratio); writes latent_attention_sweep-<device>.json")
     args = p.parse_args()
     dev = torch.cuda.get_device_name()
     peak = gemm_tflops()
@@ -206,17 +244,20 @@ def main() -> int:
     variants_mla += [] if args.no_fp8 else ["triton_fp8", "triton_fp8_bf16cache"]  # 8-bit cache / requantised per call
     cases = []
     sweeps = {}
-    geoms = [(21, 3), (21, 0)] if args.quick else [(3, 3), (9, 3), (21, 3), (21, 0)]
-    for n_q_frames in (chunk, 1):  # a whole chunk, and one frame
+    geoms = [(21, 3), (21, 0)] if args.quick or args.sweep_only else [(3, 3), (9, 3), (21, 3), (21, 0)]
+    mha = (("mha_cudnn", SDPBackend.CUDNN_ATTENTION), ("mha_flash", SDPBackend.FLASH_ATTENTION))
+    if args.sweep_only:
+        variants_mla, mha = ["triton_bf16", "triton_fp8"], mha[:1]
+    for n_q_frames in (chunk,) if args.sweep_only else (chunk, 1):  # a whole chunk, and one frame
         n_q = n_q_frames * tpf
         for frames, sinks in geoms:
             n_k = (frames + sinks) * tpf  # window (chunk included) + sinks
-            for var, be in (("mha_cudnn", SDPBackend.CUDNN_ATTENTION), ("mha_flash", SDPBackend.FLASH_ATTENTION)):
+            for var, be in mha:
                 r = mha_case(base, n_q, n_k, be)
                 cases.append(dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=0, d_r=0, variant=var, **r))
                 print(f"{n_q:5d} {frames:2d}+{sinks} {var:18s} {r['ms']:7.3f} ms {r['tflops']:6.0f} TF/s "
                       f"{r['tflops'] / peak:5.1%} err {r['rel_err']:.1e}", flush=True)
-            for dc, dr in ((160, 64), (192, 32)):
+            for dc, dr in ((160, 64),) if args.sweep_only else ((160, 64), (192, 32)):
                 cfg = C.load(None, [f"attention.d_c={dc}", f"attention.d_r={dr}"])
                 case = MLACase(cfg, n_q, n_k)
                 sharp = MLACase(cfg, n_q, n_k, q_gain=4.0, seed=1)
@@ -233,12 +274,13 @@ def main() -> int:
                     fl = mla_flops(cfg, var, n_q, n_k)
                     row = dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=dc, d_r=dr, variant=var, ms=ms,
                                tflops=fl / ms / 1e9, rel_err=err, rel_err_sharp=err_sharp)
-                    if var == "triton_bf16":
-                        k_ms, best, sweep = kernel_only(case, sweep_tiles=frames == 21 and not args.no_sweep)
+                    if var in ("triton_bf16", "triton_fp8"):
+                        only = kernel_only if var == "triton_bf16" else kernel8_only
+                        k_ms, best, sweep = only(case, sweep_tiles=frames == 21 and not args.no_sweep)
                         row.update(kernel_ms=k_ms, kernel_tflops=fl / k_ms / 1e9)
                         if sweep:
                             row.update(best_tile_ms=sweep[0][0], best_tile=vars(best))
-                            sweeps[f"{n_q}-{frames}+{sinks}-{dc}/{dr}"] = [(t, vars(c)) for t, c in sweep]
+                            sweeps[f"{var}-{n_q}-{frames}+{sinks}-{dc}/{dr}"] = [(t, vars(c)) for t, c in sweep]
                     cases.append(row)
                     extra = f" kernel {row['kernel_ms']:.3f} ms ({row['kernel_tflops'] / peak:.1%} peak), best tile " \
                             f"{row.get('best_tile_ms', float('nan')):.3f} {row.get('best_tile')}" if "kernel_ms" in row else ""
@@ -249,7 +291,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
     out = dict(device=dev, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), gemm_tflops=peak,
                cases=cases, tile_sweeps=sweeps)
-    write_result("latent_attention", dev, out, args.out)
+    write_result("latent_attention_sweep" if args.sweep_only else "latent_attention", dev, out, args.out)
     return 0
 
 

@@ -196,6 +196,8 @@ def test_kernel8_rejects_bad_shapes():
         LA8.attention8(q8, qr8, qs8, sq, None, new, x["scale"], sink_tokens=3)
     with pytest.raises(ValueError, match="keys must be int8"):
         LA8.attention8(q8, qr8, qs8, sq, None, LA8.Latent8(new.k[..., :40], new.ks, new.v, new.vs), x["scale"])
+    with pytest.raises(ValueError, match="row stride"):  # values without the 16-byte zero padding
+        LA8.attention8(q8, qr8, qs8, sq, None, LA8.Latent8(new.k, new.ks, new.v.contiguous(), new.vs), x["scale"])
 
 
 @pytest.mark.gpu

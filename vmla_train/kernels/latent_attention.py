@@ -96,13 +96,13 @@ def default_config(dc: int, dr: int, on_gpu: bool) -> TileConfig:
     return TileConfig(64, 64, 4, 3)  # measured best on H100 with 3 key splits (benchmarks/NOTES-kernel.md)
 
 
-def choose_splits(programs: int, num_keys: int, block_n: int, device: torch.device) -> int:
-    """Key splits so that the grid has ~16 programs per SM (measured: 3 splits of 878 64-row tiles beat
-    1 and 2 at the 21-frame geometry)."""
+def choose_splits(programs: int, num_keys: int, block_n: int, device: torch.device, per_sm: int = 16) -> int:
+    """Key splits so that the grid has ~``per_sm`` programs per SM (measured for the bf16 kernel: 3 splits of
+    878 64-row tiles beat 1 and 2 at the 21-frame geometry; the 8-bit kernel passes its own)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = math.ceil(16 * sms / max(programs, 1))
+    want = math.ceil(per_sm * sms / max(programs, 1))
     return max(1, min(want, 8, triton.cdiv(num_keys, 4 * block_n)))
 
 
@@ -121,8 +121,8 @@ class SplitPlan:
 
     @classmethod
     def make(cls, cfg: "TileConfig", programs: int, num_keys: int, b: int, l: int, h: int, dc: int,
-             device: torch.device, out_dtype: torch.dtype) -> "SplitPlan":
-        splits = cfg.splits or choose_splits(programs, num_keys, cfg.block_n, device)
+             device: torch.device, out_dtype: torch.dtype, per_sm: int = 16) -> "SplitPlan":
+        splits = cfg.splits or choose_splits(programs, num_keys, cfg.block_n, device, per_sm)
         per = triton.cdiv(triton.cdiv(num_keys, splits), cfg.block_n) * cfg.block_n
         splits = triton.cdiv(num_keys, per)
         o = torch.empty(b, l, h, dc, device=device, dtype=out_dtype)

@@ -3,18 +3,26 @@
 The same function as ``latent_attention.reference`` (notation there), on 8-bit operands:
 
 - **Key rows** ``krow_j = [s_j c_j ; s_j RoPE(g_r kr_j)]`` (the absorbed path's MQA key, all RoPE groups side
-  by side, width ``dc + G dr``): int8 with one fp32 scale per token, ``ks_j = amax_j / 127``. The key-norm
-  scalar ``s`` is folded in, so a score needs no per-key factor besides ``ks``. int8 beats e4m3 here
-  (the issue 6 probe; ``random_inputs8`` rows): Gaussian-like rows keep 0.7 % rms error per element in int8
-  against 2.6 % in e4m3, and logit errors are what a sharp softmax amplifies.
-- **Values** ``c_j``: e4m3 with one scale per token ``vs_j = amax_j / 448``, stored transposed [B, dc, n]
-  (fp8 wgmma wants both operands K-major). The per-token scale folds into P:
-  ``P8_ij = e4m3(p_ij * vs_j * 256 / max vs)``, so P stays above e4m3's subnormals; ``o = acc / (l * 256 / max vs)``.
+  by side, width ``dc + G dr``): int8 with one fp32 scale per sequence, ``ks = amax / 127`` (per tensor, as
+  serving stacks scale fp8 KV caches). The key-norm scalar ``s`` is folded in, so a score needs no per-key
+  factor at all: the int32 dot times a per-row scale, one FMA with the int->float conversion's offset. A
+  per-token scale measured 12 % slower (a per-column vector of 32 registers a thread at 128-key tiles and a
+  multiply per score) for the same error on layer activations (6.1e-3 vs 6.3e-3) and less error with a x4
+  sharpened softmax (4.0e-2 vs 5.2e-2; benchmarks/NOTES-kernel.md). int8 beats e4m3 here (the issue 6 probe):
+  Gaussian-like rows keep 0.7 % rms error per element in int8 against 2.6 % in e4m3, and logit errors are
+  what a sharp softmax amplifies.
+- **Values** ``c_j``: e4m3 with one scale per sequence ``vs = amax / 448`` (e4m3 is a float: its 3 mantissa
+  bits hold each token's relative precision at any magnitude, so a per-token scale buys nothing and cost a
+  per-column vector and a multiply per score), stored transposed [B, dc, n] (fp8 wgmma wants both operands
+  K-major). P is scaled into e4m3's normal range: ``P8_ij = e4m3(p_ij * 256 vs / vmax)`` with the key set's
+  ``vs`` and the larger of the two sets' ``vmax``, folded into the exponent (``exp2(y - m + log2 f)``), so it
+  costs no multiply; ``o = acc vmax / (256 l)``.
 - **Queries** ``[q_lat ; q_r]`` (``q_lat = (g_n W_uk)^T q_c``): int8 with one scale per (token, head) row,
   made in one kernel with the absorption GEMM (``quantize_queries``).
 
-An 8-bit cache would store exactly these per token, written once: ``dc + G dr`` int8 + ``dc`` e4m3 + 2 fp32
-scales = 392 bytes at 160/64 against 6144 for Wan MHA in bf16 (-93.6 %). ``KVCache`` does not store them
+An 8-bit cache would store exactly these per token, written once: ``dc + G dr`` int8 + ``dc`` e4m3 = 384
+bytes at 160/64 against 6144 for Wan MHA in bf16 (-93.75 %), plus two scales per layer (fixed, calibrated,
+or one per written chunk: the kernel takes one per key set). ``KVCache`` does not store them
 yet: the model path (``attention.impl=triton_fp8``) quantises the 16-bit prefix per call, and the
 benchmark's ``triton_fp8`` variant quantises it once, as a cache write would. Such a cache would rotate the
 key rows once, at the frame's **absolute** position. With ``position_scheme=relative`` the window's keys
@@ -25,9 +33,9 @@ scheme's scores exactly.
 
 Kernel layout as the bf16 kernel: the REP heads of a RoPE group folded into M, key tiles fetched by TMA
 (host-made Hopper tensor descriptors; pointer loads in the CPU interpreter), value tiles through pointers
-(see ``_tile8``), the content dot split in power-of-two
-pieces >= 32 (the 8-bit wgmma K step), key-range splits planned and merged by ``latent_attention.SplitPlan``.
-Only the last tile of a key range is masked.
+(see ``_pv8``), the content dot split in power-of-two pieces >= 32 (the 8-bit wgmma K step), key-range
+splits planned and merged by ``latent_attention.SplitPlan``. Key tiles start at multiples of BLOCK_N (segment
+edges masked in a head and a tail tile), so value tiles load as aligned 16-byte asynchronous copies.
 """
 
 from __future__ import annotations
@@ -64,8 +72,9 @@ def _round_up(n: int, m: int) -> int:
 
 @dataclass
 class Latent8:
-    """8-bit keys and values of n tokens (see the module doc): ``k`` [B, n, >= dc + G dr] int8, ``ks`` [B, n]
-    fp32, ``v`` [B, dc, n] e4m3 (row stride a multiple of 16 bytes), ``vs`` [B, n] fp32."""
+    """8-bit keys and values of n tokens (see the module doc): ``k`` [B, n, >= dc + G dr] int8 and ``v`` [B, dc, n]
+    e4m3 (row stride a multiple of 16 bytes and >= n, finite padding: the kernel reads value columns in whole
+    16-byte groups), with one scale per sequence each, ``ks`` and ``vs`` [B] fp32."""
 
     k: torch.Tensor
     ks: torch.Tensor
@@ -78,32 +87,12 @@ class Latent8:
 
     def dequantize(self, key_width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(key rows [B, n, key_width], c [B, n, dc]) in float32."""
-        krow = self.k[..., :key_width].float() * self.ks[..., None]
-        c = self.v.float().transpose(1, 2) * self.vs[..., None]
+        krow = self.k[..., :key_width].float() * self.ks[:, None, None]
+        c = self.v.float().transpose(1, 2) * self.vs[:, None, None]
         return krow, c
 
 
 if triton is not None:
-
-    @triton.jit
-    def _quant_rows(x_ptr, y_ptr, sc_ptr, N, sx_b, sx_n, sy_b, sy_n,
-                    D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, QMAX: tl.constexpr, INT: tl.constexpr):
-        """Per-row quantisation x [B, N, D] -> y [B, N, >= D] (int8 rounded, or e4m3), scale [B, N] = amax / QMAX.
-        Columns D..DP of y (its padding, when y is wider) are written as zeros."""
-        b = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        cols = tl.arange(0, DP)
-        rmask = rows < N
-        x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_n + cols[None, :],
-                    mask=rmask[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), 1)
-        scale = tl.where(amax > 0, amax / QMAX, 1.0)
-        y = x / scale[:, None]
-        if INT:
-            y = tl.floor(y + 0.5)
-        tl.store(y_ptr + b * sy_b + rows[:, None] * sy_n + cols[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & (cols[None, :] < sy_n))
-        tl.store(sc_ptr + b * N + rows, scale, mask=rmask)
 
     @triton.jit
     def _quant_queries(qc_ptr, w_ptr, qr_ptr, qs_ptr, q8_ptr, qr8_ptr, qs8_ptr, sq_ptr, L,
@@ -153,84 +142,114 @@ if triton is not None:
         ulp = tl.math.exp2(e - 3.0)
         return tl.floor(x / ulp + 0.5) * ulp
 
+    ALIGN8 = tl.constexpr(16)
+
     @triton.jit
-    def _tile8(acc0, acc1, m_i, l_i, q0, q1, qr, rs, b, g, k_ptr, s_kn, v_ptr, s_vd, k0_d, k1_d, kr_d,
-               ks_ptr, vs_ptr, vnorm, start, hi, DC: tl.constexpr, DRR: tl.constexpr, KR_OFF,
-               D0: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK: tl.constexpr, DESC: tl.constexpr, COMPILED: tl.constexpr, MAGIC: tl.constexpr):
-        """One online-softmax step over keys [start, start + BLOCK_N) (masked past ``hi`` if MASK)."""
-        offs_n = start + tl.arange(0, BLOCK_N)
-        offs_0 = tl.arange(0, D0)
-        offs_1 = D0 + tl.arange(0, D1)
+    def _qk8(q0, q1, qr, b, g, k_ptr, s_kn, k0_d, k1_d, kr_d, start, lo, hi, DC: tl.constexpr, DRR: tl.constexpr,
+             KR_OFF, D0: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, DESC: tl.constexpr):
+        """int32 scores of the key tile [start, start + BLOCK_N) (``start`` a multiple of BLOCK_N)."""
+        start = tl.multiple_of(start, BLOCK_N)
         if DESC:  # host-made TMA descriptors over [B, n, *] (batch index b)
             k0 = k0_d.load([b, start, 0]).reshape(BLOCK_N, D0)  # int8
             k1 = k1_d.load([b, start, 0]).reshape(BLOCK_N, D1)
             kr = kr_d.load([b, start, g, 0]).reshape(BLOCK_N, DR)
         else:  # pointer loads (the CPU interpreter)
+            offs_n = start + tl.arange(0, BLOCK_N)
+            offs_0 = tl.arange(0, D0)
+            offs_1 = D0 + tl.arange(0, D1)
             offs_r = tl.arange(0, DR)
-            km = (offs_n < hi)[:, None]
+            km = ((offs_n >= lo) & (offs_n < hi))[:, None]
             k_row = k_ptr + offs_n[:, None] * s_kn
             k0 = tl.load(k_row + offs_0[None, :], mask=km & (offs_0[None, :] < DC), other=0)
             k1 = tl.load(k_row + offs_1[None, :], mask=km & (offs_1[None, :] < DC), other=0)
             kr = tl.load(k_row + KR_OFF + offs_r[None, :], mask=km & (offs_r[None, :] < DRR), other=0)
-        # The e4m3 value tiles through pointers: TMA-loaded ones (device- or host-made descriptors) feeding the
-        # fp8 wgmma raised illegal-instruction faults on the H100 under Triton 3.6 (benchmarks/NOTES-kernel.md).
-        vm = (offs_n < hi)[None, :]
-        v0 = tl.load(v_ptr + offs_0[:, None] * s_vd + offs_n[None, :], mask=vm & (offs_0[:, None] < DC), other=0.0)
-        v1 = tl.load(v_ptr + offs_1[:, None] * s_vd + offs_n[None, :], mask=vm & (offs_1[:, None] < DC), other=0.0)
         qk = tl.dot(q0, tl.trans(k0), out_dtype=tl.int32)
         qk = tl.dot(q1, tl.trans(k1), qk, out_dtype=tl.int32)
-        qk = tl.dot(qr, tl.trans(kr), qk, out_dtype=tl.int32)
-        if MASK:
-            kmask = offs_n < hi
-            ks = tl.load(ks_ptr + offs_n, mask=kmask, other=0.0)
-            vs = tl.load(vs_ptr + offs_n, mask=kmask, other=0.0)
+        return tl.dot(qr, tl.trans(kr), qk, out_dtype=tl.int32)
+
+    @triton.jit
+    def _pv8(acc0, acc1, m_i, l_i, qk, rs, v_ptr, s_vd, ks, lfac, ifac, start, lo, hi, DC: tl.constexpr,
+             D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, COMPILED: tl.constexpr,
+             MAGIC: tl.constexpr):
+        """The online-softmax step of the key tile at ``start`` (a multiple of BLOCK_N: the value tiles' pointer
+        loads then vectorise into 16-byte asynchronous copies; an unaligned start made them byte loads through
+        registers) given its int32 scores; keys outside [lo, hi) masked if MASK. P leaves the exponent scaled by
+        f = 2^lfac (the key set's value scale, see the module doc); l sums unscaled p (ifac = 1 / f)."""
+        start = tl.multiple_of(start, BLOCK_N)
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kmask = (offs_n >= lo) & (offs_n < hi)
+        offs_0 = tl.arange(0, D0)
+        offs_1 = D0 + tl.arange(0, D1)
+        # The e4m3 value tiles through pointers: TMA-loaded ones (device- or host-made descriptors) feeding the
+        # fp8 wgmma raised illegal-instruction faults on the H100 under Triton 3.6 (benchmarks/NOTES-kernel.md).
+        v0_ptr = v_ptr + offs_0[:, None] * s_vd + offs_n[None, :]
+        v1_ptr = v_ptr + offs_1[:, None] * s_vd + offs_n[None, :]
+        if MASK or D0 + D1 > DC:  # whole 16-byte columns (finite zero padding past n, see quantize_keys): P is 0 there
+            vm = (offs_n < (hi + ALIGN8 - 1) // ALIGN8 * ALIGN8)[None, :]
+            v0 = tl.load(v0_ptr, mask=vm & (offs_0[:, None] < DC), other=0.0)
+            v1 = tl.load(v1_ptr, mask=vm & (offs_1[:, None] < DC), other=0.0)
         else:
-            ks = tl.load(ks_ptr + offs_n)
-            vs = tl.load(vs_ptr + offs_n)
-        if MAGIC:  # int32 -> fp32 as an integer add and an FMA (I2F runs at a quarter of the ALU rate)
-            y = ((qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * ks[None, :]
+            v0 = tl.load(v0_ptr)
+            v1 = tl.load(v1_ptr)
+        rs = rs * ks  # the key set's scale
+        if MAGIC:  # int32 -> fp32 bits + 2^23 + 2^22 by an integer add; the offset folds into the row term
+            y = (qk + 0x4B400000).to(tl.float32, bitcast=True)
+            off = 12582912.0
         else:
-            y = qk.to(tl.float32) * ks[None, :]
+            y = qk.to(tl.float32)
+            off = 0.0
         if MASK:
             y = tl.where(kmask[None, :], y, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(y, 1) * rs)  # rs > 0: the row's q scale * softmax scale (log2 units)
+        m_new = tl.maximum(m_i, (tl.max(y, 1) - off) * rs)  # rs > 0: q scale * k scale * softmax scale (log2)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(y * rs[:, None] - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p8 = (p * (vs * vnorm)[None, :]).to(tl.float8e4nv)  # V's per-token scale folded into P
+        p = tl.math.exp2(y * rs[:, None] - (m_new - lfac + off * rs)[:, None])  # p f
+        l_i = l_i * alpha + tl.sum(p, 1) * ifac
+        p8 = p.to(tl.float8e4nv)
         if COMPILED:
             acc0 = tl.dot(p8, tl.trans(v0), acc0 * alpha[:, None])
             acc1 = tl.dot(p8, tl.trans(v1), acc1 * alpha[:, None])
         else:  # the interpreter's fp8 dot and fp32->e4m3 cast are not exact: e4m3 rounding emulated, fp32 dots
-            p32 = _e4m3_round(p * (vs * vnorm)[None, :])
+            p32 = _e4m3_round(p)
             acc0 = tl.dot(p32, tl.trans(v0.to(tl.float32)), acc0 * alpha[:, None])
             acc1 = tl.dot(p32, tl.trans(v1.to(tl.float32)), acc1 * alpha[:, None])
         return acc0, acc1, m_new, l_i
 
     @triton.jit
     def _range8(acc0, acc1, m_i, l_i, q0, q1, qr, rs, b, g, k_ptr, s_kn, v_ptr, s_vd, k0_d, k1_d, kr_d,
-                ks_ptr, vs_ptr, vnorm, lo, hi,
+                ks, lfac, ifac, lo, hi,
                 DC: tl.constexpr, DRR: tl.constexpr, KR_OFF, D0: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr,
                 BLOCK_N: tl.constexpr, DESC: tl.constexpr, COMPILED: tl.constexpr, MAGIC: tl.constexpr):
-        """Online softmax over keys [lo, hi) of one key tensor: whole tiles unmasked, then the tail."""
-        full = lo + (hi - lo) // BLOCK_N * BLOCK_N
-        if COMPILED:  # a for loop: Triton pipelines the TMA loads of scf.for loops only
-            for start in range(lo, full, BLOCK_N):
-                acc0, acc1, m_i, l_i = _tile8(acc0, acc1, m_i, l_i, q0, q1, qr, rs, b, g, k_ptr, s_kn, v_ptr, s_vd,
-                                              k0_d, k1_d, kr_d, ks_ptr, vs_ptr, vnorm, start, hi,
-                                              DC, DRR, KR_OFF, D0, D1, DR, BLOCK_N, False, DESC, COMPILED, MAGIC)
+        """Online softmax over keys [lo, hi) of one key tensor in BLOCK_N-aligned tiles: whole tiles unmasked,
+        then a masked head tile when ``lo`` is not aligned (segments start at frame boundaries: sinks,
+        1560-token frames) and a masked tail."""
+        first = (lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        full = first + tl.maximum(hi - first, 0) // BLOCK_N * BLOCK_N
+        if COMPILED:  # a for loop: Triton pipelines the loads of scf.for loops only
+            for start in range(first, full, BLOCK_N):
+                qk = _qk8(q0, q1, qr, b, g, k_ptr, s_kn, k0_d, k1_d, kr_d, start, lo, hi, DC, DRR, KR_OFF, D0, D1,
+                          DR, BLOCK_N, DESC)
+                acc0, acc1, m_i, l_i = _pv8(acc0, acc1, m_i, l_i, qk, rs, v_ptr, s_vd, ks, lfac, ifac,
+                                            start, lo, hi, DC, D0, D1, BLOCK_N, False, COMPILED, MAGIC)
         else:  # the CPU interpreter cannot take a program-id-derived range() bound
-            start = lo
+            start = first
             while start < full:
-                acc0, acc1, m_i, l_i = _tile8(acc0, acc1, m_i, l_i, q0, q1, qr, rs, b, g, k_ptr, s_kn, v_ptr, s_vd,
-                                              k0_d, k1_d, kr_d, ks_ptr, vs_ptr, vnorm, start, hi,
-                                              DC, DRR, KR_OFF, D0, D1, DR, BLOCK_N, False, DESC, COMPILED, MAGIC)
+                qk = _qk8(q0, q1, qr, b, g, k_ptr, s_kn, k0_d, k1_d, kr_d, start, lo, hi, DC, DRR, KR_OFF, D0, D1,
+                          DR, BLOCK_N, DESC)
+                acc0, acc1, m_i, l_i = _pv8(acc0, acc1, m_i, l_i, qk, rs, v_ptr, s_vd, ks, lfac, ifac,
+                                            start, lo, hi, DC, D0, D1, BLOCK_N, False, COMPILED, MAGIC)
                 start += BLOCK_N
+        # The masked tiles after the loop (the softmax is order-free): a head tile before the loop serialised the
+        # wgmma pipeline (ptxas C7515)
+        if first > lo:
+            qk = _qk8(q0, q1, qr, b, g, k_ptr, s_kn, k0_d, k1_d, kr_d, first - BLOCK_N, lo, hi, DC, DRR, KR_OFF, D0,
+                      D1, DR, BLOCK_N, DESC)
+            acc0, acc1, m_i, l_i = _pv8(acc0, acc1, m_i, l_i, qk, rs, v_ptr, s_vd, ks, lfac, ifac,
+                                        first - BLOCK_N, lo, hi, DC, D0, D1, BLOCK_N, True, COMPILED, MAGIC)
         if full < hi:
-            acc0, acc1, m_i, l_i = _tile8(acc0, acc1, m_i, l_i, q0, q1, qr, rs, b, g, k_ptr, s_kn, v_ptr, s_vd,
-                                          k0_d, k1_d, kr_d, ks_ptr, vs_ptr, vnorm, full, hi,
-                                          DC, DRR, KR_OFF, D0, D1, DR, BLOCK_N, True, DESC, COMPILED, MAGIC)
+            qk = _qk8(q0, q1, qr, b, g, k_ptr, s_kn, k0_d, k1_d, kr_d, full, lo, hi, DC, DRR, KR_OFF, D0, D1, DR,
+                      BLOCK_N, DESC)
+            acc0, acc1, m_i, l_i = _pv8(acc0, acc1, m_i, l_i, qk, rs, v_ptr, s_vd, ks, lfac, ifac,
+                                        full, lo, hi, DC, D0, D1, BLOCK_N, True, COMPILED, MAGIC)
         return acc0, acc1, m_i, l_i
 
     @triton.jit
@@ -262,7 +281,8 @@ if triton is not None:
         rm = rmask[:, None] & (offs_r[None, :] < DRR)
         qr = tl.load(qr_ptr + row[:, None] * DRR + offs_r[None, :], mask=rm, other=0)
         rs = tl.load(sq_ptr + row, mask=rmask, other=1.0) * qk_scale
-        vnorm = 256.0 / tl.load(vmax_ptr)
+        vmax = tl.load(vmax_ptr + b)
+        vnorm = 256.0 / vmax
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
@@ -272,29 +292,29 @@ if triton is not None:
         kr_off = DC + g * DRR
         kp = kp_ptr + b * skp_b
         vp = vp_ptr + b * svp_b
-        ksp = ksp_ptr + b * sksp_b
-        vsp = vsp_ptr + b * svsp_b
+        ksp = tl.load(ksp_ptr + b * sksp_b)  # the key sets' scales
+        fac_p = tl.load(vsp_ptr + b * svsp_b) * vnorm  # P's factor for the prefix's values (<= 256)
+        fac_n = tl.load(vsn_ptr + b * svsn_b) * vnorm  # and for the chunk's
+        lf_p, if_p = tl.math.log2(fac_p), 1.0 / fac_p
+        lf_n, if_n = tl.math.log2(fac_n), 1.0 / fac_n
         if tl.minimum(hi, Ls) > lo:  # the sinks' keys: rotated at the scheme's positions, like qr_sink
             qs = tl.load(qs_ptr + row[:, None] * DRR + offs_r[None, :], mask=rm, other=0)
             acc0, acc1, m_i, l_i = _range8(acc0, acc1, m_i, l_i, q0, q1, qs, rs, b, g, kp, skp_n, vp, svp_d,
-                                           kp0_d, kp1_d, kpr_d, ksp, vsp,
-                                           vnorm, lo, tl.minimum(hi, Ls), DC, DRR, kr_off, D0, D1, DR, BLOCK_N, DESC, COMPILED,
-                                           MAGIC)
+                                           kp0_d, kp1_d, kpr_d, ksp, lf_p, if_p, lo, tl.minimum(hi, Ls),
+                                           DC, DRR, kr_off, D0, D1, DR, BLOCK_N, DESC, COMPILED, MAGIC)
         lo_p = tl.maximum(lo, Ls)
         hi_p = tl.minimum(hi, Lp)
         if hi_p > lo_p:  # the rest of the cached prefix
             acc0, acc1, m_i, l_i = _range8(acc0, acc1, m_i, l_i, q0, q1, qr, rs, b, g, kp, skp_n, vp, svp_d,
-                                           kp0_d, kp1_d, kpr_d, ksp, vsp,
-                                           vnorm, lo_p, hi_p, DC, DRR, kr_off, D0, D1, DR, BLOCK_N, DESC, COMPILED,
-                                           MAGIC)
+                                           kp0_d, kp1_d, kpr_d, ksp, lf_p, if_p, lo_p, hi_p,
+                                           DC, DRR, kr_off, D0, D1, DR, BLOCK_N, DESC, COMPILED, MAGIC)
         lo_n = tl.maximum(lo - Lp, 0)
         hi_n = tl.maximum(hi - Lp, 0)
         if hi_n > lo_n:  # the current chunk
             acc0, acc1, m_i, l_i = _range8(acc0, acc1, m_i, l_i, q0, q1, qr, rs, b, g, kn_ptr + b * skn_b, skn_n,
                                            vn_ptr + b * svn_b, svn_d, kn0_d, kn1_d, knr_d,
-                                           ksn_ptr + b * sksn_b, vsn_ptr + b * svsn_b,
-                                           vnorm, lo_n, hi_n, DC, DRR, kr_off, D0, D1, DR, BLOCK_N, DESC, COMPILED,
-                                           MAGIC)
+                                           tl.load(ksn_ptr + b * sksn_b), lf_n, if_n, lo_n, hi_n,
+                                           DC, DRR, kr_off, D0, D1, DR, BLOCK_N, DESC, COMPILED, MAGIC)
         has = l_i > 0
         l_safe = tl.where(has, l_i, 1.0)
         lse = tl.where(has, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("-inf"))
@@ -329,31 +349,6 @@ def _check_width(dc: int, device: torch.device) -> None:
                          "(attention.impl=triton or absorbed_sdpa serve wider latents)")
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, N, D] -> (y [B, N, W >= D] int8 (rounded, /127) or e4m3 (/448), scale [B, N] fp32), one pass.
-    ``out`` may be a wider [B, N, W] view (its extra columns are zeroed)."""
-    _need_triton()
-    b, n, d = x.shape
-    if x.stride(2) != 1:
-        x = x.contiguous()
-    y = out if out is not None else torch.empty(b, n, d, device=x.device, dtype=dtype)
-    if y.shape[:2] != (b, n) or y.shape[2] < d or y.stride(2) != 1 or y.dtype != dtype:
-        raise ValueError(f"quantize_rows: out must be {dtype} [B={b}, N={n}, >= {d}], got {y.dtype} {tuple(y.shape)}")
-    sc = torch.empty(b, n, device=x.device, dtype=torch.float32)
-    if n and dtype == FP8 and _interpreting():  # the interpreter's fp32->e4m3 cast misrounds: torch's cast
-        amax = x.float().abs().amax(-1)
-        sc.copy_(torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)))
-        y.zero_()
-        y[..., :d] = (x.float() / sc[..., None]).to(FP8)
-    elif n:
-        is_int = dtype == torch.int8
-        block = 32
-        _quant_rows[(triton.cdiv(n, block), b)](x, y, sc, n, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                                                D=d, DP=_pow2(y.shape[2], 16), BLOCK=block,
-                                                QMAX=INT8_MAX if is_int else FP8_MAX, INT=is_int, num_warps=4)
-    return y, sc
-
-
 def key_width(dc: int, dr_all: int) -> int:
     """Stored int8 key-row width: dc + G dr rounded up to 16 bytes (TMA row strides)."""
     return _round_up(dc + dr_all, ALIGN)
@@ -362,10 +357,15 @@ def key_width(dc: int, dr_all: int) -> int:
 def quantize_keys(krow: torch.Tensor, c: torch.Tensor) -> Latent8:
     """Key rows [B, n, dc + G dr] and latents [B, n, dc] -> ``Latent8`` (what an 8-bit cache stores)."""
     b, n, dc = c.shape
-    k8, ks = quantize_rows(krow, torch.int8, torch.empty(b, n, key_width(dc, krow.shape[2] - dc), device=c.device,
-                                                          dtype=torch.int8))
-    v8, vs = quantize_rows(c, FP8)
-    vt = torch.empty(b, dc, _round_up(max(n, 1), ALIGN), device=c.device, dtype=FP8)[:, :, :n]
+    ka = krow.abs().amax((1, 2)).float() if n else torch.ones(b, device=c.device)
+    ks = torch.where(ka > 0, ka / INT8_MAX, torch.ones_like(ka))
+    k8 = torch.zeros(b, n, key_width(dc, krow.shape[2] - dc), device=c.device, dtype=torch.int8)
+    k8[..., :krow.shape[2]] = torch.round(krow.float() / ks[:, None, None]).to(torch.int8)
+    amax = c.abs().amax((1, 2)).float() if n else torch.ones(b, device=c.device)
+    vs = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    v8 = (c.float() / vs[:, None, None]).to(FP8)
+    # rows padded to 16 bytes with zeros: the kernel reads value columns in whole 16-byte groups
+    vt = torch.zeros(b, dc, _round_up(max(n, 1), ALIGN), device=c.device, dtype=FP8)[:, :, :n]
     vt.copy_(v8.transpose(1, 2))
     return Latent8(k8, ks, vt, vs)
 
@@ -399,15 +399,15 @@ def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q
 def default_config8(dc: int, on_gpu: bool) -> TileConfig:
     if not on_gpu:
         return TileConfig(16, 32, 1, 1)  # interpreter: small tiles, 32-key steps (the 8-bit K step)
-    # H100 sweep at 4680 x 24 frames (benchmarks/NOTES-kernel.md): 128x128 / 8 warps / 2 stages 5.34 ms against
-    # 9.2 ms at 64x64 / 4 warps; 32-key tiles 9.6-14 ms. dc <= 256 on the GPU.
-    return TileConfig(128, 128, 8, 2)
+    # H100 sweep at 4680 queries x 21 (+ 3) frames (benchmarks/NOTES-kernel.md): 128x128 / 8 warps / 3 stages
+    # with 3 key splits 2.18 ms (2.02 without sinks) against 2.30-2.40 for 64x64 / 4 warps / 3 stages and
+    # 2.5-2.7 for 128x64 and 64x128. dc <= 256 on the GPU.
+    return TileConfig(128, 128, 8, 3)
 
 
-CANDIDATES8 = [
-    TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(64, 128, 4, 2), TileConfig(64, 128, 4, 3),
-    TileConfig(128, 64, 8, 2), TileConfig(128, 128, 8, 2),
-]
+# Programs per SM that the automatic key split aims at: the 128x128 / 8-warp tile holds one CTA per SM (255
+# registers a thread); 3 splits of its 439 tiles at 4680 queries (~10 per SM) beat 2, 4 and 5 (H100).
+PROGRAMS_PER_SM8 = 9
 
 
 def _descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: int, dr_p: int, block_n: int) -> list:
@@ -441,16 +441,20 @@ def attention8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch
     b, l, h, dc = q8.shape
     dr = qr8.shape[3]
     if past is None:
-        past = Latent8(new.k[:, :0], new.ks[:, :0], new.v[:, :, :0], new.vs[:, :0])
+        past = Latent8(new.k[:, :0], new.ks, new.v[:, :, :0], new.vs)
     lp, ln = past.num_tokens, new.num_tokens
     lk = lp + ln
     for name, lat in (("past", past), ("new", new)):
         n = lat.num_tokens
-        if (lat.k.shape[0] != b or lat.k.shape[2] < dc + groups * dr or lat.ks.shape != (b, n)
-                or lat.v.shape != (b, dc, n) or lat.vs.shape != (b, n) or lat.k.dtype != torch.int8 or lat.v.dtype != FP8):
+        if (lat.k.shape[0] != b or lat.k.shape[2] < dc + groups * dr or lat.ks.shape != (b,)
+                or lat.v.shape != (b, dc, n) or lat.vs.shape != (b,) or lat.k.dtype != torch.int8 or lat.v.dtype != FP8):
             raise ValueError(f"8-bit latent attention: {name} keys must be int8 [B={b}, n, >= {dc + groups * dr}] with "
                              f"e4m3 values [B, dc={dc}, n], got k {tuple(lat.k.shape)} {lat.k.dtype}, "
                              f"v {tuple(lat.v.shape)} {lat.v.dtype}")
+        if n and (lat.v.stride(1) % ALIGN or lat.v.stride(1) < _round_up(n, ALIGN)):
+            raise ValueError(f"8-bit latent attention: {name} values need a row stride that is a multiple of {ALIGN} "
+                             f"and >= {_round_up(n, ALIGN)} (zero padding), got {lat.v.stride(1)}; build them with "
+                             "quantize_keys")
     if h % groups or qr8.shape != (b, l, h, dr) or qs8.shape != qr8.shape or sq.shape != (b, l, h):
         raise ValueError(f"8-bit latent attention: queries [B, L, H, dc] / [B, L, H, dr] / scales [B, L, H] with H a "
                          f"multiple of {groups} groups expected, got {tuple(q8.shape)} / {tuple(qr8.shape)} / "
@@ -463,9 +467,9 @@ def attention8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch
     _check_width(dc, q8.device)
     cfg = config or default_config8(dc, on_gpu)
     d0, d1, dr_p = pieces8(dc, dr)
-    vmax = torch.maximum(past.vs.amax() if lp else new.vs.amax(), new.vs.amax()).reshape(1)
+    vmax = (torch.maximum(past.vs, new.vs) if lp else new.vs).float().contiguous()  # [B]
     m_tiles = triton.cdiv(l * (h // groups), cfg.block_m)
-    plan = SplitPlan.make(cfg, m_tiles * b * groups, lk, b, l, h, dc, q8.device, out_dtype)
+    plan = SplitPlan.make(cfg, m_tiles * b * groups, lk, b, l, h, dc, q8.device, out_dtype, PROGRAMS_PER_SM8)
     compiled = on_gpu and not _interpreting()
     if compiled:
         descs = _descriptors(past, dc, groups, dr, d0, d1, dr_p, cfg.block_n) + \
