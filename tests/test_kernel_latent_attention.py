@@ -124,6 +124,40 @@ def test_student_rollout_triton_equals_absorbed():
     assert err8 < 5e-2
 
 
+@pytest.mark.timeout(90)
+def test_fp8_rollout_quantises_each_prefix_once(monkeypatch):
+    """impl=triton_fp8 keeps each layer's quantised prefix per cache state (KVCache.memo): the rollout is the
+    same as when every forward requantises it, with fewer quantisations."""
+    from vmla_train import schedule
+    from vmla_train.kernels import latent_attention_fp8 as LA8
+    from vmla_train.kv_cache import KVCache
+    from vmla_train.rollout import sample_video
+    from vmla_train.student import WanStudent
+
+    cfg = C.load(None, ["model.name=tiny", "model.num_layers=2", "video.height=32", "video.width=48",
+                        "cache.window_frames=6", "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32",
+                        "attention.impl=triton_fp8"])
+    calls = []
+    quantize = LA8.quantize_keys
+    monkeypatch.setattr(LA8, "quantize_keys", lambda krow, c: calls.append(krow.shape[1]) or quantize(krow, c))
+
+    def rollout():
+        torch.manual_seed(0)
+        student = WanStudent(cfg).to(DEV).eval()
+        gen = torch.Generator(device=DEV).manual_seed(1)
+        text = torch.randn(1, 8, cfg.model.text_dim, generator=gen, device=DEV)
+        steps = schedule.warp_timesteps([1000, 500], 5.0)
+        return sample_video(student, text, 3 * cfg.video.chunk_frames, steps, generator=gen)
+
+    memoised = rollout()
+    n_memo = len(calls)
+    calls.clear()
+    monkeypatch.setattr(KVCache, "memo", lambda self, layer, name, fn: fn())
+    assert torch.equal(rollout(), memoised)
+    print("quantize_keys calls with and without the memo", n_memo, len(calls))
+    assert n_memo < len(calls), (n_memo, len(calls))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("dc,dr", DIMS)

@@ -23,8 +23,9 @@ The same function as ``latent_attention.reference`` (notation there), on 8-bit o
 An 8-bit cache would store exactly these per token, written once: ``dc + G dr`` int8 + ``dc`` e4m3 = 384
 bytes at 160/64 against 6144 for Wan MHA in bf16 (-93.75 %), plus two scales per layer (fixed, calibrated,
 or one per written chunk: the kernel takes one per key set). ``KVCache`` does not store them
-yet: the model path (``attention.impl=triton_fp8``) quantises the 16-bit prefix per call, and the
-benchmark's ``triton_fp8`` variant quantises it once, as a cache write would. Such a cache would rotate the
+yet: the model path (``attention.impl=triton_fp8``) quantises each layer's 16-bit prefix once per cache
+state and keeps that copy until the layer's next write (``KVCache.memo``), and the benchmark's
+``triton_fp8`` variant quantises it once, as a cache write would. Such a cache would rotate the
 key rows once, at the frame's **absolute** position. With ``position_scheme=relative`` the window's keys
 sit at ``absolute - shift`` while the sinks sit at their absolute positions, so the kernel already takes two
 rotated query RoPE parts: ``qr_sink`` (scheme positions) for the first ``sink_tokens`` keys of the prefix
