@@ -337,7 +337,6 @@ class MLASelfAttention(nn.Module):
         s_new = self._key_scale(c, kr)
         rho_new = self._rope_key(kr, 1.0, g_r, rot_new).to(q_c.dtype)  # (B, L, G, dr)
         if impl == AttentionImpl.triton_fp8:  # 8-bit: key rows [s c ; s rho] and values quantised
-
             from .kernels import latent_attention_fp8 as LA8
 
             def prefix8():  # the prefix's 8-bit rows and values, once per cache state (as an 8-bit cache write

@@ -355,15 +355,18 @@ def key_width(dc: int, dr_all: int) -> int:
     return _round_up(dc + dr_all, ALIGN)
 
 
+def _sequence_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """One scale per sequence of x [B, n, d]: amax / qmax, [B] float32 (1 where x is empty or zero)."""
+    amax = x.abs().amax((1, 2)).float() if x.shape[1] else torch.ones(x.shape[0], device=x.device)
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
 def quantize_keys(krow: torch.Tensor, c: torch.Tensor) -> Latent8:
     """Key rows [B, n, dc + G dr] and latents [B, n, dc] -> ``Latent8`` (what an 8-bit cache stores)."""
     b, n, dc = c.shape
-    ka = krow.abs().amax((1, 2)).float() if n else torch.ones(b, device=c.device)
-    ks = torch.where(ka > 0, ka / INT8_MAX, torch.ones_like(ka))
+    ks, vs = _sequence_scale(krow, INT8_MAX), _sequence_scale(c, FP8_MAX)
     k8 = torch.zeros(b, n, key_width(dc, krow.shape[2] - dc), device=c.device, dtype=torch.int8)
     k8[..., :krow.shape[2]] = torch.round(krow.float() / ks[:, None, None]).to(torch.int8)
-    amax = c.abs().amax((1, 2)).float() if n else torch.ones(b, device=c.device)
-    vs = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     v8 = (c.float() / vs[:, None, None]).to(FP8)
     # rows padded to 16 bytes with zeros: the kernel reads value columns in whole 16-byte groups
     vt = torch.zeros(b, dc, _round_up(max(n, 1), ALIGN), device=c.device, dtype=FP8)[:, :, :n]
