@@ -158,6 +158,73 @@ def test_fp8_rollout_quantises_each_prefix_once(monkeypatch):
     assert n_memo < len(calls), (n_memo, len(calls))
 
 
+@pytest.mark.timeout(120)
+def test_fp8_cache_rollout_matches_16bit_cache():
+    """cache.dtype=fp8 (8-bit key rows rotated once at absolute positions, e4m3 values, per-layer scales)
+    gives the rollout of a 16-bit cache read by the same 8-bit kernel, with the window wrapping past a sink
+    under position_scheme=relative (the sinks scored with scheme-rotated queries: scoring them with the
+    absolute ones measured 1.2e-3 here against 2.8e-4). Its bytes: key rows padded to 16 + the latent, one
+    byte each, and two fp32 scales per layer and batch row."""
+    from vmla_train import schedule
+    from vmla_train.rollout import sample_video
+    from vmla_train.student import WanStudent
+
+    base = ["model.name=tiny", "model.num_layers=2", "video.height=32", "video.width=48", "cache.window_frames=6",
+            "cache.sink_frames=1", "runtime.dtype=float32", "attention.impl=triton_fp8"]
+    outs, nbytes = {}, {}
+    for dt in ("float32", "fp8"):
+        cfg = C.load(None, base + [f"cache.dtype={dt}"])
+        torch.manual_seed(0)
+        student = WanStudent(cfg).to(DEV).eval()
+        with torch.no_grad():
+            for blk in student.blocks:
+                blk.attn1.norm_k.weight.uniform_(0.5, 1.5)
+        gen = torch.Generator(device=DEV).manual_seed(1)
+        text = torch.randn(1, 8, cfg.model.text_dim, generator=gen, device=DEV)
+        steps = schedule.warp_timesteps([1000, 500], 5.0)
+        outs[dt] = sample_video(student, text, 4 * cfg.video.chunk_frames, steps, generator=gen)
+        cache = student.new_cache(1)
+        nbytes[dt] = cache.nbytes()
+    x = torch.randn(1, cfg.video.chunk_frames, cfg.model.in_channels, 4, 6, device=DEV)
+    with pytest.raises(RuntimeError, match="cache.dtype=fp8 is for inference"):  # grads need the 16-bit paths
+        student(x, torch.full((1,), 500.0, device=DEV), text, cache=cache, write_cache=True)
+    err = _err(outs["fp8"], outs["float32"].double())
+    print("fp8 cache vs 16-bit cache", err, nbytes)
+    assert err < 6e-4
+    a, layers, n_tok = cfg.attention, cfg.model.num_layers, cache.num_slots * cache.tokens_per_frame
+    assert nbytes["float32"] == layers * n_tok * (a.d_c + a.d_r) * 4
+    assert nbytes["fp8"] == layers * (n_tok * -(-(a.d_c + a.d_r) // 16) * 16 + a.d_c * -(-n_tok // 16) * 16 + 2 * 4)
+
+
+@pytest.mark.timeout(60)
+def test_fp8_cache_write_raises_the_scale_and_requantises():
+    """A chunk that outgrows the layer's scales raises them; the entries already stored are requantised, so
+    they still dequantise to what was written (within 8-bit rounding)."""
+    from vmla_train.kernels import latent_attention_fp8 as LA8
+    from vmla_train.kv_cache import KVCache
+
+    dc, kw = 32, 48
+    cache = KVCache(kind="mla", num_layers=1, batch=2, tokens_per_frame=4, sink_frames=1, window_frames=5,
+                    chunk_frames=2, widths={"k8": (kw,), "v8": (dc,)},
+                    layouts={"k8": (torch.int8, False), "v8": (torch.float8_e4m3fn, True)}, scaled=("k8", "v8"))
+    gen = torch.Generator().manual_seed(0)
+    written = []
+    for gain in (1.0, 8.0):  # the second chunk is 8x larger
+        krow, c = torch.randn(2, 8, kw - 8, generator=gen) * gain, torch.randn(2, 8, dc, generator=gen) * gain
+        step = cache.begin(2, write=True)
+        LA8.write_cache8(cache, 0, step, krow, c)
+        cache.commit(step)
+        written.append((krow, c))
+    read = cache.read(0, cache.begin(1, write=False))
+    lat = LA8.Latent8(read["k8"], cache.scales["k8"][0], read["v8"], cache.scales["v8"][0])
+    krow8, c8 = lat.dequantize(kw - 8)
+    krow, c = torch.cat([w[0] for w in written], 1), torch.cat([w[1] for w in written], 1)
+    assert torch.allclose(cache.scales["k8"][0], krow.abs().amax((1, 2)) / 127)  # raised by the second chunk
+    # the first chunk, requantised to an 8x coarser int8 grid (~8e-2); all entries ~1e-2 (int8), ~3e-2 (e4m3)
+    assert _err(krow8[:, :8], krow[:, :8].double()) < 0.15
+    assert _err(krow8, krow.double()) < 2e-2 and _err(c8, c.double()) < 5e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("dc,dr", DIMS)

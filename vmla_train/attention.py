@@ -118,6 +118,7 @@ class AttnInputs:
     mask: torch.Tensor | BlockMask | None  # (L, Lk) bool (True = attend) or a flex BlockMask; None = all visible
     cache: KVCache | None = None
     step: CacheStep | None = None
+    rot_abs: Rotary | None = None  # the current tokens at their absolute positions (8-bit caches only)
 
 
 _compiled_flex = None
@@ -204,6 +205,10 @@ class MHASelfAttention(_WanQKVO):
     def cache_widths(cfg: Config) -> dict[str, tuple[int, ...]]:
         return {"k": (cfg.model.num_heads, cfg.model.head_dim), "v": (cfg.model.num_heads, cfg.model.head_dim)}
 
+    @staticmethod
+    def cache_layouts(cfg: Config) -> dict:
+        return {}
+
     def forward(self, x: torch.Tensor, inp: AttnInputs, layer: int) -> torch.Tensor:
         b, l, _ = x.shape  # (B, L, D)
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, H, Dh)
@@ -255,7 +260,20 @@ class MLASelfAttention(nn.Module):
 
     @staticmethod
     def cache_widths(cfg: Config) -> dict[str, tuple[int, ...]]:
-        return {"c": (cfg.attention.d_c,), "kr": (cfg.attention.d_r,)}
+        a = cfg.attention
+        if cfg.cache.dtype == "fp8":  # 8-bit key rows [s c ; s rho] and latents (kv_cache module doc)
+            from .kernels.latent_attention_fp8 import key_width
+
+            return {"k8": (key_width(a.d_c, a.d_r),), "v8": (a.d_c,)}
+        return {"c": (a.d_c,), "kr": (a.d_r,)}
+
+    @staticmethod
+    def cache_layouts(cfg: Config) -> dict:
+        """KVCache keyword arguments beyond the widths: the 8-bit format's dtypes, its token-last values and
+        its per-layer scales."""
+        if cfg.cache.dtype != "fp8":
+            return {}
+        return {"layouts": {"k8": (torch.int8, False), "v8": (torch.float8_e4m3fn, True)}, "scaled": ("k8", "v8")}
 
     # Pieces shared by both paths ---------------------------------------------------------------
     def _key_scale(self, c: torch.Tensor, kr: torch.Tensor, kn: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,6 +314,12 @@ class MLASelfAttention(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.to_q.weight.requires_grad)
         impl = resolve_impl(self.impl, q_c, inp.mask is None, needs_grad, self.backward)
         past = inp.cache.read(layer, inp.step) if inp.cache is not None else None  # views: use before write
+        if inp.cache is not None and inp.cache.scaled:  # an 8-bit cache: the 8-bit kernel reads and writes it
+            if needs_grad:
+                raise RuntimeError("cache.dtype=fp8 is for inference (generation): a forward that needs gradients "
+                                   "runs the torch paths on a 16-bit cache")
+            o = self._cached8(q, c, kr, past, g_n, g_r, inp, layer)
+            return self.to_out[0](o.flatten(2).to(x.dtype))
         if impl in _FUSED:
             o = self._fused(q_c, q_r, c, kr, past, g_n, g_r, inp, impl, layer)
         else:
@@ -357,6 +381,38 @@ class MLASelfAttention(nn.Module):
         w_uv = self.v_up.weight.unflatten(0, (H, self.head_dim))  # (H, Dh, dc)
         o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))  # (B, L, H, Dh)
         return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)  # softmax rows sum to 1
+
+    def _cached8(self, q, c, kr, past, g_n, g_r, inp: AttnInputs, layer: int) -> torch.Tensor:
+        """Attention over an 8-bit cache (``cache.dtype=fp8``). Cached key rows were rotated at their frames'
+        absolute positions when written; the current chunk's are too, and its queries are rotated twice: at
+        absolute positions for the window and the chunk, and at the cache's scheme positions for the sinks
+        (RoPE sees only differences; under ``position_scheme=relative`` the window and the queries share one
+        shift that the sinks do not, see ``latent_attention_fp8``). Then the chunk is written with the
+        layer's scales."""
+        from .kernels import latent_attention_fp8 as LA8
+
+        cache, step = inp.cache, inp.step
+        H, dn = self.num_heads, self.d_n
+        w_uk = self.k_up.weight.unflatten(0, (H, dn))  # (H, dn, dc)
+        if g_n is not None:
+            w_uk = w_uk * g_n.unflatten(0, (H, dn))[..., None]
+        q_c, q_r = q[..., :dn], apply_rope(q[..., dn:], inp.q_rot)  # sinks: scheme positions
+        q_abs = apply_rope(q[..., dn:], inp.rot_abs)  # window and chunk: absolute positions
+        rho = self._rope_key(kr, 1.0, g_r, inp.rot_abs).to(c.dtype)  # (B, L, G, dr)
+        krow = self.key_rows(c, rho, self._key_scale(c, kr))  # (B, L, key width)
+        n = step.read_tokens
+        past8 = None
+        if n:
+            past8 = LA8.Latent8(past["k8"], cache.scales["k8"][layer], past["v8"], cache.scales["v8"][layer])
+        new8 = LA8.quantize_keys(krow, c)
+        q8, qr8, qs8, sq = LA8.quantize_queries(q_c, w_uk, q_abs.to(q_c.dtype), q_r.to(q_c.dtype))
+        sinks = min(cache.sink_frames, n // cache.tokens_per_frame) * cache.tokens_per_frame
+        o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups, sinks, out_dtype=q_c.dtype)
+        if step.write:
+            LA8.write_cache8(cache, layer, step, krow, c)
+        w_uv = self.v_up.weight.unflatten(0, (H, self.head_dim))  # (H, Dh, dc)
+        o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))  # (B, L, H, Dh)
+        return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)
 
     @staticmethod
     def key_rows(c: torch.Tensor, rho: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ def _kv_table(cfg: C.Config) -> list[tuple[str, str, str]]:
     """Rows (quantity, MHA, MLA) of cached values and bytes for the config's geometry."""
     vals = C.kv_values_per_token(cfg)
     el = C.dtype_bytes(cfg.cache.dtype)
+    el_mha = 2 if cfg.cache.dtype == "fp8" else el  # MHA has no 8-bit cache: compared at bf16
     tpf = cfg.tokens_per_frame
     layers = cfg.model.num_layers
     window = cfg.cache.window_frames + cfg.cache.sink_frames
@@ -42,8 +43,9 @@ def _kv_table(cfg: C.Config) -> list[tuple[str, str, str]]:
         (f"bytes / window ({window} frames incl. {cfg.cache.sink_frames} sinks)", tpf * window, layers),
         (f"bytes / clip ({cfg.video.latent_frames} frames)", tpf * cfg.video.latent_frames, layers),
     ):
-        rows.append((label, C.human_bytes(vals["mha"] * el * tokens * n_layers), C.human_bytes(vals["mla"] * el * tokens * n_layers)))
-    rows.append(("reduction (MLA vs MHA)", "", f"-{100 * C.kv_reduction(cfg):.1f} %"))
+        rows.append((label, C.human_bytes(vals["mha"] * el_mha * tokens * n_layers),
+                     C.human_bytes(vals["mla"] * el * tokens * n_layers)))
+    rows.append(("reduction (MLA vs MHA)", "", f"-{100 * (1 - vals['mla'] * el / (vals['mha'] * el_mha)):.1f} %"))
     return rows
 
 
@@ -62,7 +64,8 @@ def print_info(cfg: C.Config) -> None:
     print(f"attention {a.kind.value}: d_c {a.d_c}, d_r {a.d_r}, rope_key_groups {a.rope_key_groups}, impl {a.impl.value}, k_norm {a.k_norm.value}")
     counts = {}
     for kind in (C.AttentionKind.mha, C.AttentionKind.mla):
-        variant = C.replace(cfg, attention=C.replace(cfg.attention, kind=kind))
+        cache = cfg.cache if kind == C.AttentionKind.mla else C.replace(cfg.cache, dtype="bfloat16")  # no 8-bit MHA
+        variant = C.replace(cfg, attention=C.replace(cfg.attention, kind=kind), cache=cache)
         with torch.device("meta"):
             counts[kind.value] = param_counts(WanStudent(variant))
     rows = [

@@ -142,7 +142,7 @@ class CacheConfig:
     window_frames: int = 21  # most recent latent frames attended, the current chunk included
     sink_frames: int = 3  # first latent frames kept forever (never evicted)
     position_scheme: PositionScheme = PositionScheme.relative  # how cached keys get RoPE positions
-    dtype: str = "bfloat16"  # storage dtype of the cache buffers
+    dtype: str = "bfloat16"  # storage dtype of the cache buffers; fp8 = MLA 8-bit rows for attention.impl=triton_fp8 (inference)
 
 
 @dataclass
@@ -615,8 +615,11 @@ class Config:
             _fail("cache.window_frames", f">= video.chunk_frames={v.chunk_frames} (a window holds a chunk)", c.window_frames)
         if c.sink_frames < 0:
             _fail("cache.sink_frames", ">= 0", c.sink_frames)
-        if c.dtype not in _DTYPES:
-            _fail("cache.dtype", f"one of {sorted(_DTYPES)}", c.dtype)
+        if c.dtype not in _DTYPES | {"fp8"}:
+            _fail("cache.dtype", f"one of {sorted(_DTYPES | {'fp8'})}", c.dtype)
+        if c.dtype == "fp8" and (a.kind != AttentionKind.mla or a.impl != AttentionImpl.triton_fp8):
+            _fail("cache.dtype", "fp8 only with attention.kind=mla and attention.impl=triton_fp8 (the 8-bit kernel "
+                  "reads it)", f"fp8 with kind={a.kind.value}, impl={a.impl.value}")
         if self.runtime.dtype not in _DTYPES:
             _fail("runtime.dtype", f"one of {sorted(_DTYPES)}", self.runtime.dtype)
         if a.kind == AttentionKind.mla:
@@ -818,7 +821,10 @@ def kv_values_per_token(cfg: Config) -> dict[str, int]:
     """Cached self-attention values per token per layer: MHA (K and V of every head) vs MLA."""
     mha = 2 * cfg.model.dim
     a = cfg.attention
-    # MLA caches c (d_c) and the raw RoPE key (d_r); the k-norm scale is recomputed from them.
+    # MLA caches c (d_c) and the raw RoPE key (d_r); the k-norm scale is recomputed from them. The 8-bit
+    # format stores the key rows [s c ; s rho] (d_c + d_r, padded to 16 bytes) and c again as the value.
+    if cfg.cache.dtype == "fp8":
+        return {"mha": mha, "mla": -(-(a.d_c + a.d_r) // 16) * 16 + a.d_c}
     return {"mha": mha, "mla": a.d_c + a.d_r}
 
 
@@ -837,7 +843,7 @@ def human_bytes(n: float) -> str:
 
 
 def dtype_bytes(name: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}[name]
 
 
 __all__ = [

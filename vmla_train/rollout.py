@@ -94,6 +94,7 @@ def _read_only_copy(cache: KVCache) -> KVCache:
     backward must read the same cached values, while later chunks overwrite ring slots in place."""
     snap = copy.copy(cache)
     snap.buffers = {k: v.clone() for k, v in cache.buffers.items()}
+    snap.scales = {k: v.clone() for k, v in cache.scales.items()}
     snap.slot_frame = list(cache.slot_frame)
     snap._memo, snap._version = {}, list(cache._version)  # its own derived values and their versions
     snap.cross = _NoCrossKV([None] * cache.num_layers)  # recomputation must recompute the text K/V too

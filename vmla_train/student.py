@@ -152,8 +152,9 @@ class WanStudent(nn.Module):
             chunk_frames=v.chunk_frames // self.patch_size[0],
             widths=self._attn_cls.cache_widths(self.cfg),
             position_scheme=c.position_scheme,
-            dtype=getattr(torch, c.dtype),
+            dtype=getattr(torch, c.dtype) if c.dtype != "fp8" else torch.bfloat16,  # fp8: per-name layouts
             device=device if device is not None else self.proj_out.weight.device,
+            **self._attn_cls.cache_layouts(self.cfg),
         )
 
     # Forward ----------------------------------------------------------------------------------
@@ -231,7 +232,11 @@ class WanStudent(nn.Module):
         step = cache.begin(fp, write)
         k_rot = Rotary.from_angles(rope_angles(self.rope_spec, step.key_frame_pos, hp, wp))
         q_rot = Rotary.from_angles(rope_angles(self.rope_spec, step.query_frame_pos, hp, wp))
-        return AttnInputs(q_rot=q_rot, k_rot=k_rot, mask=None, cache=cache, step=step)
+        rot_abs = None
+        if cache.scaled:  # an 8-bit cache stores keys rotated at absolute positions (kv_cache module doc)
+            abs_pos = torch.arange(step.first_frame, step.first_frame + fp, device=device)
+            rot_abs = Rotary.from_angles(rope_angles(self.rope_spec, abs_pos, hp, wp))
+        return AttnInputs(q_rot=q_rot, k_rot=k_rot, mask=None, cache=cache, step=step, rot_abs=rot_abs)
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

@@ -20,17 +20,18 @@ The same function as ``latent_attention.reference`` (notation there), on 8-bit o
 - **Queries** ``[q_lat ; q_r]`` (``q_lat = (g_n W_uk)^T q_c``): int8 with one scale per (token, head) row,
   made in one kernel with the absorption GEMM (``quantize_queries``).
 
-An 8-bit cache would store exactly these per token, written once: ``dc + G dr`` int8 + ``dc`` e4m3 = 384
-bytes at 160/64 against 6144 for Wan MHA in bf16 (-93.75 %), plus two scales per layer (fixed, calibrated,
-or one per written chunk: the kernel takes one per key set). ``KVCache`` does not store them
-yet: the model path (``attention.impl=triton_fp8``) quantises each layer's 16-bit prefix once per cache
-state and keeps that copy until the layer's next write (``KVCache.memo``), and the benchmark's
-``triton_fp8`` variant quantises it once, as a cache write would. Such a cache would rotate the
-key rows once, at the frame's **absolute** position. With ``position_scheme=relative`` the window's keys
+The 8-bit cache (``cache.dtype=fp8``, ``write_cache8``) stores exactly these per token, written once:
+``dc + G dr`` int8 (padded to 16 bytes) + ``dc`` e4m3 = 384 bytes at 160/64 against 448 for the bf16 latent
+cache (-14 %: the latent is stored twice, once inside the key rows) and 6144 for Wan MHA in bf16
+(-93.75 %), plus one key and one value scale per layer and batch row, raised (and the layer requantised) when
+a chunk outgrows them. With a 16-bit cache the model path (``attention.impl=triton_fp8``) quantises each
+layer's prefix once per cache state and keeps that copy until the layer's next write (``KVCache.memo``);
+the benchmark's ``triton_fp8`` variant quantises it once, as a cache write would. The 8-bit cache rotates
+the key rows once, at the frame's **absolute** position. With ``position_scheme=relative`` the window's keys
 sit at ``absolute - shift`` while the sinks sit at their absolute positions, so the kernel already takes two
 rotated query RoPE parts: ``qr_sink`` (scheme positions) for the first ``sink_tokens`` keys of the prefix
 and ``qr`` (absolute positions) for all others; RoPE sees only position differences, so both give the
-scheme's scores exactly.
+scheme's scores exactly (``MLASelfAttention._cached8``).
 
 Kernel layout as the bf16 kernel: the REP heads of a RoPE group folded into M, key tiles fetched by TMA
 (host-made Hopper tensor descriptors; pointer loads in the CPU interpreter), value tiles through pointers
@@ -372,6 +373,28 @@ def quantize_keys(krow: torch.Tensor, c: torch.Tensor) -> Latent8:
     vt = torch.zeros(b, dc, _round_up(max(n, 1), ALIGN), device=c.device, dtype=FP8)[:, :, :n]
     vt.copy_(v8.transpose(1, 2))
     return Latent8(k8, ks, vt, vs)
+
+
+def write_cache8(cache, layer: int, step, krow: torch.Tensor, c: torch.Tensor) -> None:
+    """Store a chunk's key rows [B, L, dc + G dr] and latents [B, L, dc] in an 8-bit ``KVCache``
+    (``cache.dtype=fp8``) with the layer's scales. A chunk that outgrows a scale raises it, and the layer's
+    stored entries are requantised to the new scale first (branch-free, so no device sync: with an unchanged
+    scale the pass multiplies by 1, which is exact in both formats)."""
+    for name, x, qmax in (("k8", krow, INT8_MAX), ("v8", c, FP8_MAX)):
+        scale = cache.scales[name][layer]  # [B]; 0 before the layer's first write
+        new = torch.maximum(scale, _sequence_scale(x, qmax))
+        ratio = (scale / new).view(-1, *[1] * (cache.buffers[name].dim() - 2))
+        buf = cache.buffers[name][layer]
+        y = x.float() / new.view(-1, 1, 1)
+        if name == "k8":
+            buf.copy_(torch.round(buf.float() * ratio).to(torch.int8))
+            q = torch.zeros(*x.shape[:2], buf.shape[-1], device=x.device, dtype=torch.int8)
+            q[..., :x.shape[2]] = torch.round(y).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        else:
+            buf.copy_((buf.float() * ratio).to(FP8))
+            q = y.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        scale.copy_(new)
+        cache.write(layer, step, **{name: q})
 
 
 def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q_r_sink: torch.Tensor | None = None):
