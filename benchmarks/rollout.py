@@ -1,6 +1,9 @@
 """Minute-scale rollout throughput: random-weight 1.3B students, MHA vs MLA, on one GPU.
 
-    python benchmarks/rollout.py [--out DIR] [--chunks N]
+    python benchmarks/rollout.py [--out DIR] [--chunks N] [--groups mha,mla,mla_fp8cache]
+
+Groups: ``mha`` (cuDNN and flash SDPA), ``mla`` (``--mla-impls``, 16-bit cache), ``mla_fp8cache``
+(``attention.impl=triton_fp8`` reading and writing ``cache.dtype=fp8``).
 
 Geometry from the config (480x832, chunk 3 latent frames, window 21 + 3 sinks, 4 denoising steps + the
 clean cache-writing pass per chunk). A 60 s video is ``latent_frames_for(cfg)`` = 240 latent frames =
@@ -38,8 +41,9 @@ from vmla_train.student import WanStudent  # noqa: E402
 GB = 1 << 30
 
 
-def build(kind: str, impl: str) -> WanStudent:
-    over = [f"attention.kind={kind}", f"attention.impl={impl}" if kind == "mla" else "attention.impl=auto"]
+def build(kind: str, impl: str, cache_dtype: str = "bfloat16") -> WanStudent:
+    over = [f"attention.kind={kind}", f"attention.impl={impl}" if kind == "mla" else "attention.impl=auto",
+            f"cache.dtype={cache_dtype}"]
     cfg = C.load(None, over)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -55,9 +59,18 @@ def full_cache(student: WanStudent, batch: int, window: int | None = None) -> KV
                     tokens_per_frame=cfg.tokens_per_frame, sink_frames=c.sink_frames,
                     window_frames=window or c.window_frames, chunk_frames=cfg.video.chunk_frames,
                     widths=student._attn_cls.cache_widths(cfg), position_scheme=c.position_scheme,
-                    dtype=torch.bfloat16, device="cuda")
+                    dtype=torch.bfloat16, device=student.proj_out.weight.device,
+                    **student._attn_cls.cache_layouts(cfg))
     for buf in cache.buffers.values():
-        buf.normal_()
+        for layer in buf:  # one layer at a time: the 8-bit fill goes through a float temporary
+            if layer.dtype == torch.int8:
+                layer.random_(-127, 128)
+            elif layer.dtype == torch.float8_e4m3fn:
+                layer.copy_(torch.randn(layer.shape, device=layer.device).to(layer.dtype))
+            else:
+                layer.normal_()
+    for name, sc in cache.scales.items():  # scales of N(0, 1) entries: int8 key rows, e4m3 values
+        sc.fill_(4.0 / 127 if name == "k8" else 1.0)
     past = cache.num_slots + cfg.video.chunk_frames * 2
     for f in range(past):
         slot = cache._slot_of(f)
@@ -98,7 +111,7 @@ def run(student: WanStudent, impl: str, batch: int, chunks: int, window: int | N
     lat = lat[1:] if len(lat) > 1 else lat  # the first chunk also builds the prompt's cross-attention K/V
     chunk_s = statistics.median(lat)
     fps = cfg.video.chunk_frames * batch / chunk_s
-    out = dict(attention=cfg.attention.kind.value, impl=impl, batch=batch,
+    out = dict(attention=cfg.attention.kind.value, impl=impl, cache_dtype=cfg.cache.dtype, batch=batch,
                window_frames=window or cfg.cache.window_frames, frames_per_s=fps,
                video_frames_per_s=fps * cfg.video.vae_stride[0], chunk_latency_s=chunk_s,
                seconds_for_60s_video=latent_frames_for(cfg) * batch / fps,  # wall time for the batch
@@ -127,6 +140,7 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--chunks", type=int, default=3)
     p.add_argument("--mla-impls", default="triton,absorbed_sdpa")
+    p.add_argument("--groups", default="mha,mla", help="comma list of mha, mla, mla_fp8cache")
     args = p.parse_args()
     dev = torch.cuda.get_device_name()
     total = torch.cuda.get_device_properties(0).total_memory / GB
@@ -140,8 +154,13 @@ def main() -> int:
               f"chunk {r['chunk_latency_s']:.3f} s  60 s video in {r['seconds_for_60s_video']:.1f} s  "
               f"peak {r['peak_mem_gb']:.1f} GB cache {r['cache_gb']:.2f} GB", flush=True)
 
-    for kind, impls in (("mha", ["cudnn", "flash"]), ("mla", args.mla_impls.split(","))):
-        student = build(kind, impls[0] if kind == "mla" else "auto")
+    groups = {"mha": ("mha", ["cudnn", "flash"], "bfloat16"), "mla": ("mla", args.mla_impls.split(","), "bfloat16"),
+              "mla_fp8cache": ("mla", ["triton_fp8"], "fp8")}
+    for group in args.groups.split(","):
+        if group not in groups:
+            raise SystemExit(f"--groups: unknown group {group!r}, expected some of {sorted(groups)}")
+        kind, impls, cache_dtype = groups[group]
+        student = build(kind, impls[0] if kind == "mla" else "auto", cache_dtype)
         one = run(student, impls[0], 1, 2)  # warm-up (kernel compiles), B=1 and B=2 give per-sample memory
         two = run(student, impls[0], 2, 2)
         mb = max_batch(student, impls[0], one, two, total)
@@ -187,14 +206,14 @@ def main() -> int:
                     t0 = time.perf_counter()
                     student(x, t, text, cache=cache)
                     torch.cuda.synchronize()
-                print(f"{kind}: window {w} frames fits (one chunk forward {time.perf_counter() - t0:.2f} s, "
+                print(f"{group}: window {w} frames fits (one chunk forward {time.perf_counter() - t0:.2f} s, "
                       f"cache {cache.nbytes() / GB:.1f} GB)", flush=True)
 
             if fits(fwd):
                 break
             w = int(w * 0.9) - int(w * 0.9) % cfg.video.chunk_frames
-        max_window[kind] = w
-        print(f"{kind}: max window {w} latent frames at batch 1 (60 s history needs {need})", flush=True)
+        max_window[group] = w
+        print(f"{group}: max window {w} latent frames at batch 1 (60 s history needs {need})", flush=True)
         del student
         torch.cuda.empty_cache()
 
