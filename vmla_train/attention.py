@@ -304,6 +304,18 @@ class MLASelfAttention(nn.Module):
             k = k * g_r.float()
         return apply_rope(k.unflatten(-1, (self.groups, self.d_r)), rot)
 
+    def _w_uk(self, g_n: torch.Tensor | None) -> torch.Tensor:
+        """W_uk per head with the key norm's content gain folded in, (H, dn, dc): q_lat = q_c W_uk."""
+        w_uk = self.k_up.weight.unflatten(0, (self.num_heads, self.d_n))
+        return w_uk if g_n is None else w_uk * g_n.unflatten(0, (self.num_heads, self.d_n))[..., None]
+
+    def _up_v(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """The latent output (B, L, H, dc) through W_uv and its bias: (B, L, H, Dh) (softmax rows sum to 1)."""
+        H = self.num_heads
+        w_uv = self.v_up.weight.unflatten(0, (H, self.head_dim))  # (H, Dh, dc)
+        o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))
+        return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)
+
     def forward(self, x: torch.Tensor, inp: AttnInputs, layer: int) -> torch.Tensor:
         H, dn, dr = self.num_heads, self.d_n, self.d_r
         q = self.norm_q(self.to_q(x)).unflatten(-1, (H, dn + dr))  # (B, L, H, dn+dr)
@@ -318,7 +330,7 @@ class MLASelfAttention(nn.Module):
             if needs_grad:
                 raise RuntimeError("cache.dtype=fp8 is for inference (generation): a forward that needs gradients "
                                    "runs the torch paths on a 16-bit cache")
-            o = self._cached8(q, c, kr, past, g_n, g_r, inp, layer)
+            o = self._cached8(q_c, q_r, q[..., dn:], c, kr, past, g_n, g_r, inp, layer)
             return self.to_out[0](o.flatten(2).to(x.dtype))
         if impl in _FUSED:
             o = self._fused(q_c, q_r, c, kr, past, g_n, g_r, inp, impl, layer)
@@ -343,10 +355,7 @@ class MLASelfAttention(nn.Module):
         kernel also keeps the prefix's quantised rows per cache state (``KVCache.memo``)."""
         from .kernels import latent_attention as LA
 
-        H, dn = self.num_heads, self.d_n
-        w_uk = self.k_up.weight.unflatten(0, (H, dn))  # (H, dn, dc)
-        if g_n is not None:
-            w_uk = w_uk * g_n.unflatten(0, (H, dn))[..., None]
+        w_uk = self._w_uk(g_n)  # (H, dn, dc)
         c_past = past["c"] if past is not None else c[:, :0]  # (B, Lp, dc) view of the cache
         kr_past = past["kr"] if past is not None else kr[:, :0]
         lp = c_past.shape[1]
@@ -378,11 +387,9 @@ class MLASelfAttention(nn.Module):
             # call: keeping the rotated prefix costs d_r values a key (measured +9 % peak memory for +0.5 % speed)
             q_lat = torch.einsum("blhn,hnc->blhc", q_c, w_uk.to(q_c.dtype))  # (B, L, H, dc)
             o_lat, _ = LA.latent_attention(q_lat, q_r, c_past, c, rho, s.squeeze(-1).contiguous(), self.scale)
-        w_uv = self.v_up.weight.unflatten(0, (H, self.head_dim))  # (H, Dh, dc)
-        o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))  # (B, L, H, Dh)
-        return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)  # softmax rows sum to 1
+        return self._up_v(o_lat)
 
-    def _cached8(self, q, c, kr, past, g_n, g_r, inp: AttnInputs, layer: int) -> torch.Tensor:
+    def _cached8(self, q_c, q_r, q_rope, c, kr, past, g_n, g_r, inp: AttnInputs, layer: int) -> torch.Tensor:
         """Attention over an 8-bit cache (``cache.dtype=fp8``). Cached key rows were rotated at their frames'
         absolute positions when written; the current chunk's are too, and its queries are rotated twice: at
         absolute positions for the window and the chunk, and at the cache's scheme positions for the sinks
@@ -392,12 +399,8 @@ class MLASelfAttention(nn.Module):
         from .kernels import latent_attention_fp8 as LA8
 
         cache, step = inp.cache, inp.step
-        H, dn = self.num_heads, self.d_n
-        w_uk = self.k_up.weight.unflatten(0, (H, dn))  # (H, dn, dc)
-        if g_n is not None:
-            w_uk = w_uk * g_n.unflatten(0, (H, dn))[..., None]
-        q_c, q_r = q[..., :dn], apply_rope(q[..., dn:], inp.q_rot)  # sinks: scheme positions
-        q_abs = apply_rope(q[..., dn:], inp.rot_abs)  # window and chunk: absolute positions
+        w_uk = self._w_uk(g_n)  # (H, dn, dc)
+        q_abs = apply_rope(q_rope, inp.rot_abs)  # window and chunk: absolute positions (q_r, the scheme's: sinks)
         rho = self._rope_key(kr, 1.0, g_r, inp.rot_abs).to(c.dtype)  # (B, L, G, dr)
         krow = self.key_rows(c, rho, self._key_scale(c, kr))  # (B, L, key width)
         n = step.read_tokens
@@ -410,9 +413,7 @@ class MLASelfAttention(nn.Module):
         o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups, sinks, out_dtype=q_c.dtype)
         if step.write:
             LA8.write_cache8(cache, layer, step, krow, c)
-        w_uv = self.v_up.weight.unflatten(0, (H, self.head_dim))  # (H, Dh, dc)
-        o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))  # (B, L, H, Dh)
-        return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)
+        return self._up_v(o_lat)
 
     @staticmethod
     def key_rows(c: torch.Tensor, rho: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -436,10 +437,8 @@ class MLASelfAttention(nn.Module):
         return _sdpa(q, k, v, inp.mask, self.scale)  # (B, L, H, Dh)
 
     def _absorbed(self, q_c, q_r, c_all, kr_all, g_n, g_r, inp: AttnInputs) -> torch.Tensor:
-        H, dn, G = self.num_heads, self.d_n, self.groups
-        w_uk = self.k_up.weight.unflatten(0, (H, dn))  # (H, dn, dc)
-        if g_n is not None:
-            w_uk = w_uk * g_n.unflatten(0, (H, dn))[..., None]
+        H, G = self.num_heads, self.groups
+        w_uk = self._w_uk(g_n)  # (H, dn, dc)
         q_lat = torch.einsum("blhn,hnc->blhc", q_c, w_uk.to(q_c.dtype))  # (B, L, H, dc)
         s = self._key_scale(c_all, kr_all)  # (B, Lk, 1)
         k_r = self._rope_key(kr_all, s, g_r, inp.k_rot).to(q_c.dtype)  # (B, Lk, G, dr)
@@ -451,9 +450,7 @@ class MLASelfAttention(nn.Module):
         k = k.repeat_interleave(rep, dim=2) if G > 1 else k.expand(-1, -1, H, -1)  # (B, Lk, H, dc+dr)
         v = v.expand(-1, -1, H, -1)  # (B, Lk, H, dc)
         o_lat = _sdpa(q, k, v, inp.mask, self.scale)  # (B, L, H, dc)
-        w_uv = self.v_up.weight.unflatten(0, (H, self.head_dim))  # (H, Dh, dc)
-        o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))  # (B, L, H, Dh)
-        return o + self.v_up.bias.unflatten(0, (H, self.head_dim)).to(o.dtype)  # softmax rows sum to 1
+        return self._up_v(o_lat)
 
 
 class CrossAttention(_WanQKVO):

@@ -54,7 +54,7 @@ if triton is not None:
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
-P_RANGE = 256.0  # the largest p * vs lands here in e4m3 (max 448): small p stay out of the subnormals
+P_RANGE = 256.0  # P's largest entry (p = 1 of the set with the larger value scale) in e4m3 (max 448)
 ALIGN = 16  # bytes: TMA row strides and the padded widths of 8-bit rows
 
 
@@ -144,7 +144,8 @@ if triton is not None:
         ulp = tl.math.exp2(e - 3.0)
         return tl.floor(x / ulp + 0.5) * ulp
 
-    ALIGN8 = tl.constexpr(16)
+    ALIGN8 = tl.constexpr(ALIGN)
+    P_RANGE8 = tl.constexpr(P_RANGE)
 
     @triton.jit
     def _qk8(q0, q1, qr, b, g, k_ptr, s_kn, k0_d, k1_d, kr_d, start, lo, hi, DC: tl.constexpr, DRR: tl.constexpr,
@@ -284,7 +285,7 @@ if triton is not None:
         qr = tl.load(qr_ptr + row[:, None] * DRR + offs_r[None, :], mask=rm, other=0)
         rs = tl.load(sq_ptr + row, mask=rmask, other=1.0) * qk_scale
         vmax = tl.load(vmax_ptr + b)
-        vnorm = 256.0 / vmax
+        vnorm = P_RANGE8 / vmax
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
@@ -362,16 +363,22 @@ def _sequence_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
+def _to8(x: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [B, ...] times a per-sequence ``factor`` [B] (1 / scale), in int8 (rounded) or e4m3. The factor
+    keeps |x| within the format's range: no clamp."""
+    y = x.float() * factor.view(-1, *[1] * (x.dim() - 1))
+    return (torch.round(y) if dtype == torch.int8 else y).to(dtype)
+
+
 def quantize_keys(krow: torch.Tensor, c: torch.Tensor) -> Latent8:
     """Key rows [B, n, dc + G dr] and latents [B, n, dc] -> ``Latent8`` (what an 8-bit cache stores)."""
     b, n, dc = c.shape
     ks, vs = _sequence_scale(krow, INT8_MAX), _sequence_scale(c, FP8_MAX)
     k8 = torch.zeros(b, n, key_width(dc, krow.shape[2] - dc), device=c.device, dtype=torch.int8)
-    k8[..., :krow.shape[2]] = torch.round(krow.float() / ks[:, None, None]).to(torch.int8)
-    v8 = (c.float() / vs[:, None, None]).to(FP8)
+    k8[..., :krow.shape[2]] = _to8(krow, 1 / ks, torch.int8)
     # rows padded to 16 bytes with zeros: the kernel reads value columns in whole 16-byte groups
     vt = torch.zeros(b, dc, _round_up(max(n, 1), ALIGN), device=c.device, dtype=FP8)[:, :, :n]
-    vt.copy_(v8.transpose(1, 2))
+    vt.copy_(_to8(c, 1 / vs, FP8).transpose(1, 2))
     return Latent8(k8, ks, vt, vs)
 
 
@@ -383,16 +390,11 @@ def write_cache8(cache, layer: int, step, krow: torch.Tensor, c: torch.Tensor) -
     for name, x, qmax in (("k8", krow, INT8_MAX), ("v8", c, FP8_MAX)):
         scale = cache.scales[name][layer]  # [B]; 0 before the layer's first write
         new = torch.maximum(scale, _sequence_scale(x, qmax))
-        ratio = (scale / new).view(-1, *[1] * (cache.buffers[name].dim() - 2))
         buf = cache.buffers[name][layer]
-        y = x.float() / new.view(-1, 1, 1)
-        if name == "k8":
-            buf.copy_(torch.round(buf.float() * ratio).to(torch.int8))
-            q = torch.zeros(*x.shape[:2], buf.shape[-1], device=x.device, dtype=torch.int8)
-            q[..., :x.shape[2]] = torch.round(y).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-        else:
-            buf.copy_((buf.float() * ratio).to(FP8))
-            q = y.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        buf.copy_(_to8(buf, scale / new, buf.dtype))
+        q = _to8(x, 1 / new, buf.dtype)
+        if name == "k8":  # key rows padded to the stored width
+            q = torch.nn.functional.pad(q, (0, buf.shape[-1] - x.shape[-1]))
         scale.copy_(new)
         cache.write(layer, step, **{name: q})
 
