@@ -1,6 +1,6 @@
 """Minute-scale rollout throughput: random-weight 1.3B students, MHA vs MLA, on one GPU.
 
-    python benchmarks/rollout.py [--out DIR] [--chunks N] [--groups mha,mla,mla_fp8cache]
+    python benchmarks/rollout.py [--out DIR] [--chunks N] [--groups mha,mla,mla_fp8cache] [--merge]
 
 Groups: ``mha`` (cuDNN and flash SDPA), ``mla`` (``--mla-impls``, 16-bit cache), ``mla_fp8cache``
 (``attention.impl=triton_fp8`` reading and writing ``cache.dtype=fp8``).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import device_slug, write_result  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train import schedule  # noqa: E402
 from vmla_train.generate import latent_frames_for  # noqa: E402
@@ -135,19 +136,40 @@ def fits(fn) -> bool:
         return False
 
 
+def group_of(run: dict) -> str:
+    if run["attention"] == "mha":
+        return "mha"
+    return "mla_fp8cache" if run.get("cache_dtype") == "fp8" else "mla"
+
+
+def merged(path: Path, groups: list[str], runs: list[dict], max_window: dict) -> tuple[list[dict], dict]:
+    """This command's runs and max windows, plus those of the other groups from ``path`` (if it exists)."""
+    if not path.exists():
+        return runs, max_window
+    old = json.loads(path.read_text())
+    kept = [dict(r, date=r.get("date", old["date"])) for r in old["runs"] if group_of(r) not in groups]
+    windows = {g: w for g, w in old.get("max_window_frames", {}).items() if g not in groups}
+    return kept + runs, {**windows, **max_window}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--chunks", type=int, default=3)
     p.add_argument("--mla-impls", default="triton,absorbed_sdpa")
     p.add_argument("--groups", default="mha,mla", help="comma list of mha, mla, mla_fp8cache")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs of the other groups from the existing JSON of this device (each run keeps "
+                        "its own date): a run of every group exceeds one 10-minute device command")
     args = p.parse_args()
     dev = torch.cuda.get_device_name()
     total = torch.cuda.get_device_properties(0).total_memory / GB
     print(f"device {dev}, {total:.1f} GiB", flush=True)
     runs, max_window = [], {}
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
     def show(r):
+        r["date"] = now
         runs.append(r)
         print(f"{r['attention']:3s} {r['impl']:13s} B={r['batch']:3d} W={r['window_frames']:4d} "
               f"{r['frames_per_s']:7.2f} latent fr/s ({r['video_frames_per_s']:6.1f} video fr/s) "
@@ -217,8 +239,10 @@ def main() -> int:
         del student
         torch.cuda.empty_cache()
 
-    out = dict(device=dev, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), runs=runs,
-               max_window_frames=max_window)
+    if args.merge:
+        runs, max_window = merged(Path(args.out) / f"rollout-{device_slug(dev)}.json", args.groups.split(","), runs,
+                                  max_window)
+    out = dict(device=dev, date=now, runs=runs, max_window_frames=max_window)
     write_result("rollout", dev, out, args.out)
     return 0
 

@@ -23,6 +23,12 @@ from vmla_train.kernels import latent_attention as LA  # noqa: E402
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 DIMS = [(160, 64), (192, 32), (128, 64), (512, 64)]
+# the tiny config's latent widths (24 / 12) are not multiples of 16, which the 8-bit kernel's TMA rows need on
+# the GPU: tiny students there use 32 / 16
+GPU_WIDTHS = ["model.dim=64", "attention.d_c=32", "attention.d_r=16"] if ON_GPU else []
+# fp32 operands: exact in the interpreter (numpy); TF32 dots on the GPU (10-bit mantissa), as torch matmuls
+# with allow_tf32. (o, lse) relative-error bounds.
+FP32_TOL = (5e-3, 2e-3) if ON_GPU else (1e-5, 1e-6)
 
 
 def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -40,7 +46,8 @@ def test_kernel_matches_reference_all_widths(dc, dr):
         c = torch.cat([x["c_past"], x["c_new"]], 1)
         o_ref, lse_ref = LA.reference(x["q_lat"], x["q_r"], c, x["rho"], x["s"], x["scale"])
         assert o.shape == o_ref.shape and lse.shape == lse_ref.shape
-        assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-6, (groups, splits)
+        print("fp32 kernel vs reference", dc, dr, groups, splits, _err(o, o_ref), _err(lse, lse_ref))
+        assert _err(o, o_ref) < FP32_TOL[0] and _err(lse, lse_ref) < FP32_TOL[1], (groups, splits)
 
 
 @pytest.mark.timeout(60)
@@ -51,7 +58,8 @@ def test_kernel_shapes_segments_and_splits(l, lp, splits):
     o, lse = LA.latent_attention(**x, config=LA.TileConfig(16, 16, 1, 1, splits))
     c = torch.cat([x["c_past"], x["c_new"]], 1)
     o_ref, lse_ref = LA.reference(x["q_lat"], x["q_r"], c, x["rho"], x["s"], x["scale"])
-    assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-6
+    print("fp32 kernel vs reference", l, lp, splits, _err(o, o_ref), _err(lse, lse_ref))
+    assert _err(o, o_ref) < FP32_TOL[0] and _err(lse, lse_ref) < FP32_TOL[1]
 
 
 @pytest.mark.timeout(30)
@@ -104,7 +112,7 @@ def test_student_rollout_triton_equals_absorbed():
     from vmla_train.student import WanStudent
 
     base = ["model.name=tiny", "model.num_layers=1", "video.height=32", "video.width=48",
-            "cache.window_frames=6", "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32"]
+            "cache.window_frames=6", "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32"] + GPU_WIDTHS
     outs = {}
     for impl in ("absorbed_sdpa", "triton", "triton_fp8"):
         cfg = C.load(None, base + [f"attention.impl={impl}"])
@@ -118,7 +126,9 @@ def test_student_rollout_triton_equals_absorbed():
         steps = schedule.warp_timesteps([1000, 500], 5.0)
         frames = 4 * cfg.video.chunk_frames  # 12 frames through a 6-frame window with 1 sink: wraps
         outs[impl] = sample_video(student, text, frames, steps, generator=gen)
-    assert _err(outs["triton"], outs["absorbed_sdpa"].double()) < 1e-4
+    err = _err(outs["triton"], outs["absorbed_sdpa"].double())
+    print("rollout triton vs absorbed_sdpa", err)
+    assert err < (5e-3 if ON_GPU else 1e-4)  # fp32 model: TF32 kernel dots on the GPU
     err8 = _err(outs["triton_fp8"], outs["absorbed_sdpa"].double())
     print("rollout triton_fp8 vs absorbed_sdpa", err8)
     assert err8 < 5e-2
@@ -136,7 +146,7 @@ def test_fp8_rollout_quantises_each_prefix_once(monkeypatch):
 
     cfg = C.load(None, ["model.name=tiny", "model.num_layers=2", "video.height=32", "video.width=48",
                         "cache.window_frames=6", "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32",
-                        "attention.impl=triton_fp8"])
+                        "attention.impl=triton_fp8"] + GPU_WIDTHS)
     calls = []
     quantize = LA8.quantize_keys
     monkeypatch.setattr(LA8, "quantize_keys", lambda krow, c: calls.append(krow.shape[1]) or quantize(krow, c))
@@ -170,7 +180,7 @@ def test_fp8_cache_rollout_matches_16bit_cache():
     from vmla_train.student import WanStudent
 
     base = ["model.name=tiny", "model.num_layers=2", "video.height=32", "video.width=48", "cache.window_frames=6",
-            "cache.sink_frames=1", "runtime.dtype=float32", "attention.impl=triton_fp8"]
+            "cache.sink_frames=1", "runtime.dtype=float32", "attention.impl=triton_fp8"] + GPU_WIDTHS
     outs, nbytes = {}, {}
     for dt in ("float32", "fp8"):
         cfg = C.load(None, base + [f"cache.dtype={dt}"])
@@ -180,17 +190,19 @@ def test_fp8_cache_rollout_matches_16bit_cache():
             for blk in student.blocks:
                 blk.attn1.norm_k.weight.uniform_(0.5, 1.5)
         gen = torch.Generator(device=DEV).manual_seed(1)
-        text = torch.randn(1, 8, cfg.model.text_dim, generator=gen, device=DEV)
+        # two videos whose activations differ in scale: each batch row keeps its own key and value scales
+        gain = torch.tensor([1.0, 4.0], device=DEV)[:, None, None]
+        text = torch.randn(2, 8, cfg.model.text_dim, generator=gen, device=DEV) * gain
         steps = schedule.warp_timesteps([1000, 500], 5.0)
         outs[dt] = sample_video(student, text, 4 * cfg.video.chunk_frames, steps, generator=gen)
         cache = student.new_cache(1)
         nbytes[dt] = cache.nbytes()
     x = torch.randn(1, cfg.video.chunk_frames, cfg.model.in_channels, 4, 6, device=DEV)
     with pytest.raises(RuntimeError, match="cache.dtype=fp8 is for inference"):  # grads need the 16-bit paths
-        student(x, torch.full((1,), 500.0, device=DEV), text, cache=cache, write_cache=True)
-    err = _err(outs["fp8"], outs["float32"].double())
-    print("fp8 cache vs 16-bit cache", err, nbytes)
-    assert err < 6e-4
+        student(x, torch.full((1,), 500.0, device=DEV), text[:1], cache=cache, write_cache=True)
+    errs = [_err(outs["fp8"][i], outs["float32"][i].double()) for i in range(2)]
+    print("fp8 cache vs 16-bit cache, per video", errs, nbytes)
+    assert max(errs) < 6e-4
     a, layers, n_tok = cfg.attention, cfg.model.num_layers, cache.num_slots * cache.tokens_per_frame
     assert nbytes["float32"] == layers * n_tok * (a.d_c + a.d_r) * 4
     assert nbytes["fp8"] == layers * (n_tok * -(-(a.d_c + a.d_r) // 16) * 16 + a.d_c * -(-n_tok // 16) * 16 + 2 * 4)
@@ -268,6 +280,10 @@ def test_kernel8_matches_reference_all_widths(dc, dr):
     for groups, sinks, splits in ((1, 0, 1), (1, 11, 2), (2, 40, 3)):
         x = LA8.random_inputs8(2, 13, 4, dc, dr // groups if groups > 1 else dr, 45, groups=groups,
                                sink_tokens=sinks, device=DEV, seed=dc + sinks)
+        if ON_GPU and dc > 256:  # shared memory: wider latents are served by attention.impl=triton / absorbed_sdpa
+            with pytest.raises(ValueError, match="dc <= 256"):
+                LA8.run8(x)
+            return
         e_o, e_lse = _check8_dequantised(x, LA.TileConfig(16, 32, 1, 1, splits))
         assert e_lse < 1e-5 and e_o < 4e-2, (groups, sinks, splits, e_o, e_lse)
         e_o, e_lse = LA8.check8(x, LA.TileConfig(16, 32, 1, 1, splits), dtype=torch.float32)  # vs unquantised

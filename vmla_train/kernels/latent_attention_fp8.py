@@ -56,6 +56,7 @@ FP8_MAX = 448.0
 INT8_MAX = 127.0
 P_RANGE = 256.0  # P's largest entry (p = 1 of the set with the larger value scale) in e4m3 (max 448)
 ALIGN = 16  # bytes: TMA row strides and the padded widths of 8-bit rows
+QUANT_BLOCK_K = 64  # dn piece of the query absorption GEMM: fp32 operands of dn = 256 asked 256 KB of shared memory
 
 
 def _pow2(n: int, lo: int = 32) -> int:
@@ -100,23 +101,27 @@ if triton is not None:
     def _quant_queries(qc_ptr, w_ptr, qr_ptr, qs_ptr, q8_ptr, qr8_ptr, qs8_ptr, sq_ptr, L,
                        sqc_b, sqc_l, sqc_h, sw_h, sw_n, sqr_b, sqr_l, sqr_h, sqs_b, sqs_l, sqs_h,
                        H: tl.constexpr, DN: tl.constexpr, DNP: tl.constexpr, DC: tl.constexpr, D0: tl.constexpr,
-                       D1: tl.constexpr, DRR: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr):
+                       D1: tl.constexpr, DRR: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
         """q_lat = q_c,h @ W_h (W = g_n W_uk as [H, dn, dc]) and the two rotated RoPE parts, int8 with one
         scale per (token, head) row over all three, in the GEMM's epilogue. Outputs [B, L, H, *]."""
         pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         tmask = tok < L
-        offs_n = tl.arange(0, DNP)
-        qc = tl.load(qc_ptr + b * sqc_b + tok[:, None] * sqc_l + h * sqc_h + offs_n[None, :],
-                     mask=tmask[:, None] & (offs_n[None, :] < DN), other=0.0)
         offs_0 = tl.arange(0, D0)
         offs_1 = D0 + tl.arange(0, D1)
-        w_row = w_ptr + h * sw_h + offs_n[:, None] * sw_n
-        nmask = offs_n[:, None] < DN
-        w0 = tl.load(w_row + offs_0[None, :], mask=nmask & (offs_0[None, :] < DC), other=0.0)
-        w1 = tl.load(w_row + offs_1[None, :], mask=nmask & (offs_1[None, :] < DC), other=0.0)
-        a0 = tl.dot(qc, w0.to(qc.dtype))
-        a1 = tl.dot(qc, w1.to(qc.dtype))
+        a0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        a1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        for k in tl.static_range(0, DNP, BLOCK_K):  # dn in pieces: fp32 operands of a wide dn fit shared memory
+            offs_n = k + tl.arange(0, BLOCK_K)
+            qc = tl.load(qc_ptr + b * sqc_b + tok[:, None] * sqc_l + h * sqc_h + offs_n[None, :],
+                         mask=tmask[:, None] & (offs_n[None, :] < DN), other=0.0)
+            w_row = w_ptr + h * sw_h + offs_n[:, None] * sw_n
+            nmask = offs_n[:, None] < DN
+            w0 = tl.load(w_row + offs_0[None, :], mask=nmask & (offs_0[None, :] < DC), other=0.0)
+            w1 = tl.load(w_row + offs_1[None, :], mask=nmask & (offs_1[None, :] < DC), other=0.0)
+            a0 = tl.dot(qc, w0.to(qc.dtype), a0)
+            a1 = tl.dot(qc, w1.to(qc.dtype), a1)
         offs_r = tl.arange(0, DR)
         rmask = tmask[:, None] & (offs_r[None, :] < DRR)
         qr = tl.load(qr_ptr + b * sqr_b + tok[:, None] * sqr_l + h * sqr_h + offs_r[None, :], mask=rmask,
@@ -415,10 +420,11 @@ def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q
     qs8 = torch.empty_like(qr8)
     sq = torch.empty(b, l, h, device=q_c.device, dtype=torch.float32)
     bm = 16 if _interpreting() else 64
+    dnp = _pow2(dn, 16)
     _quant_queries[(triton.cdiv(l, bm), h, b)](
         q_c, w, q_r, q_r_sink, q8, qr8, qs8, sq, l, q_c.stride(0), q_c.stride(1), q_c.stride(2), w.stride(0), w.stride(1),
         q_r.stride(0), q_r.stride(1), q_r.stride(2), q_r_sink.stride(0), q_r_sink.stride(1), q_r_sink.stride(2),
-        H=h, DN=dn, DNP=_pow2(dn, 16), DC=dc, D0=d0, D1=d1, DRR=dr, DR=dr_p, BLOCK_M=bm, num_warps=4)
+        H=h, DN=dn, DNP=dnp, DC=dc, D0=d0, D1=d1, DRR=dr, DR=dr_p, BLOCK_M=bm, BLOCK_K=min(dnp, QUANT_BLOCK_K), num_warps=4)
     return q8, qr8, qs8, sq
 
 
@@ -455,8 +461,11 @@ def _descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: int, 
                          f"multiples of {ALIGN}")
     k = lat.k
     rope = k[..., dc: dc + groups * dr].unflatten(-1, (groups, dr))
+    # dc == D0 (dc = 32): no second content piece; its dot multiplies the queries' zero padding, so any int8
+    # columns serve as its keys
+    k1 = k[..., d0:dc] if dc > d0 else k[..., :d1]
     return [TensorDescriptor.from_tensor(k[..., :d0], [1, block_n, d0]),
-            TensorDescriptor.from_tensor(k[..., d0:dc], [1, block_n, d1]),
+            TensorDescriptor.from_tensor(k1, [1, block_n, d1]),
             TensorDescriptor.from_tensor(rope, [1, block_n, 1, dr_p])]
 
 
