@@ -424,7 +424,8 @@ def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q
     _quant_queries[(triton.cdiv(l, bm), h, b)](
         q_c, w, q_r, q_r_sink, q8, qr8, qs8, sq, l, q_c.stride(0), q_c.stride(1), q_c.stride(2), w.stride(0), w.stride(1),
         q_r.stride(0), q_r.stride(1), q_r.stride(2), q_r_sink.stride(0), q_r_sink.stride(1), q_r_sink.stride(2),
-        H=h, DN=dn, DNP=dnp, DC=dc, D0=d0, D1=d1, DRR=dr, DR=dr_p, BLOCK_M=bm, BLOCK_K=min(dnp, QUANT_BLOCK_K), num_warps=4)
+        H=h, DN=dn, DNP=dnp, DC=dc, D0=d0, D1=d1, DRR=dr, DR=dr_p, BLOCK_M=bm, BLOCK_K=min(dnp, QUANT_BLOCK_K),
+        num_warps=4)
     return q8, qr8, qs8, sq
 
 
