@@ -122,18 +122,16 @@ class MLACase:
         from vmla_train.rope import Rotary
 
         a = self.attn
-        H, dn = a.num_heads, a.d_n
         lp = self.c_past.shape[1]
         rot = self.inp.k_rot
         if not hasattr(self, "past8"):
             s_p = a._key_scale(self.c_past, self.kr_past)
             rho_p = a._rope_key(self.kr_past, 1.0, self.g_r, Rotary(rot.cos[:lp], rot.sin[:lp]))
             self.past8 = LA8.quantize_keys(a.key_rows(self.c_past, rho_p.to(self.c.dtype), s_p), self.c_past)
-        w_uk = a.k_up.weight.unflatten(0, (H, dn)) * self.g_n.unflatten(0, (H, dn))[..., None]
         s = a._key_scale(self.c, self.kr)
         rho = a._rope_key(self.kr, 1.0, self.g_r, Rotary(rot.cos[lp:], rot.sin[lp:])).to(self.c.dtype)
         new8 = LA8.quantize_keys(a.key_rows(self.c, rho, s), self.c)
-        return LA8.quantize_queries(self.q_c, w_uk, self.q_r), self.past8, new8
+        return LA8.quantize_queries(self.q_c, a._w_uk(self.g_n), self.q_r), self.past8, new8
 
     def run_fp8_cache(self) -> torch.Tensor:
         """An 8-bit cache: the prefix's key rows and values quantised once (as a cache write would, outside the
@@ -144,9 +142,7 @@ class MLACase:
         a = self.attn
         (q8, qr8, qs8, sq), past8, new8 = self.fp8_operands()
         o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups, out_dtype=self.q_c.dtype)
-        w_uv = a.v_up.weight.unflatten(0, (a.num_heads, a.head_dim))
-        o = torch.einsum("blhc,hdc->blhd", o_lat, w_uv.to(o_lat.dtype))
-        return o + a.v_up.bias.unflatten(0, (a.num_heads, a.head_dim)).to(o.dtype)
+        return a._up_v(o_lat)
 
     def reference(self, rows: torch.Tensor) -> torch.Tensor:
         """float64 output for query tokens ``rows`` (the absorbed math, exact up to the fp32 key scale)."""
@@ -175,26 +171,30 @@ def mla_flops(cfg: C.Config, variant: str, n_q: int, n_k: int) -> float:
 def kernel_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:
     """The kernel alone at its default tiles, and a sweep of the candidate tiles (best reported)."""
     a = case.attn
-    H, dn = a.num_heads, a.d_n
     with torch.no_grad():
-        w_uk = a.k_up.weight.unflatten(0, (H, dn)) * case.g_n.unflatten(0, (H, dn))[..., None]
-        q_lat = torch.einsum("blhn,hnc->blhc", case.q_c, w_uk.to(case.q_c.dtype)).contiguous()
+        q_lat = torch.einsum("blhn,hnc->blhc", case.q_c, a._w_uk(case.g_n).to(case.q_c.dtype)).contiguous()
         s = torch.cat([a._key_scale(case.c_past, case.kr_past), a._key_scale(case.c, case.kr)], 1).squeeze(-1)
         rho = a._rope_key(case.kr_all, 1.0, case.g_r, case.inp.k_rot).to(q_lat.dtype)
     args = (q_lat, case.q_r, case.c_past, case.c, rho, s.contiguous(), a.scale)
-    default = bench(lambda: LA.latent_attention(*args))
-    sweep = []
-    if not sweep_tiles:
-        return default, None, sweep
-    for cand in LA.CANDIDATES:
-        for splits in (1, 2, 3):
+    return sweep_tiles_of(lambda cfg=None: LA.latent_attention(*args, config=cfg), LA.CANDIDATES, (1, 2, 3),
+                          sweep_tiles)
+
+
+def sweep_tiles_of(run, candidates: list, splits_list: tuple, sweep: bool) -> tuple[float, LA.TileConfig | None, list]:
+    """``run(config)`` at its default tiles, and (``sweep``) at every candidate x key split, fastest first."""
+    default = bench(run)
+    times = []
+    if not sweep:
+        return default, None, times
+    for cand in candidates:
+        for splits in splits_list:
             cfg = LA.TileConfig(cand.block_m, cand.block_n, cand.num_warps, cand.num_stages, splits)
             try:
-                sweep.append((bench(lambda: LA.latent_attention(*args, config=cfg)), cfg))
+                times.append((bench(lambda: run(cfg)), cfg))
             except Exception as e:  # out of shared memory / registers for this tile: pruned
                 print(f"  tile {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
-    sweep.sort(key=lambda t: t[0])
-    return default, (sweep[0][1] if sweep else None), sweep
+    times.sort(key=lambda t: t[0])
+    return default, (times[0][1] if times else None), times
 
 
 CANDIDATES8 = [LA.TileConfig(*t) for t in ((128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
@@ -209,19 +209,7 @@ def kernel8_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig
         (q8, qr8, qs8, sq), past8, new8 = case.fp8_operands()
     run = lambda cfg=None: LA8.attention8(q8, qr8, qs8, sq, past8, new8, case.attn.scale, case.attn.groups,  # noqa: E731
                                           config=cfg)
-    default = bench(run)
-    sweep = []
-    if not sweep_tiles:
-        return default, None, sweep
-    for cand in CANDIDATES8:
-        for splits in (2, 3, 4):
-            cfg = LA.TileConfig(cand.block_m, cand.block_n, cand.num_warps, cand.num_stages, splits)
-            try:
-                sweep.append((bench(lambda: run(cfg)), cfg))
-            except Exception as e:  # out of shared memory / registers for this tile: pruned
-                print(f"  tile {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
-    sweep.sort(key=lambda t: t[0])
-    return default, (sweep[0][1] if sweep else None), sweep
+    return sweep_tiles_of(run, CANDIDATES8, (2, 3, 4), sweep_tiles)
 
 
 def main() -> int:

@@ -824,7 +824,9 @@ def kv_values_per_token(cfg: Config) -> dict[str, int]:
     # MLA caches c (d_c) and the raw RoPE key (d_r); the k-norm scale is recomputed from them. The 8-bit
     # format stores the key rows [s c ; s rho] (d_c + d_r, padded to 16 bytes) and c again as the value.
     if cfg.cache.dtype == "fp8":
-        return {"mha": mha, "mla": -(-(a.d_c + a.d_r) // 16) * 16 + a.d_c}
+        from .kernels.latent_attention_fp8 import key_width
+
+        return {"mha": mha, "mla": key_width(a.d_c, a.d_r) + a.d_c}
     return {"mha": mha, "mla": a.d_c + a.d_r}
 
 
