@@ -2,7 +2,8 @@
 same run preempted twice (SIGUSR1 through Slurm, then `scontrol requeue`), resumed to the same weights.
 
 Both jobs: the tiny self_forcing debug config, 2 nodes x 1 task, DDP over gloo on CPU, one core per task
-(OMP_NUM_THREADS=1 from --cpus-per-task), W&B offline, a checkpoint every 5 of 40 iterations.
+(OMP_NUM_THREADS=1 from --cpus-per-task), W&B offline, a checkpoint every 10 of 100 iterations
+(~0.1 s each: enough that the job cannot finish before a signal sent a few steps in reaches it).
 
 Tolerance: zero. The preempted job runs the same kernels on the same shapes with the same thread count;
 every random draw of an iteration comes from generators keyed by (seed, rank, iteration); weights, AdamW
@@ -32,9 +33,9 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/self_forcing-debug.yaml"
-STEPS = 40
+STEPS = 100
 OVERRIDES = [f"train.num_steps={STEPS}", "train.global_batch_size=2", "strategy.name=ddp", "logging.wandb_mode=offline",
-             "checkpoint.every_n_steps=5", "checkpoint.keep_last=100"]
+             "checkpoint.every_n_steps=10", "checkpoint.keep_last=100"]
 # the sbatch script's GPU defaults replaced for CPU nodes (its header shows this command)
 CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -169,7 +170,7 @@ def test_two_node_job_trains_checkpoints_and_finishes(reference):
     assert "distributed_backend=gloo" in log and "resumed from" not in log
     _check_finished_run(run, starts=1)
     steps = [int(p.name.split("-")[1]) for p in ckpt.complete_checkpoints(run)]
-    assert steps == list(range(5, STEPS + 1, 5))
+    assert steps == list(range(10, STEPS + 1, 10))
     for rank in (0, 1):  # both ranks wrote their RNG and data position
         assert (ckpt.step_dir(run, STEPS) / f"loader-rank{rank}.json").is_file()
 
