@@ -470,19 +470,15 @@ def _descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: int, 
             TensorDescriptor.from_tensor(rope, [1, block_n, 1, dr_p])]
 
 
-def attention8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch.Tensor, past: Latent8 | None,
-               new: Latent8, scale: float, groups: int = 1, sink_tokens: int = 0, out_dtype=torch.bfloat16,
-               config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8-bit kernel on quantised operands: queries from ``quantize_queries``, keys ``past`` (e.g. an 8-bit
-    cache prefix) then ``new``; ``qs8`` serves the first ``sink_tokens`` keys of ``past``, ``qr8`` the rest.
-    Returns (o_lat [B, L, H, dc] in ``out_dtype``, lse [B, L, H] float32)."""
-    _need_triton()
+def check_operands8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch.Tensor, past: Latent8 | None,
+                    new: Latent8, groups: int, sink_tokens: int) -> Latent8:
+    """Shape, dtype and layout checks of the 8-bit kernels' operands (``attention8``'s doc); returns ``past``
+    (an empty key set when None)."""
     b, l, h, dc = q8.shape
     dr = qr8.shape[3]
     if past is None:
         past = Latent8(new.k[:, :0], new.ks, new.v[:, :, :0], new.vs)
-    lp, ln = past.num_tokens, new.num_tokens
-    lk = lp + ln
+    ln = new.num_tokens
     for name, lat in (("past", past), ("new", new)):
         n = lat.num_tokens
         if (lat.k.shape[0] != b or lat.k.shape[2] < dc + groups * dr or lat.ks.shape != (b,)
@@ -500,8 +496,23 @@ def attention8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch
                          f"{tuple(sq.shape)}")
     if ln < 1:
         raise ValueError("8-bit latent attention: the current chunk has no keys")
-    if not 0 <= sink_tokens <= lp:
-        raise ValueError(f"8-bit latent attention: sink_tokens={sink_tokens} outside the {lp} cached keys")
+    if not 0 <= sink_tokens <= past.num_tokens:
+        raise ValueError(f"8-bit latent attention: sink_tokens={sink_tokens} outside the {past.num_tokens} cached keys")
+    return past
+
+
+def attention8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch.Tensor, past: Latent8 | None,
+               new: Latent8, scale: float, groups: int = 1, sink_tokens: int = 0, out_dtype=torch.bfloat16,
+               config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit kernel on quantised operands: queries from ``quantize_queries``, keys ``past`` (e.g. an 8-bit
+    cache prefix) then ``new``; ``qs8`` serves the first ``sink_tokens`` keys of ``past``, ``qr8`` the rest.
+    Returns (o_lat [B, L, H, dc] in ``out_dtype``, lse [B, L, H] float32)."""
+    _need_triton()
+    b, l, h, dc = q8.shape
+    dr = qr8.shape[3]
+    past = check_operands8(q8, qr8, qs8, sq, past, new, groups, sink_tokens)
+    lp, ln = past.num_tokens, new.num_tokens
+    lk = lp + ln
     on_gpu = q8.is_cuda
     _check_width(dc, q8.device)
     cfg = config or default_config8(dc, on_gpu)
@@ -563,8 +574,10 @@ def random_inputs8(b: int, l: int, h: int, dc: int, dr: int, lp: int, groups: in
                 sink_tokens=sink_tokens, scale=(d_n + dr) ** -0.5)
 
 
-def run8(x: dict, config: TileConfig | None = None, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise ``random_inputs8``'s operands (identity absorption) and run the kernel."""
+def run8(x: dict, config: TileConfig | None = None, dtype=torch.bfloat16,
+         kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``random_inputs8``'s operands (identity absorption) and run ``kernel`` (default ``attention8``;
+    ``latent_attention_ws.attention8_ws`` takes the same operands)."""
     lp = x["lp"]
     q_lat = x["q_lat"].to(dtype)
     h, dc = q_lat.shape[2], q_lat.shape[3]
@@ -573,8 +586,8 @@ def run8(x: dict, config: TileConfig | None = None, dtype=torch.bfloat16) -> tup
     krow, c = x["krow"].to(dtype), x["c"].to(dtype)
     past = quantize_keys(krow[:, :lp], c[:, :lp]) if lp else None
     new = quantize_keys(krow[:, lp:], c[:, lp:])
-    return attention8(q8, qr8, qs8, sq, past, new, x["scale"], x["groups"], x["sink_tokens"],
-                      out_dtype=torch.float32, config=config)
+    return (kernel or attention8)(q8, qr8, qs8, sq, past, new, x["scale"], x["groups"], x["sink_tokens"],
+                                  out_dtype=torch.float32, config=config)
 
 
 def check8(x: dict, config: TileConfig | None = None, dtype=torch.bfloat16,

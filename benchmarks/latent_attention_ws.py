@@ -1,0 +1,99 @@
+"""The warp-specialised 8-bit kernel (Gluon) against the 8-bit Triton kernel and cuDNN MHA, per layer at the 1.3B
+chunk geometry. One GPU command (Hopper); writes benchmarks/results/latent_attention_ws-<device>.json.
+
+    python benchmarks/latent_attention_ws.py [--out DIR] [--no-sweep]
+
+Both 8-bit kernels run on the same quantised operands of a random-weight ``MLASelfAttention`` layer
+(``MLACase.fp8_operands``: the prefix quantised once, as an 8-bit cache holds it), kernel alone. ``agree_o`` /
+``agree_lse``: relative difference of the Gluon kernel's output from the Triton kernel's (same math, so ~1e-6;
+their shared error against float64 is ``benchmarks/latent_attention.py``'s ``triton_fp8`` row). The sweep walks
+key tiles, stages and key splits (the shared-memory plan prunes what does not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_result  # noqa: E402
+from benchmarks.latent_attention import MLACase, bench, mha_case, mla_flops  # noqa: E402
+from vmla_train import config as C  # noqa: E402
+from vmla_train.kernels import latent_attention as LA  # noqa: E402
+from vmla_train.kernels import latent_attention_fp8 as LA8  # noqa: E402
+from vmla_train.kernels import latent_attention_ws as WS  # noqa: E402
+
+TILES = [(128, 3), (128, 2), (64, 4), (64, 3)]  # (keys per tile, stages)
+SPLITS = (1, 2, 3, 4)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm()) if torch.isfinite(a).all() else float("nan")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--no-sweep", action="store_true", help="default tiles only")
+    args = p.parse_args()
+    dev = torch.cuda.get_device_name()
+    print(f"device {dev}", flush=True)
+    cfg = C.load(None, [])
+    tpf, chunk = cfg.tokens_per_frame, cfg.video.chunk_frames
+    cases = []
+    for n_q, frames, sinks in ((chunk * tpf, 21, 3), (chunk * tpf, 21, 0), (tpf, 21, 3)):
+        n_k = (frames + sinks) * tpf
+        mha = mha_case(cfg, n_q, n_k, SDPBackend.CUDNN_ATTENTION)["ms"]
+        case = MLACase(cfg, n_q, n_k)
+        a = case.attn
+        with torch.no_grad():
+            (q8, qr8, qs8, sq), past8, new8 = case.fp8_operands()
+        sink_tokens = sinks * tpf
+
+        def run(kernel, config=None):
+            return kernel(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups, sink_tokens, config=config)
+
+        o8, lse8 = run(LA8.attention8)
+        ms8 = bench(lambda: run(LA8.attention8))
+        fl = mla_flops(cfg, "triton_fp8", n_q, n_k)
+        row = dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=a.d_c, d_r=cfg.attention.d_r, mha_cudnn_ms=mha,
+                   triton_fp8_ms=ms8)
+        try:
+            o, lse = run(WS.attention8_ws)
+            ms = bench(lambda: run(WS.attention8_ws))
+            row.update(ws_ms=ms, ws_tflops=fl / ms / 1e9, agree_o=rel(o, o8), agree_lse=rel(lse, lse8))
+        except Exception as e:  # a first GPU run may fail to compile or launch: recorded, the sweep still runs
+            row.update(ws_error=f"{type(e).__name__}: {str(e)[:300]}")
+        sweep = []
+        for block_n, stages in [] if args.no_sweep else TILES:
+            for splits in SPLITS:
+                tile = LA.TileConfig(WS.BLOCK_M, block_n, 4, stages, splits)
+                if WS.smem_bytes(a.d_c, a.d_r, block_n, stages) > WS.SMEM_BYTES:
+                    continue
+                try:
+                    sweep.append((bench(lambda: run(WS.attention8_ws, tile)), vars(tile)))
+                except Exception as e:
+                    print(f"  tile {tile} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        sweep.sort(key=lambda t: t[0])
+        if sweep:
+            row.update(best_ms=sweep[0][0], best_tile=sweep[0][1], sweep=sweep)
+        cases.append(row)
+        ws = f"ws {row['ws_ms']:.3f} ms ({mha / row['ws_ms']:.2f}x cuDNN, {ms8 / row['ws_ms']:.2f}x triton_fp8), " \
+             f"agree {row['agree_o']:.1e} / {row['agree_lse']:.1e}" if "ws_ms" in row else row.get("ws_error")
+        best = f"; best {row['best_ms']:.3f} ms {row['best_tile']}" if sweep else ""
+        print(f"{n_q:5d} {frames:2d}+{sinks} cuDNN MHA {mha:.3f} ms, triton_fp8 {ms8:.3f} ms, {ws}{best}", flush=True)
+        del case
+        torch.cuda.empty_cache()
+    out = dict(device=dev, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), cases=cases)
+    write_result("latent_attention_ws", dev, out, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

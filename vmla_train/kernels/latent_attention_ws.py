@@ -1,0 +1,445 @@
+"""Warp-specialised 8-bit latent attention for Hopper, written in Gluon (Triton's explicit dialect).
+
+The same function and the same operands as ``latent_attention_fp8.attention8`` (int8 Q.K^T on the key rows
+``[s c ; s rho]``, e4m3 P.V on the transposed latent, one key and one value scale per sequence, sinks scored
+with their own query RoPE part; see that module's doc), with FlashAttention-3's schedule instead of Triton's
+lock-step loop:
+
+- **a producer warp** issues every TMA load (key-row pieces and value tiles of a stage) and signals a
+  ``ready`` mbarrier per stage; consumers give a stage back through an ``empty`` mbarrier. No CTA-wide
+  barrier in the loop: Triton 3.6's loop had five per key tile, and the lazy-rescale probe
+  (benchmarks/NOTES-kernel.md) measured how much they cost;
+- **two consumer warpgroups**, 64 query rows each (the wgmma M), run Q.K^T -> softmax -> P.V on the same
+  key tiles independently, so the warp schedulers overlap one's softmax with the other's tensor-core work;
+- the three Q.K^T pieces (content D0 and D1, RoPE) are issued back to back and waited for once (Triton waited
+  after each);
+- the queries stay in shared memory (the wgmma A operand), so a consumer thread holds only the two
+  accumulators, one score tile and P.
+
+Status: compiled for sm_90a on CPU machines (``compile_report`` / tests/test_kernel_latent_attention_ws.py:
+registers, spills, shared memory, the waits); not yet run on a GPU (none was lent in the session that wrote
+it). The gpu-marked tests compare it with ``attention8`` on the same operands. It is not dispatched by
+``attention.impl`` until it is measured faster than ``attention8`` (``python3 benchmarks/latent_attention_ws.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .latent_attention import LOG2E, SplitPlan, TileConfig, triton
+from .latent_attention_fp8 import (ALIGN, P_RANGE, PROGRAMS_PER_SM8, Latent8, _check_width, check_operands8,
+                                   pieces8)
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton absent or without Gluon
+    gluon = None
+
+WG_ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
+CONSUMERS = 2  # consumer warpgroups per CTA: BLOCK_M = 128 rows
+BLOCK_M = WG_ROWS * CONSUMERS
+# Registers a thread, per warpgroup (setmaxnreg): the producer warp's warpgroup gets the minimum, the consumers
+# the rest of the 64 K register file over 3 warpgroups (65536 / 384 = 170 -> 168 before reallocation).
+PRODUCER_REGS = 24
+CONSUMER_REGS = 240
+MAX_REGS = 168
+
+
+def available() -> bool:
+    return gluon is not None
+
+
+if gluon is not None:
+
+    _WG_ROWS = gl.constexpr(WG_ROWS)  # the module constants, as Gluon reads globals
+    _CONSUMERS = gl.constexpr(CONSUMERS)
+    _P_RANGE = gl.constexpr(P_RANGE)
+    _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
+    _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
+
+    @gluon.jit
+    def _rows(first, L, b, g, H: gl.constexpr, G: gl.constexpr, ROWS: gl.constexpr, layout: gl.constexpr):
+        """(row index into [B, L, H] tensors, valid mask) of the ROWS query rows from M row ``first`` (the REP
+        heads of RoPE group g folded into M, as in the Triton kernels)."""
+        REP: gl.constexpr = H // G
+        r = first + gl.arange(0, ROWS, layout=layout)
+        return (b * L + r // REP) * H + g * REP + r % REP, r < L * REP
+
+    @gluon.jit
+    def _stage_queries(ptr, row, rmask, width, COL0: gl.constexpr, COLS: gl.constexpr, layout: gl.constexpr):
+        """int8 query columns [COL0, COL0 + COLS) of ``row`` (zero at and past ``width``, and on invalid rows) in
+        shared memory, in the wgmma operand layout."""
+        ROWS: gl.constexpr = row.shape[0]
+        cols = COL0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
+        x = gl.load(ptr + row[:, None] * width + cols[None, :], mask=rmask[:, None] & (cols[None, :] < width), other=0)
+        return gl.allocate_shared_memory(gl.int8, [ROWS, COLS], gl.NVMMASharedLayout.get_default_for([ROWS, COLS],
+                                                                                                      gl.int8), x)
+
+    @gluon.jit
+    def _tiles(lo, hi, BLOCK_N: gl.constexpr):
+        """(first, stop): the BLOCK_N-aligned tile starts covering keys [lo, hi); none when the range is empty."""
+        first = lo // BLOCK_N * BLOCK_N
+        return first, gl.where(hi > lo, hi, first)
+
+    @gluon.jit
+    def _produce_range(it, k0d, k1d, krd, v0d, v1d, smem, krow0, vrow0, kr_col, lo, hi, D0: gl.constexpr,
+                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS1: gl.constexpr):
+        """TMA loads of the key tiles over [lo, hi) of one key set into the stage ring (``it`` counts stages
+        across ranges, as the consumers count them)."""
+        _, _, _, _, k0_b, k1_b, kr_b, v0_b, v1_b, ready, empty = smem
+        nbytes: gl.constexpr = (k0d.block_type.nbytes + k1d.block_type.nbytes * HAS1 + krd.block_type.nbytes
+                                + v0d.block_type.nbytes + v1d.block_type.nbytes)
+        first, stop = _tiles(lo, hi, BLOCK_N)
+        for start in range(first, stop, BLOCK_N):
+            st = it % STAGES
+            mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)  # both consumers gave the stage back
+            bar = ready.index(st)
+            mbarrier.expect(bar, nbytes)
+            tma.async_copy_global_to_shared(k0d, [krow0 + start, 0], bar, k0_b.index(st))
+            if HAS1:
+                tma.async_copy_global_to_shared(k1d, [krow0 + start, 0], bar, k1_b.index(st))
+            tma.async_copy_global_to_shared(krd, [krow0 + start, kr_col], bar, kr_b.index(st))
+            tma.async_copy_global_to_shared(v0d, [vrow0, start], bar, v0_b.index(st))
+            tma.async_copy_global_to_shared(v1d, [vrow0 + D0, start], bar, v1_b.index(st))
+            it += 1
+        return it
+
+    @gluon.jit
+    def _consume_range(acc0, acc1, m_i, l_i, it, q0, q1, qr, rs, smem, lo, hi, lfac, ifac, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr, HAS1: gl.constexpr, MAGIC: gl.constexpr, s_layout: gl.constexpr,
+                       p0_layout: gl.constexpr, p1_layout: gl.constexpr):
+        """Online softmax over the key tiles covering [lo, hi) of one key set, in exp2 (``rs``: per-row score
+        factor in log2 units with the key set's scale folded in). Tiles that cross lo or hi mask their outside
+        keys. P leaves the exponent scaled by 2^lfac, l sums p / 2^lfac (``ifac``): latent_attention_fp8's doc."""
+        _, _, _, _, k0_b, k1_b, kr_b, v0_b, v1_b, ready, empty = smem
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        ROWS: gl.constexpr = q0.shape[0]
+        zero = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
+        first, stop = _tiles(lo, hi, BLOCK_N)
+        for start in range(first, stop, BLOCK_N):
+            st = it % STAGES
+            mbarrier.wait(ready.index(st), (it // STAGES) & 1)
+            # the three Q.K^T pieces issued back to back, one wait
+            sc = warpgroup_mma(q0, k0_b.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
+            if HAS1:
+                sc = warpgroup_mma(q1, k1_b.index(st).permute((1, 0)), sc, is_async=True)
+            sc = warpgroup_mma(qr, kr_b.index(st).permute((1, 0)), sc, is_async=True)
+            qk = warpgroup_mma_wait(0, deps=(sc, ))
+            if MAGIC:  # int32 -> fp32 by an integer add (the bits of 2^23 + 2^22 + qk); the offset folds into rs
+                y = (qk + 0x4B400000).to(gl.float32, bitcast=True)
+                off = 12582912.0
+            else:
+                y = qk.to(gl.float32)
+                off = 0.0
+            if (start < lo) | (start + BLOCK_N > hi):
+                keys = start + cols
+                y = gl.where(((keys >= lo) & (keys < hi))[None, :], y, float("-inf"))
+            m_new = gl.maximum(m_i, (gl.max(y, 1) - off) * rs)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(y * rs[:, None] - (m_new - lfac + off * rs)[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1) * ifac
+            m_i = m_new
+            p8 = gl.convert_layout(p.to(gl.float8e4nv), p0_layout)
+            a0 = gl.convert_layout(alpha, gl.SliceLayout(1, acc0.type.layout))
+            a1 = gl.convert_layout(alpha, gl.SliceLayout(1, acc1.type.layout))
+            acc0 = warpgroup_mma(p8, v0_b.index(st).permute((1, 0)), acc0 * a0[:, None], is_async=True)
+            acc1 = warpgroup_mma(gl.convert_layout(p8, p1_layout), v1_b.index(st).permute((1, 0)),
+                                 acc1 * a1[:, None], is_async=True)
+            acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+            mbarrier.arrive(empty.index(st), count=1)
+            it += 1
+        return acc0, acc1, m_i, l_i, it
+
+    @gluon.jit
+    def _store_rows(o_base, acc, inv, first, L, b, g, COL0: gl.constexpr, DC: gl.constexpr, H: gl.constexpr,
+                    G: gl.constexpr, layout: gl.constexpr):
+        """o[row, COL0 + j] = acc[:, j] * inv for the columns below DC, in o's element type."""
+        row, rmask = _rows(first, L, b, g, H, G, acc.shape[0], gl.SliceLayout(1, layout))
+        cols = COL0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+        o = acc * gl.convert_layout(inv, gl.SliceLayout(1, layout))[:, None]
+        gl.store(o_base + row[:, None] * DC + cols[None, :], o.to(o_base.dtype.element_ty),
+                 mask=rmask[:, None] & (cols[None, :] < DC))
+
+    @gluon.jit
+    def _consume(wg: gl.constexpr, smem, descs, scal, H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr,
+                 DRR: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 SPLITS: gl.constexpr, HAS1: gl.constexpr, MAGIC: gl.constexpr):
+        """Consumer warpgroup ``wg``: its 64 query rows against every key tile of the program's key range (the
+        sinks with the sink-position query RoPE part, the rest of the prefix, the chunk), then the normalised
+        output, or the split's fp32 partial, and the LSE."""
+        q0_s, q1_s, qr_s, qs_s, _, _, _, _, _, _, _ = smem
+        (sq_ptr, ksp_ptr, vsp_ptr, ksn_ptr, vsn_ptr, vmax_ptr, o_ptr, lse_ptr, L, Lp, Ln, Ls, keys_per_split,
+         n_rows, qk_scale, _, _) = scal
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        o0_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, D0, 32])
+        o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, D1, 32])
+        p0_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o0_layout, k_width=4)
+        p1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=4)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        pid_m, pid_bg, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+        b = pid_bg // G
+        g = pid_bg % G
+        first = pid_m * (_WG_ROWS * _CONSUMERS) + wg * _WG_ROWS
+        row, rmask = _rows(first, L, b, g, H, G, _WG_ROWS, row_layout)
+        rs = gl.load(sq_ptr + row, mask=rmask, other=1.0) * qk_scale
+        vnorm = _P_RANGE / gl.load(vmax_ptr + b)
+        fac_p = gl.load(vsp_ptr + b) * vnorm  # P's factor for each key set's values (<= 256)
+        fac_n = gl.load(vsn_ptr + b) * vnorm
+        rs_p = rs * gl.load(ksp_ptr + b)
+        rs_n = rs * gl.load(ksn_ptr + b)
+        lf_p = gl.log2(fac_p)
+        lf_n = gl.log2(fac_n)
+        q0 = q0_s.slice(wg * _WG_ROWS, _WG_ROWS)
+        q1 = q1_s.slice(wg * _WG_ROWS, _WG_ROWS)
+        qr = qr_s.slice(wg * _WG_ROWS, _WG_ROWS)
+        qs = qs_s.slice(wg * _WG_ROWS, _WG_ROWS)
+        m_i = gl.full([_WG_ROWS], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([_WG_ROWS], gl.float32, row_layout)
+        acc0 = gl.zeros([_WG_ROWS, D0], gl.float32, o0_layout)
+        acc1 = gl.zeros([_WG_ROWS, D1], gl.float32, o1_layout)
+        lo = split * keys_per_split
+        hi = gl.minimum(lo + keys_per_split, Lp + Ln)
+        acc0, acc1, m_i, l_i, it = _consume_range(acc0, acc1, m_i, l_i, gl.to_tensor(0), q0, q1, qs, rs_p, smem,
+                                                  lo, gl.minimum(hi, Ls), lf_p, 1.0 / fac_p, BLOCK_N, STAGES, HAS1,
+                                                  MAGIC, s_layout, p0_layout, p1_layout)
+        acc0, acc1, m_i, l_i, it = _consume_range(acc0, acc1, m_i, l_i, it, q0, q1, qr, rs_p, smem,
+                                                  gl.maximum(lo, Ls), gl.minimum(hi, Lp), lf_p, 1.0 / fac_p,
+                                                  BLOCK_N, STAGES, HAS1, MAGIC, s_layout, p0_layout, p1_layout)
+        acc0, acc1, m_i, l_i, it = _consume_range(acc0, acc1, m_i, l_i, it, q0, q1, qr, rs_n, smem,
+                                                  gl.maximum(lo - Lp, 0), gl.maximum(hi - Lp, 0), lf_n, 1.0 / fac_n,
+                                                  BLOCK_N, STAGES, HAS1, MAGIC, s_layout, p0_layout, p1_layout)
+        has = l_i > 0
+        l_safe = gl.where(has, l_i, 1.0)
+        lse = gl.where(has, (m_i + gl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+        inv = 1.0 / (l_safe * vnorm)
+        o_base = o_ptr
+        lse_base = lse_ptr
+        if SPLITS > 1:  # fp32 partials [SPLITS, B*L*H, DC] and [SPLITS, B*L*H]
+            o_base = o_ptr + split * n_rows * DC
+            lse_base = lse_ptr + split * n_rows
+        gl.store(lse_base + row, lse, mask=rmask)
+        _store_rows(o_base, acc0, inv, first, L, b, g, 0, DC, H, G, o0_layout)
+        _store_rows(o_base, acc1, inv, first, L, b, g, D0, DC, H, G, o1_layout)
+
+    @gluon.jit
+    def _consumer0(smem, descs, scal, H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr, DRR: gl.constexpr,
+                   D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   SPLITS: gl.constexpr, HAS1: gl.constexpr, MAGIC: gl.constexpr):
+        _consume(0, smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS, HAS1, MAGIC)
+
+    @gluon.jit
+    def _consumer1(smem, descs, scal, H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr, DRR: gl.constexpr,
+                   D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   SPLITS: gl.constexpr, HAS1: gl.constexpr, MAGIC: gl.constexpr):
+        _consume(1, smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS, HAS1, MAGIC)
+
+    @gluon.jit
+    def _producer(smem, descs, scal, H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr, DRR: gl.constexpr,
+                  D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  SPLITS: gl.constexpr, HAS1: gl.constexpr, MAGIC: gl.constexpr):
+        """The producer warp: the same three key ranges as the consumers, in the same order."""
+        kp0, kp1, kpr, vp0, vp1, kn0, kn1, knr, vn0, vn1 = descs
+        _, _, _, _, _, _, _, _, L, Lp, Ln, Ls, keys_per_split, _, _, rows_p, rows_n = scal
+        pid_bg, split = gl.program_id(1), gl.program_id(2)
+        b = pid_bg // G
+        g = pid_bg % G
+        lo = split * keys_per_split
+        hi = gl.minimum(lo + keys_per_split, Lp + Ln)
+        it = _produce_range(gl.to_tensor(0), kp0, kp1, kpr, vp0, vp1, smem, b * rows_p, b * DC, g * DRR, lo,
+                            gl.minimum(hi, Ls), D0, BLOCK_N, STAGES, HAS1)
+        it = _produce_range(it, kp0, kp1, kpr, vp0, vp1, smem, b * rows_p, b * DC, g * DRR, gl.maximum(lo, Ls),
+                            gl.minimum(hi, Lp), D0, BLOCK_N, STAGES, HAS1)
+        _produce_range(it, kn0, kn1, knr, vn0, vn1, smem, b * rows_n, b * DC, g * DRR, gl.maximum(lo - Lp, 0),
+                       gl.maximum(hi - Lp, 0), D0, BLOCK_N, STAGES, HAS1)
+
+    @gluon.jit
+    def _fwd8_ws(q_ptr, qr_ptr, qs_ptr, sq_ptr, kp0, kp1, kpr, vp0, vp1, kn0, kn1, knr, vn0, vn1,
+                 ksp_ptr, vsp_ptr, ksn_ptr, vsn_ptr, vmax_ptr, o_ptr, lse_ptr,
+                 L, Lp, Ln, Ls, rows_p, rows_n, keys_per_split, n_rows, qk_scale,
+                 H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr, DRR: gl.constexpr, D0: gl.constexpr,
+                 D1: gl.constexpr, DR: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 SPLITS: gl.constexpr, HAS1: gl.constexpr):
+        MAGIC: gl.constexpr = (DC + DRR) * 127 * 127 < 4194304  # |int32 dot| < 2^22: exact in the magic add
+        BM: gl.constexpr = _WG_ROWS * _CONSUMERS
+        pid_m, pid_bg = gl.program_id(0), gl.program_id(1)
+        b = pid_bg // G
+        g = pid_bg % G
+        # the program's query rows into shared memory, once (both consumers read their half as wgmma A)
+        ld: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        row, rmask = _rows(pid_m * BM, L, b, g, H, G, BM, gl.SliceLayout(1, ld))
+        q0_s = _stage_queries(q_ptr, row, rmask, DC, 0, D0, ld)
+        q1_s = _stage_queries(q_ptr, row, rmask, DC, D0, D1, ld)
+        qr_s = _stage_queries(qr_ptr, row, rmask, DRR, 0, DR, ld)
+        qs_s = _stage_queries(qs_ptr, row, rmask, DRR, 0, DR, ld)
+        # the stage ring and its barriers: ready (TMA bytes landed), empty (both consumers done with it)
+        k0_b = gl.allocate_shared_memory(kp0.dtype, [STAGES] + kp0.block_type.shape, kp0.layout)
+        k1_b = gl.allocate_shared_memory(kp1.dtype, [STAGES] + kp1.block_type.shape, kp1.layout)
+        kr_b = gl.allocate_shared_memory(kpr.dtype, [STAGES] + kpr.block_type.shape, kpr.layout)
+        v0_b = gl.allocate_shared_memory(vp0.dtype, [STAGES] + vp0.block_type.shape, vp0.layout)
+        v1_b = gl.allocate_shared_memory(vp1.dtype, [STAGES] + vp1.block_type.shape, vp1.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=_CONSUMERS)
+        fence_async_shared()  # the query stores and barrier inits before any async-proxy access
+        smem = (q0_s, q1_s, qr_s, qs_s, k0_b, k1_b, kr_b, v0_b, v1_b, ready, empty)
+        descs = (kp0, kp1, kpr, vp0, vp1, kn0, kn1, knr, vn0, vn1)
+        scal = (sq_ptr, ksp_ptr, vsp_ptr, ksn_ptr, vsn_ptr, vmax_ptr, o_ptr, lse_ptr, L, Lp, Ln, Ls, keys_per_split,
+                n_rows, qk_scale, rows_p, rows_n)
+        # (the partitions' argument tuples written out: a tuple assigned to a variable turns its constexprs into
+        # tensors)
+        gl.warp_specialize([
+            (_consumer0, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS, HAS1, MAGIC)),
+            (_consumer1, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS, HAS1, MAGIC)),
+            (_producer, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS, HAS1, MAGIC)),
+        ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+SMEM_BYTES = 227 * 1024  # H100 / H200 shared memory a CTA may use
+
+
+def smem_bytes(dc: int, dr: int, block_n: int, stages: int) -> int:
+    """Shared memory of one program: the queries (both consumers' rows) and ``stages`` key/value stages."""
+    d0, d1, dr_p = pieces8(dc, dr)
+    queries = BLOCK_M * (d0 + d1 + 2 * dr_p)
+    stage = block_n * (d0 + d1 + dr_p) + (d0 + d1) * block_n
+    return queries + stages * stage + 1024  # + barriers and the compiler's scratch (184 768 B compiled at 160/64)
+
+
+def default_config_ws(dc: int, dr: int) -> TileConfig:
+    """128 query rows (two consumer warpgroups) x 128-key tiles, as many stages (<= 3) as shared memory holds:
+    3 at 160/64 (181 KB), 2 at 256/64. ``num_warps`` is the default partition's: one consumer warpgroup."""
+    stages = 3
+    while stages > 1 and smem_bytes(dc, dr, 128, stages) > SMEM_BYTES:
+        stages -= 1
+    return TileConfig(BLOCK_M, 128, 4, stages)
+
+
+def _key_descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: int, dr_p: int,
+                     block_n: int) -> tuple[list, int]:
+    """2-D TMA descriptors of one key set (k0, k1, rope, v0, v1) over its batch-flattened rows, and the row
+    pitch of one batch entry in the key rows. Rows past a batch entry's n belong to the next entry (or read as
+    zeros past the tensor): the consumers mask every key outside the range, and P is 0 there."""
+    k, v = lat.k, lat.v
+    b, n, _ = k.shape
+    if k.stride(2) != 1 or k.stride(0) % k.stride(1) or v.stride(2) != 1 or v.stride(0) != dc * v.stride(1):
+        raise ValueError(f"warp-specialised 8-bit attention: key rows need a row pitch dividing the batch pitch and "
+                         f"values [B, dc, n] with rows of one entry adjacent, got strides {k.stride()} / {v.stride()}")
+    if dc % ALIGN or dr % ALIGN:
+        raise ValueError(f"warp-specialised 8-bit attention: dc={dc} and per-group dr={dr} must be multiples of "
+                         f"{ALIGN} (TMA piece offsets)")
+    pitch = k.stride(0) // k.stride(1)
+    rows = (b - 1) * pitch + n
+    i8 = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.int8)  # noqa: E731
+    f8 = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.float8e4nv)  # noqa: E731
+
+    def desc(base, shape, stride, block, layout):
+        return TensorDescriptor(base, shape, [stride, 1], block, layout(block))
+
+    # dc == D0: the second content piece is skipped (HAS1 False); the first piece's columns serve its descriptor
+    k1 = desc(k[..., d0:], [rows, dc - d0], k.stride(1), [block_n, d1], i8) if dc > d0 else \
+        desc(k, [rows, d0], k.stride(1), [block_n, d1], i8)
+    return [desc(k, [rows, d0], k.stride(1), [block_n, d0], i8), k1,
+            desc(k[..., dc:], [rows, groups * dr], k.stride(1), [block_n, dr_p], i8),
+            desc(v, [b * dc, n], v.stride(1), [d0, block_n], f8),
+            desc(v, [b * dc, n], v.stride(1), [d1, block_n], f8)], pitch
+
+
+def attention8_ws(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch.Tensor, past: Latent8 | None,
+                  new: Latent8, scale: float, groups: int = 1, sink_tokens: int = 0, out_dtype=torch.bfloat16,
+                  config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention8``'s contract (same operands, same outputs) on the warp-specialised Gluon kernel; Hopper
+    GPUs only."""
+    if gluon is None:
+        raise RuntimeError("the warp-specialised 8-bit kernel needs Triton with Gluon (triton >= 3.5)")
+    if not q8.is_cuda or torch.cuda.get_device_capability(q8.device)[0] != 9:
+        raise RuntimeError("the warp-specialised 8-bit kernel runs on Hopper GPUs (sm_90) only; "
+                           "latent_attention_fp8.attention8 serves other devices")
+    b, l, h, dc = q8.shape
+    dr = qr8.shape[3]
+    past = check_operands8(q8, qr8, qs8, sq, past, new, groups, sink_tokens)
+    _check_width(dc, q8.device)
+    lp, ln = past.num_tokens, new.num_tokens
+    cfg = config or default_config_ws(dc, dr)
+    if cfg.block_m != BLOCK_M or smem_bytes(dc, dr, cfg.block_n, cfg.num_stages) > SMEM_BYTES:
+        raise ValueError(f"warp-specialised 8-bit attention: block_m is {BLOCK_M} (two 64-row consumer warpgroups) "
+                         f"and the stages must fit {SMEM_BYTES} B of shared memory, got {cfg} "
+                         f"({smem_bytes(dc, dr, cfg.block_n, cfg.num_stages)} B)")
+    d0, d1, dr_p = pieces8(dc, dr)
+    vmax = (torch.maximum(past.vs, new.vs) if lp else new.vs).float().contiguous()
+    m_tiles = triton.cdiv(l * (h // groups), BLOCK_M)
+    plan = SplitPlan.make(cfg, m_tiles * b * groups, lp + ln, b, l, h, dc, q8.device, out_dtype, PROGRAMS_PER_SM8)
+    kp, rows_p = _key_descriptors(past if lp else new, dc, groups, dr, d0, d1, dr_p, cfg.block_n)
+    kn, rows_n = _key_descriptors(new, dc, groups, dr, d0, d1, dr_p, cfg.block_n)
+    _fwd8_ws[(m_tiles, b * groups, plan.splits)](
+        q8, qr8, qs8, sq, *kp, *kn, past.ks, past.vs, new.ks, new.vs, vmax, plan.o_buf, plan.lse_buf,
+        l, lp, ln, sink_tokens, rows_p, rows_n, plan.keys_per_split, b * l * h, scale * LOG2E,
+        H=h, G=groups, DC=dc, DRR=dr, D0=d0, D1=d1, DR=dr_p, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
+        SPLITS=plan.splits, HAS1=dc > d0, num_warps=4, maxnreg=MAX_REGS)
+    return plan.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile report (no GPU needed): what ptxas makes of the kernel for sm_90a
+# ----------------------------------------------------------------------------------------------
+def compile_report(dc: int = 160, dr: int = 64, groups: int = 1, heads: int = 12, splits: int = 2,
+                   config: TileConfig | None = None) -> dict:
+    """Compile the kernel for sm_90a with Triton's bundled ptxas (works on machines without a GPU) and return
+    {"registers", "spill_bytes", "shared_bytes", "ops": SASS opcode counts, "sass": text}."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = config or default_config_ws(dc, dr)
+    d0, d1, dr_p = pieces8(dc, dr)
+    bn = cfg.block_n
+
+    def desc(dtype: str, block: list, gdt) -> str:
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{gl.NVMMASharedLayout.get_default_for(block, gdt)!r}>"
+
+    descs = {}
+    for key in ("p", "n"):
+        descs.update({f"k{key}0": desc("i8", [bn, d0], gl.int8), f"k{key}1": desc("i8", [bn, d1], gl.int8),
+                      f"k{key}r": desc("i8", [bn, dr_p], gl.int8),
+                      f"v{key}0": desc("fp8e4nv", [d0, bn], gl.float8e4nv),
+                      f"v{key}1": desc("fp8e4nv", [d1, bn], gl.float8e4nv)})
+    ptrs = {n: "*i8" for n in ("q_ptr", "qr_ptr", "qs_ptr")}
+    ptrs.update({n: "*fp32" for n in ("sq_ptr", "ksp_ptr", "vsp_ptr", "ksn_ptr", "vsn_ptr", "vmax_ptr", "lse_ptr")})
+    ptrs["o_ptr"] = "*fp32" if splits > 1 else "*bf16"
+    const = dict(H=heads, G=groups, DC=dc, DRR=dr, D0=d0, D1=d1, DR=dr_p, BLOCK_N=bn, STAGES=cfg.num_stages,
+                 SPLITS=splits, HAS1=dc > d0)
+    names = _fwd8_ws.arg_names
+    sig = {n: "constexpr" if n in const else ptrs.get(n) or descs.get(n) or ("fp32" if n == "qk_scale" else "i32")
+           for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs}
+    src = GluonASTSource(fn=_fwd8_ws, signature=sig, constexprs=const, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=MAX_REGS))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        r = subprocess.run([os.path.join(tools, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin],
+                           capture_output=True, text=True, check=True)
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr))
+    ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]+)", sass))
+    return dict(registers=regs, spill_bytes=spills, shared_bytes=k.metadata.shared, ops=dict(ops), sass=sass)
