@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_result  # noqa: E402
-from benchmarks.latent_attention import MLACase, bench, mha_case, mla_flops  # noqa: E402
+from benchmarks.latent_attention import MLACase, bench, mha_case, mla_flops, rel  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train.kernels import latent_attention as LA  # noqa: E402
 from vmla_train.kernels import latent_attention_fp8 as LA8  # noqa: E402
@@ -31,10 +31,6 @@ from vmla_train.kernels import latent_attention_ws as WS  # noqa: E402
 
 TILES = [(128, 3), (128, 2), (64, 4), (64, 3)]  # (keys per tile, stages)
 SPLITS = (1, 2, 3, 4)
-
-
-def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.double() - ref.double()).norm() / ref.double().norm()) if torch.isfinite(a).all() else float("nan")
 
 
 def main() -> int:
@@ -67,7 +63,8 @@ def main() -> int:
         try:
             o, lse = run(WS.attention8_ws)
             ms = bench(lambda: run(WS.attention8_ws))
-            row.update(ws_ms=ms, ws_tflops=fl / ms / 1e9, agree_o=rel(o, o8), agree_lse=rel(lse, lse8))
+            row.update(ws_ms=ms, ws_tflops=fl / ms / 1e9, agree_o=rel(o, o8.double()),
+                       agree_lse=rel(lse, lse8.double()))
         except Exception as e:  # a first GPU run may fail to compile or launch: recorded, the sweep still runs
             row.update(ws_error=f"{type(e).__name__}: {str(e)[:300]}")
         sweep = []

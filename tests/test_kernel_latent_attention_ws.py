@@ -53,6 +53,28 @@ def test_default_config_fits_shared_memory():
         assert WS.smem_bytes(dc, dr, cfg.block_n, cfg.num_stages) <= WS.SMEM_BYTES
 
 
+def test_host_descriptors_cover_each_batch_entry():
+    """The TMA descriptors (built on CPU tensors too) over the batch-flattened key rows and token-last values:
+    piece offsets, per-entry pitch, the tiles' blocks; values whose entries are not adjacent are refused."""
+    dc, dr, groups = 160, 32, 2
+    x = LA8.random_inputs8(2, 5, 2, dc, dr, 40, groups=groups)
+    lat = LA8.quantize_keys(x["krow"][:, :40], x["c"][:, :40])
+    d0, d1, dr_p = LA8.pieces8(dc, dr)
+    descs, pitch = WS._key_descriptors(lat, dc, groups, dr, d0, d1, dr_p, 128)
+    k0, k1, kr, v0, v1 = descs
+    assert pitch == 40 and [t.shape for t in (k0, k1, kr)] == [[80, d0], [80, dc - d0], [80, groups * dr]]
+    assert [t.base.data_ptr() - lat.k.data_ptr() for t in (k0, k1, kr)] == [0, d0, dc]
+    assert v0.shape == v1.shape == [2 * dc, 40] and v0.strides == [lat.v.stride(1), 1]
+    assert [t.block_shape for t in descs] == [[128, d0], [128, d1], [128, dr_p], [d0, 128], [d1, 128]]
+    # the prefix of a larger cache buffer (rows keep the buffer's pitch) is accepted; a batch-major copy is not
+    wide = LA8.quantize_keys(x["krow"], x["c"])
+    prefix = LA8.Latent8(wide.k[:, :40], wide.ks, wide.v[:, :, :40], wide.vs)
+    assert WS._key_descriptors(prefix, dc, groups, dr, d0, d1, dr_p, 128)[1] == 45
+    bad = LA8.Latent8(lat.k, lat.ks, lat.v.transpose(0, 1).contiguous().transpose(0, 1), lat.vs)
+    with pytest.raises(ValueError, match="values"):
+        WS._key_descriptors(bad, dc, groups, dr, d0, d1, dr_p, 128)
+
+
 @pytest.mark.skipif(HOPPER, reason="checks the refusal off Hopper")
 def test_refuses_without_a_hopper_gpu():
     x = LA8.random_inputs8(1, 4, 2, 32, 32, 8)

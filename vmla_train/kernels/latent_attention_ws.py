@@ -326,9 +326,16 @@ def default_config_ws(dc: int, dr: int) -> TileConfig:
     return TileConfig(BLOCK_M, 128, 4, stages)
 
 
+def _tile_blocks(d0: int, d1: int, dr_p: int, block_n: int) -> list:
+    """(element type, TMA block) of the five tiles of a key set, in the kernel's order: key-row pieces k0, k1,
+    rope (keys x columns) and value pieces v0, v1 (latent columns x keys, token-last)."""
+    return [(gl.int8, [block_n, d0]), (gl.int8, [block_n, d1]), (gl.int8, [block_n, dr_p]),
+            (gl.float8e4nv, [d0, block_n]), (gl.float8e4nv, [d1, block_n])]
+
+
 def _key_descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: int, dr_p: int,
                      block_n: int) -> tuple[list, int]:
-    """2-D TMA descriptors of one key set (k0, k1, rope, v0, v1) over its batch-flattened rows, and the row
+    """2-D TMA descriptors of one key set (``_tile_blocks``' order) over its batch-flattened rows, and the row
     pitch of one batch entry in the key rows. Rows past a batch entry's n belong to the next entry (or read as
     zeros past the tensor): the consumers mask every key outside the range, and P is 0 there."""
     k, v = lat.k, lat.v
@@ -341,19 +348,13 @@ def _key_descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: i
                          f"{ALIGN} (TMA piece offsets)")
     pitch = k.stride(0) // k.stride(1)
     rows = (b - 1) * pitch + n
-    i8 = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.int8)  # noqa: E731
-    f8 = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.float8e4nv)  # noqa: E731
-
-    def desc(base, shape, stride, block, layout):
-        return TensorDescriptor(base, shape, [stride, 1], block, layout(block))
-
-    # dc == D0: the second content piece is skipped (HAS1 False); the first piece's columns serve its descriptor
-    k1 = desc(k[..., d0:], [rows, dc - d0], k.stride(1), [block_n, d1], i8) if dc > d0 else \
-        desc(k, [rows, d0], k.stride(1), [block_n, d1], i8)
-    return [desc(k, [rows, d0], k.stride(1), [block_n, d0], i8), k1,
-            desc(k[..., dc:], [rows, groups * dr], k.stride(1), [block_n, dr_p], i8),
-            desc(v, [b * dc, n], v.stride(1), [d0, block_n], f8),
-            desc(v, [b * dc, n], v.stride(1), [d1, block_n], f8)], pitch
+    # (base, global shape) per tile; dc == D0: the second content piece is skipped (HAS1 False) and the first
+    # piece's columns serve its descriptor
+    sources = [(k, [rows, d0]), (k[..., d0:], [rows, dc - d0]) if dc > d0 else (k, [rows, d0]),
+               (k[..., dc:], [rows, groups * dr]), (v, [b * dc, n]), (v, [b * dc, n])]
+    return [TensorDescriptor(base, shape, [base.stride(-2), 1], block,
+                             gl.NVMMASharedLayout.get_default_for(block, dtype))
+            for (base, shape), (dtype, block) in zip(sources, _tile_blocks(d0, d1, dr_p, block_n))], pitch
 
 
 def attention8_ws(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch.Tensor, past: Latent8 | None,
@@ -410,15 +411,12 @@ def compile_report(dc: int = 160, dr: int = 64, groups: int = 1, heads: int = 12
     d0, d1, dr_p = pieces8(dc, dr)
     bn = cfg.block_n
 
-    def desc(dtype: str, block: list, gdt) -> str:
-        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{gl.NVMMASharedLayout.get_default_for(block, gdt)!r}>"
-
+    names = {gl.int8: "i8", gl.float8e4nv: "fp8e4nv"}
     descs = {}
     for key in ("p", "n"):
-        descs.update({f"k{key}0": desc("i8", [bn, d0], gl.int8), f"k{key}1": desc("i8", [bn, d1], gl.int8),
-                      f"k{key}r": desc("i8", [bn, dr_p], gl.int8),
-                      f"v{key}0": desc("fp8e4nv", [d0, bn], gl.float8e4nv),
-                      f"v{key}1": desc("fp8e4nv", [d1, bn], gl.float8e4nv)})
+        for piece, (dtype, block) in zip(("k{}0", "k{}1", "k{}r", "v{}0", "v{}1"), _tile_blocks(d0, d1, dr_p, bn)):
+            layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+            descs[piece.format(key)] = f"tensordesc<{names[dtype]}[{', '.join(map(str, block))}],{layout!r}>"
     ptrs = {n: "*i8" for n in ("q_ptr", "qr_ptr", "qs_ptr")}
     ptrs.update({n: "*fp32" for n in ("sq_ptr", "ksp_ptr", "vsp_ptr", "ksn_ptr", "vsn_ptr", "vmax_ptr", "lse_ptr")})
     ptrs["o_ptr"] = "*fp32" if splits > 1 else "*bf16"
