@@ -136,12 +136,10 @@ class MLACase:
     def run_fp8_cache(self) -> torch.Tensor:
         """An 8-bit cache: the prefix's key rows and values quantised once (as a cache write would, outside the
         timing); per call: the queries (absorbed + quantised in one kernel), the current chunk's key scale,
-        RoPE key, key rows and quantisation, the kernel and W_uv."""
-        from vmla_train.kernels import latent_attention_fp8 as LA8
-
+        RoPE key, key rows and quantisation, the kernel (``attention.kernel8``'s) and W_uv."""
         a = self.attn
         (q8, qr8, qs8, sq), past8, new8 = self.fp8_operands()
-        o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups, out_dtype=self.q_c.dtype)
+        o_lat, _ = a._attention8(q8)(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups, out_dtype=self.q_c.dtype)
         return a._up_v(o_lat)
 
     def reference(self, rows: torch.Tensor) -> torch.Tensor:
@@ -201,15 +199,27 @@ CANDIDATES8 = [LA.TileConfig(*t) for t in ((128, 128, 8, 3), (128, 128, 8, 2), (
                                               (64, 128, 4, 3))]
 
 
+def candidates_ws(dc: int, dr: int) -> list:
+    """The Gluon kernel's tiles (128 query rows: two consumer warpgroups) x (keys per tile, stages) that fit
+    shared memory."""
+    from vmla_train.kernels import latent_attention_ws as WS
+
+    return [LA.TileConfig(WS.BLOCK_M, n, 4, st) for n, st in ((128, 3), (128, 2), (64, 4), (64, 3))
+            if WS.smem_bytes(dc, dr, n, st) <= WS.SMEM_BYTES]
+
+
 def kernel8_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:
-    """The 8-bit kernel alone (operands quantised outside the timing) at its default tiles, and a sweep."""
+    """The 8-bit kernel the layer runs (``attention.kernel8``) alone (operands quantised outside the timing)
+    at its default tiles, and a sweep."""
     from vmla_train.kernels import latent_attention_fp8 as LA8
 
+    a = case.attn
     with torch.no_grad():
         (q8, qr8, qs8, sq), past8, new8 = case.fp8_operands()
-    run = lambda cfg=None: LA8.attention8(q8, qr8, qs8, sq, past8, new8, case.attn.scale, case.attn.groups,  # noqa: E731
-                                          config=cfg)
-    return sweep_tiles_of(run, CANDIDATES8, (2, 3, 4), sweep_tiles)
+    kernel = a._attention8(q8)
+    run = lambda cfg=None: kernel(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups, config=cfg)  # noqa: E731
+    cands = CANDIDATES8 if kernel is LA8.attention8 else candidates_ws(a.d_c, a.d_r)
+    return sweep_tiles_of(run, cands, (1, 2, 3, 4), sweep_tiles)
 
 
 def main() -> int:
@@ -266,6 +276,8 @@ def main() -> int:
                         only = kernel_only if var == "triton_bf16" else kernel8_only
                         k_ms, best, sweep = only(case, sweep_tiles=frames == 21 and not args.no_sweep)
                         row.update(kernel_ms=k_ms, kernel_tflops=fl / k_ms / 1e9)
+                        if var == "triton_fp8":  # which 8-bit kernel attention.kernel8=auto ran
+                            row.update(kernel8=case.attn._attention8(case.q_c).__name__)
                         if sweep:
                             row.update(best_tile_ms=sweep[0][0], best_tile=vars(best))
                             sweeps[f"{var}-{n_q}-{frames}+{sinks}-{dc}/{dr}"] = [(t, vars(c)) for t, c in sweep]

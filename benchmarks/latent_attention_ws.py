@@ -23,13 +23,12 @@ from torch.nn.attention import SDPBackend
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_result  # noqa: E402
-from benchmarks.latent_attention import MLACase, bench, mha_case, mla_flops, rel  # noqa: E402
+from benchmarks.latent_attention import (MLACase, bench, candidates_ws, mha_case, mla_flops, rel,  # noqa: E402
+                                         sweep_tiles_of)
 from vmla_train import config as C  # noqa: E402
-from vmla_train.kernels import latent_attention as LA  # noqa: E402
 from vmla_train.kernels import latent_attention_fp8 as LA8  # noqa: E402
 from vmla_train.kernels import latent_attention_ws as WS  # noqa: E402
 
-TILES = [(128, 3), (128, 2), (64, 4), (64, 3)]  # (keys per tile, stages)
 SPLITS = (1, 2, 3, 4)
 
 
@@ -67,19 +66,10 @@ def main() -> int:
                        agree_lse=rel(lse, lse8.double()))
         except Exception as e:  # a first GPU run may fail to compile or launch: recorded, the sweep still runs
             row.update(ws_error=f"{type(e).__name__}: {str(e)[:300]}")
-        sweep = []
-        for block_n, stages in [] if args.no_sweep else TILES:
-            for splits in SPLITS:
-                tile = LA.TileConfig(WS.BLOCK_M, block_n, 4, stages, splits)
-                if WS.smem_bytes(a.d_c, a.d_r, block_n, stages) > WS.SMEM_BYTES:
-                    continue
-                try:
-                    sweep.append((bench(lambda: run(WS.attention8_ws, tile)), vars(tile)))
-                except Exception as e:
-                    print(f"  tile {tile} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
-        sweep.sort(key=lambda t: t[0])
+        _, _, sweep = sweep_tiles_of(lambda tile=None: run(WS.attention8_ws, tile), candidates_ws(a.d_c, a.d_r),
+                                     SPLITS, not args.no_sweep)
         if sweep:
-            row.update(best_ms=sweep[0][0], best_tile=sweep[0][1], sweep=sweep)
+            row.update(best_ms=sweep[0][0], best_tile=vars(sweep[0][1]), sweep=[(t, vars(c)) for t, c in sweep])
         cases.append(row)
         ws = f"ws {row['ws_ms']:.3f} ms ({mha / row['ws_ms']:.2f}x cuDNN, {ms8 / row['ws_ms']:.2f}x triton_fp8), " \
              f"agree {row['agree_o']:.1e} / {row['agree_lse']:.1e}" if "ws_ms" in row else row.get("ws_error")

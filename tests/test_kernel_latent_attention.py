@@ -21,6 +21,7 @@ from vmla_train.attention import AttentionImpl, resolve_impl  # noqa: E402
 from vmla_train.kernels import latent_attention as LA  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
+HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 DEV = "cuda" if ON_GPU else "cpu"
 DIMS = [(160, 64), (192, 32), (128, 64), (512, 64)]
 # the tiny config's latent widths (24 / 12) are not multiples of 16, which the 8-bit kernel's TMA rows need on
@@ -113,9 +114,13 @@ def test_student_rollout_triton_equals_absorbed():
 
     base = ["model.name=tiny", "model.num_layers=1", "video.height=32", "video.width=48",
             "cache.window_frames=6", "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32"] + GPU_WIDTHS
+    runs = {impl: [f"attention.impl={impl}"] for impl in ("absorbed_sdpa", "triton")}
+    runs["triton_fp8"] = ["attention.impl=triton_fp8", "attention.kernel8=triton"]
+    if HOPPER:  # the warp-specialised Gluon 8-bit kernel
+        runs["gluon_ws"] = ["attention.impl=triton_fp8", "attention.kernel8=gluon_ws"]
     outs = {}
-    for impl in ("absorbed_sdpa", "triton", "triton_fp8"):
-        cfg = C.load(None, base + [f"attention.impl={impl}"])
+    for impl, overrides in runs.items():
+        cfg = C.load(None, base + overrides)
         torch.manual_seed(0)
         student = WanStudent(cfg).to(DEV).eval()
         with torch.no_grad():  # non-trivial key-norm gains
@@ -132,6 +137,33 @@ def test_student_rollout_triton_equals_absorbed():
     err8 = _err(outs["triton_fp8"], outs["absorbed_sdpa"].double())
     print("rollout triton_fp8 vs absorbed_sdpa", err8)
     assert err8 < 5e-2
+    if HOPPER:  # the two 8-bit kernels visit the same tiles in the same order: the same rollout up to fp32 sums
+        err_ws = _err(outs["gluon_ws"], outs["triton_fp8"].double())
+        print("rollout gluon_ws vs triton_fp8", err_ws)
+        assert err_ws < 1e-4
+
+
+@pytest.mark.timeout(60)
+def test_kernel8_choice():
+    """attention.kernel8 picks the 8-bit kernel: auto takes the Gluon kernel only where it runs (Hopper,
+    TMA-aligned widths), gluon_ws names the Gluon kernel (which refuses off Hopper: test_kernel_latent_attention_ws),
+    a misspelt value names the key."""
+    from vmla_train.attention import MLASelfAttention
+    from vmla_train.kernels import latent_attention_fp8 as LA8
+    from vmla_train.kernels import latent_attention_ws as WS
+
+    base = ["model.name=tiny", "model.dim=64", "attention.d_c=32", "attention.d_r=16", "attention.impl=triton_fp8"]
+    q8 = torch.zeros(1, 4, 2, 32, dtype=torch.int8, device=DEV)
+    auto = MLASelfAttention(C.load(None, base))._attention8(q8)
+    assert auto is (WS.attention8_ws if HOPPER and WS.available() else LA8.attention8)
+    assert MLASelfAttention(C.load(None, base + ["attention.kernel8=triton"]))._attention8(q8) is LA8.attention8
+    assert MLASelfAttention(C.load(None, base + ["attention.kernel8=gluon_ws"]))._attention8(q8) is WS.attention8_ws
+    assert not WS.supports(torch.device("cpu"), 32, 16)
+    if HOPPER:
+        assert WS.supports(q8.device, 32, 16) == WS.available()
+        assert not WS.supports(q8.device, 24, 16) and not WS.supports(q8.device, 512, 64)
+    with pytest.raises(C.ConfigError, match="attention.kernel8"):
+        C.load(None, base + ["attention.kernel8=cuda"])
 
 
 @pytest.mark.timeout(90)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .config import AttentionImpl, AttentionKind, Config, KNorm, MaskBackend
+from .config import AttentionImpl, AttentionKind, Config, Kernel8, KNorm, MaskBackend
 from .kv_cache import CacheStep, KVCache
 from .rope import RopeSpec, Rotary, apply_rope
 
@@ -162,7 +162,7 @@ def resolve_impl(impl: AttentionImpl, x: torch.Tensor, cached: bool = True, need
     cached forwards on CUDA with Triton and 16-bit activations (faster than absorbed SDPA from one latent
     frame of queries to a 3-frame chunk, key pre-pass included); ``absorbed_sdpa`` on CPU, without Triton,
     or for float32 activations (the kernel's tiles are sized for 16-bit operands). ``triton_fp8`` is only
-    run when named (slower, benchmarks/NOTES-kernel.md). ``x`` is the query-side activation [B, L, ...] in
+    run when named (faster on Hopper, but its error is 8-bit: benchmarks/NOTES-kernel.md). ``x`` is the query-side activation [B, L, ...] in
     the dtype attention runs in.
     """
     if impl == AttentionImpl.auto:
@@ -239,6 +239,7 @@ class MLASelfAttention(nn.Module):
         self.d_n = m.head_dim if a.qk_nope_head_dim == -1 else a.qk_nope_head_dim
         self.impl = a.impl
         self.backward = a.backward
+        self.kernel8 = a.kernel8
         self.k_norm = a.k_norm
         self.eps = m.eps
         qk = self.d_n + self.d_r
@@ -380,7 +381,8 @@ class MLASelfAttention(nn.Module):
             past8 = memo(layer, "mla_prefix8", prefix8)
             new8 = LA8.quantize_keys(self.key_rows(c, rho_new, s_new), c)
             q8, qr8, qs8, sq = LA8.quantize_queries(q_c, w_uk, q_r)
-            o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups, out_dtype=q_c.dtype)
+            o_lat, _ = self._attention8(q8)(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups,
+                                            out_dtype=q_c.dtype)
         else:
             s = torch.cat([s_past, s_new], 1)  # (B, Lk, 1)
             rho = torch.cat([self._rope_key(kr_past, 1.0, g_r, rot_past).to(q_c.dtype), rho_new], 1)  # RoPE per
@@ -410,10 +412,22 @@ class MLASelfAttention(nn.Module):
         new8 = LA8.quantize_keys(krow, c)
         q8, qr8, qs8, sq = LA8.quantize_queries(q_c, w_uk, q_abs.to(q_c.dtype), q_r.to(q_c.dtype))
         sinks = min(cache.sink_frames, n // cache.tokens_per_frame) * cache.tokens_per_frame
-        o_lat, _ = LA8.attention8(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups, sinks, out_dtype=q_c.dtype)
+        o_lat, _ = self._attention8(q8)(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups, sinks,
+                                        out_dtype=q_c.dtype)
         if step.write:
             LA8.write_cache8(cache, layer, step, krow, c)
         return self._up_v(o_lat)
+
+    def _attention8(self, q8: torch.Tensor):
+        """The 8-bit kernel ``attention.kernel8`` names (``auto``: the warp-specialised Gluon kernel where it runs,
+        measured 1.26x faster than the Triton one on an H100, benchmarks/latent_attention_ws.py)."""
+        from .kernels import latent_attention_fp8 as LA8
+        from .kernels import latent_attention_ws as WS
+
+        if self.kernel8 == Kernel8.gluon_ws or (self.kernel8 == Kernel8.auto
+                                                and WS.supports(q8.device, self.d_c, self.d_r)):
+            return WS.attention8_ws
+        return LA8.attention8
 
     @staticmethod
     def key_rows(c: torch.Tensor, rho: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

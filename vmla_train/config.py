@@ -98,6 +98,12 @@ class AttentionImpl(str, Enum):
     triton_fp8 = "triton_fp8"  # fused Triton latent attention with an 8-bit cache (Hopper)
 
 
+class Kernel8(str, Enum):
+    auto = "auto"  # the Gluon kernel where it runs (Hopper, TMA-aligned widths), else the Triton one
+    triton = "triton"  # latent_attention_fp8.attention8: Triton, any CUDA GPU with 8-bit dots
+    gluon_ws = "gluon_ws"  # latent_attention_ws.attention8_ws: warp-specialised Gluon, Hopper only
+
+
 class KNorm(str, Enum):
     rms_scalar = "rms_scalar"  # DESIGN 4 option C: Wan's full-width RMSNorm as a per-token scalar s_t
     none = "none"  # DESIGN 4 option D: no key norm (fine-tune to recover)
@@ -122,6 +128,7 @@ class AttentionConfig:
     k_norm: KNorm = KNorm.rms_scalar  # MLA: how Wan's full-width key RMSNorm is kept
     mask_backend: MaskBackend = MaskBackend.auto  # masked full forwards: auto (= sdpa) | sdpa | flex
     # --- kernels (issue 6) ---
+    kernel8: Kernel8 = Kernel8.auto  # MLA impl=triton_fp8: auto | triton | gluon_ws (the 8-bit kernel that runs)
     backward: AttentionImpl = AttentionImpl.absorbed_sdpa  # MLA: torch path run when gradients are needed (the Triton kernels are forward-only): absorbed_sdpa | reference
 
     def __post_init__(self) -> None:

@@ -351,9 +351,12 @@ def _need_triton() -> None:
         raise RuntimeError("8-bit latent attention needs Triton (attention.impl=absorbed_sdpa works without it)")
 
 
+MAX_DC8 = 256  # widest latent the GPU kernels take: measured, dc = 512 asks 590 KB of shared memory
+
+
 def _check_width(dc: int, device: torch.device) -> None:
-    if device.type == "cuda" and dc > 256:  # measured: dc = 512 asks 590 KB of shared memory (H100: 227 KB)
-        raise ValueError(f"8-bit latent attention on the GPU takes dc <= 256, got dc={dc} "
+    if device.type == "cuda" and dc > MAX_DC8:  # measured: dc = 512 asks 590 KB of shared memory (H100: 227 KB)
+        raise ValueError(f"8-bit latent attention on the GPU takes dc <= {MAX_DC8}, got dc={dc} "
                          "(attention.impl=triton or absorbed_sdpa serve wider latents)")
 
 

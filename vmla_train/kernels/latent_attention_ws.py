@@ -24,10 +24,12 @@ it). The gpu-marked tests compare it with ``attention8`` on the same operands. I
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .latent_attention import LOG2E, SplitPlan, TileConfig, triton
-from .latent_attention_fp8 import (ALIGN, P_RANGE, PROGRAMS_PER_SM8, Latent8, _check_width, check_operands8,
+from .latent_attention_fp8 import (ALIGN, MAX_DC8, P_RANGE, PROGRAMS_PER_SM8, Latent8, _check_width, check_operands8,
                                    pieces8)
 
 try:
@@ -51,6 +53,14 @@ MAX_REGS = 168
 
 def available() -> bool:
     return gluon is not None
+
+
+def supports(device: torch.device, dc: int, dr: int) -> bool:
+    """Whether ``attention8_ws`` runs latents of width ``dc`` with ``dr``-wide RoPE keys per group on ``device``:
+    Gluon present, a Hopper GPU, TMA-aligned widths, a stage plan that fits shared memory."""
+    return (gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and dc % ALIGN == 0 and dr % ALIGN == 0 and dc <= MAX_DC8
+            and smem_bytes(dc, dr, 128, default_config_ws(dc, dr).num_stages) <= SMEM_BYTES)
 
 
 if gluon is not None:
@@ -81,9 +91,20 @@ if gluon is not None:
 
     @gluon.jit
     def _tiles(lo, hi, BLOCK_N: gl.constexpr):
-        """(first, stop): the BLOCK_N-aligned tile starts covering keys [lo, hi); none when the range is empty."""
-        first = lo // BLOCK_N * BLOCK_N
-        return first, gl.where(hi > lo, hi, first)
+        """(first, full, count) of the key tiles covering [lo, hi), in the Triton kernel's order (so both round P to
+        e4m3 against the same running maxima): the whole tiles [first, full), then a masked head tile
+        first - BLOCK_N when lo is not aligned, then a masked tail tile full when hi is not; none when empty."""
+        first = (lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        full = first + gl.maximum(hi - first, 0) // BLOCK_N * BLOCK_N
+        count = (full - first) // BLOCK_N + (first > lo).to(gl.int32) + (full < hi).to(gl.int32)
+        return first, full, gl.where(hi > lo, count, 0)
+
+    @gluon.jit
+    def _tile_start(i, lo, first, full, BLOCK_N: gl.constexpr):
+        """The first key of the i-th tile in ``_tiles``' order."""
+        whole = first + i * BLOCK_N
+        head = (whole == full) & (first > lo)
+        return gl.where(whole < full, whole, gl.where(head, first - BLOCK_N, full))
 
     @gluon.jit
     def _produce_range(it, k0d, k1d, krd, v0d, v1d, smem, krow0, vrow0, kr_col, lo, hi, D0: gl.constexpr,
@@ -93,8 +114,9 @@ if gluon is not None:
         _, _, _, _, k0_b, k1_b, kr_b, v0_b, v1_b, ready, empty = smem
         nbytes: gl.constexpr = (k0d.block_type.nbytes + k1d.block_type.nbytes * HAS1 + krd.block_type.nbytes
                                 + v0d.block_type.nbytes + v1d.block_type.nbytes)
-        first, stop = _tiles(lo, hi, BLOCK_N)
-        for start in range(first, stop, BLOCK_N):
+        first, full, count = _tiles(lo, hi, BLOCK_N)
+        for i in range(0, count):
+            start = _tile_start(i, lo, first, full, BLOCK_N)
             st = it % STAGES
             mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)  # both consumers gave the stage back
             bar = ready.index(st)
@@ -119,8 +141,9 @@ if gluon is not None:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         ROWS: gl.constexpr = q0.shape[0]
         zero = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
-        first, stop = _tiles(lo, hi, BLOCK_N)
-        for start in range(first, stop, BLOCK_N):
+        first, full, count = _tiles(lo, hi, BLOCK_N)
+        for i in range(0, count):
+            start = _tile_start(i, lo, first, full, BLOCK_N)
             st = it % STAGES
             mbarrier.wait(ready.index(st), (it // STAGES) & 1)
             # the three Q.K^T pieces issued back to back, one wait
@@ -326,11 +349,14 @@ def default_config_ws(dc: int, dr: int) -> TileConfig:
     return TileConfig(BLOCK_M, 128, 4, stages)
 
 
-def _tile_blocks(d0: int, d1: int, dr_p: int, block_n: int) -> list:
-    """(element type, TMA block) of the five tiles of a key set, in the kernel's order: key-row pieces k0, k1,
-    rope (keys x columns) and value pieces v0, v1 (latent columns x keys, token-last)."""
-    return [(gl.int8, [block_n, d0]), (gl.int8, [block_n, d1]), (gl.int8, [block_n, dr_p]),
-            (gl.float8e4nv, [d0, block_n]), (gl.float8e4nv, [d1, block_n])]
+@functools.lru_cache(maxsize=None)
+def _tile_blocks(d0: int, d1: int, dr_p: int, block_n: int) -> tuple:
+    """(element type, TMA block, shared layout) of the five tiles of a key set, in the kernel's order: key-row
+    pieces k0, k1, rope (keys x columns) and value pieces v0, v1 (latent columns x keys, token-last). Cached:
+    building the layouts was a third of the host time of a call (measured on the GPU machine)."""
+    blocks = [(gl.int8, [block_n, d0]), (gl.int8, [block_n, d1]), (gl.int8, [block_n, dr_p]),
+              (gl.float8e4nv, [d0, block_n]), (gl.float8e4nv, [d1, block_n])]
+    return tuple((dtype, block, gl.NVMMASharedLayout.get_default_for(block, dtype)) for dtype, block in blocks)
 
 
 def _key_descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: int, dr_p: int,
@@ -352,9 +378,8 @@ def _key_descriptors(lat: Latent8, dc: int, groups: int, dr: int, d0: int, d1: i
     # piece's columns serve its descriptor
     sources = [(k, [rows, d0]), (k[..., d0:], [rows, dc - d0]) if dc > d0 else (k, [rows, d0]),
                (k[..., dc:], [rows, groups * dr]), (v, [b * dc, n]), (v, [b * dc, n])]
-    return [TensorDescriptor(base, shape, [base.stride(-2), 1], block,
-                             gl.NVMMASharedLayout.get_default_for(block, dtype))
-            for (base, shape), (dtype, block) in zip(sources, _tile_blocks(d0, d1, dr_p, block_n))], pitch
+    return [TensorDescriptor(base, shape, [base.stride(-2), 1], block, layout)
+            for (base, shape), (_, block, layout) in zip(sources, _tile_blocks(d0, d1, dr_p, block_n))], pitch
 
 
 def attention8_ws(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch.Tensor, past: Latent8 | None,
@@ -414,8 +439,8 @@ def compile_report(dc: int = 160, dr: int = 64, groups: int = 1, heads: int = 12
     names = {gl.int8: "i8", gl.float8e4nv: "fp8e4nv"}
     descs = {}
     for key in ("p", "n"):
-        for piece, (dtype, block) in zip(("k{}0", "k{}1", "k{}r", "v{}0", "v{}1"), _tile_blocks(d0, d1, dr_p, bn)):
-            layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+        for piece, (dtype, block, layout) in zip(("k{}0", "k{}1", "k{}r", "v{}0", "v{}1"),
+                                                 _tile_blocks(d0, d1, dr_p, bn)):
             descs[piece.format(key)] = f"tensordesc<{names[dtype]}[{', '.join(map(str, block))}],{layout!r}>"
     ptrs = {n: "*i8" for n in ("q_ptr", "qr_ptr", "qs_ptr")}
     ptrs.update({n: "*fp32" for n in ("sq_ptr", "ksp_ptr", "vsp_ptr", "ksn_ptr", "vsn_ptr", "vmax_ptr", "lse_ptr")})
