@@ -115,6 +115,16 @@ class MLACase:
             past = {"c": self.c_past, "kr": self.kr_past}
             return a._fused(self.q_c, self.q_r, self.c, self.kr, past, self.g_n, self.g_r, self.inp, impl)
 
+    def bf16_operands(self) -> tuple:
+        """The 16-bit kernels' arguments (q_lat, q_r, c_past, c_new, rho, s, scale): absorbed queries, the
+        key-norm scale and RoPE key of every key."""
+        a = self.attn
+        with torch.no_grad():
+            q_lat = torch.einsum("blhn,hnc->blhc", self.q_c, a._w_uk(self.g_n).to(self.q_c.dtype)).contiguous()
+            s = torch.cat([a._key_scale(self.c_past, self.kr_past), a._key_scale(self.c, self.kr)], 1).squeeze(-1)
+            rho = a._rope_key(self.kr_all, 1.0, self.g_r, self.inp.k_rot).to(q_lat.dtype)
+        return q_lat, self.q_r, self.c_past, self.c, rho, s.contiguous(), a.scale
+
     def fp8_operands(self) -> tuple:
         """The 8-bit kernel's operands for this call: (quantised queries, prefix, chunk) — the prefix quantised
         once (as a cache write would), the queries and the current chunk per call."""
@@ -168,12 +178,7 @@ def mla_flops(cfg: C.Config, variant: str, n_q: int, n_k: int) -> float:
 
 def kernel_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:
     """The kernel alone at its default tiles, and a sweep of the candidate tiles (best reported)."""
-    a = case.attn
-    with torch.no_grad():
-        q_lat = torch.einsum("blhn,hnc->blhc", case.q_c, a._w_uk(case.g_n).to(case.q_c.dtype)).contiguous()
-        s = torch.cat([a._key_scale(case.c_past, case.kr_past), a._key_scale(case.c, case.kr)], 1).squeeze(-1)
-        rho = a._rope_key(case.kr_all, 1.0, case.g_r, case.inp.k_rot).to(q_lat.dtype)
-    args = (q_lat, case.q_r, case.c_past, case.c, rho, s.contiguous(), a.scale)
+    args = case.bf16_operands()
     return sweep_tiles_of(lambda cfg=None: LA.latent_attention(*args, config=cfg), LA.CANDIDATES, (1, 2, 3),
                           sweep_tiles)
 
@@ -199,13 +204,14 @@ CANDIDATES8 = [LA.TileConfig(*t) for t in ((128, 128, 8, 3), (128, 128, 8, 2), (
                                               (64, 128, 4, 3))]
 
 
-def candidates_ws(dc: int, dr: int) -> list:
-    """The Gluon kernel's tiles (128 query rows: two consumer warpgroups) x (keys per tile, stages) that fit
-    shared memory."""
+def candidates_ws(dc: int, dr: int, smem_bytes=None) -> list:
+    """A Gluon kernel's tiles (128 query rows: two consumer warpgroups) x (keys per tile, stages) that fit
+    shared memory (``smem_bytes``: the kernel's plan, default the 8-bit kernel's)."""
     from vmla_train.kernels import latent_attention_ws as WS
 
+    smem_bytes = smem_bytes or WS.smem_bytes
     return [LA.TileConfig(WS.BLOCK_M, n, 4, st) for n, st in ((128, 3), (128, 2), (64, 4), (64, 3))
-            if WS.smem_bytes(dc, dr, n, st) <= WS.SMEM_BYTES]
+            if smem_bytes(dc, dr, n, st) <= WS.SMEM_BYTES]
 
 
 def kernel8_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:

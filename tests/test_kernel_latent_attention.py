@@ -116,7 +116,7 @@ def test_student_rollout_triton_equals_absorbed():
             "cache.window_frames=6", "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32"] + GPU_WIDTHS
     runs = {impl: [f"attention.impl={impl}"] for impl in ("absorbed_sdpa", "triton")}
     runs["triton_fp8"] = ["attention.impl=triton_fp8", "attention.kernel8=triton"]
-    if HOPPER:  # the warp-specialised Gluon 8-bit kernel
+    if HOPPER:  # the warp-specialised Gluon 8-bit kernel (the bf16 one takes 16-bit operands only)
         runs["gluon_ws"] = ["attention.impl=triton_fp8", "attention.kernel8=gluon_ws"]
     outs = {}
     for impl, overrides in runs.items():
@@ -144,10 +144,10 @@ def test_student_rollout_triton_equals_absorbed():
 
 
 @pytest.mark.timeout(60)
-def test_kernel8_choice():
-    """attention.kernel8 picks the 8-bit kernel: auto takes the Gluon kernel only where it runs (Hopper,
-    TMA-aligned widths), gluon_ws names the Gluon kernel (which refuses off Hopper: test_kernel_latent_attention_ws),
-    a misspelt value names the key."""
+def test_fused_kernel_choice():
+    """attention.kernel8 / kernel16 pick the 8-bit / bf16 kernel: auto takes the Gluon 8-bit kernel only where it
+    runs (Hopper, TMA-aligned widths) and the Triton bf16 kernel; gluon_ws names the Gluon kernel (which refuses
+    off Hopper: test_kernel_latent_attention_ws*); a misspelt value names the key."""
     from vmla_train.attention import MLASelfAttention
     from vmla_train.kernels import latent_attention_fp8 as LA8
     from vmla_train.kernels import latent_attention_ws as WS
@@ -159,6 +159,13 @@ def test_kernel8_choice():
     assert MLASelfAttention(C.load(None, base + ["attention.kernel8=triton"]))._attention8(q8) is LA8.attention8
     assert MLASelfAttention(C.load(None, base + ["attention.kernel8=gluon_ws"]))._attention8(q8) is WS.attention8_ws
     assert not WS.supports(torch.device("cpu"), 32, 16)
+    # the bf16 kernel: auto keeps the Triton one (the Gluon one measured slower)
+    from vmla_train.kernels import latent_attention as LA
+    from vmla_train.kernels import latent_attention_ws16 as W16
+
+    assert MLASelfAttention(C.load(None, base + ["attention.impl=triton"]))._attention16() is LA.latent_attention
+    forced = MLASelfAttention(C.load(None, base + ["attention.impl=triton", "attention.kernel16=gluon_ws"]))
+    assert forced._attention16() is W16.latent_attention_ws16
     if HOPPER:
         assert WS.supports(q8.device, 32, 16) == WS.available()
         assert not WS.supports(q8.device, 24, 16) and not WS.supports(q8.device, 512, 64)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .config import AttentionImpl, AttentionKind, Config, Kernel8, KNorm, MaskBackend
+from .config import AttentionImpl, AttentionKind, Config, FusedKernel, KNorm, MaskBackend
 from .kv_cache import CacheStep, KVCache
 from .rope import RopeSpec, Rotary, apply_rope
 
@@ -239,7 +239,7 @@ class MLASelfAttention(nn.Module):
         self.d_n = m.head_dim if a.qk_nope_head_dim == -1 else a.qk_nope_head_dim
         self.impl = a.impl
         self.backward = a.backward
-        self.kernel8 = a.kernel8
+        self.kernel8, self.kernel16 = a.kernel8, a.kernel16
         self.k_norm = a.k_norm
         self.eps = m.eps
         qk = self.d_n + self.d_r
@@ -354,8 +354,6 @@ class MLASelfAttention(nn.Module):
         the latent window); pre-pass over the d_r-wide keys (RoPE, gain) and the per-key scale s, the
         latter for the cached prefix once per cache state (all denoising steps of a chunk share it). The 8-bit
         kernel also keeps the prefix's quantised rows per cache state (``KVCache.memo``)."""
-        from .kernels import latent_attention as LA
-
         w_uk = self._w_uk(g_n)  # (H, dn, dc)
         c_past = past["c"] if past is not None else c[:, :0]  # (B, Lp, dc) view of the cache
         kr_past = past["kr"] if past is not None else kr[:, :0]
@@ -388,7 +386,7 @@ class MLASelfAttention(nn.Module):
             rho = torch.cat([self._rope_key(kr_past, 1.0, g_r, rot_past).to(q_c.dtype), rho_new], 1)  # RoPE per
             # call: keeping the rotated prefix costs d_r values a key (measured +9 % peak memory for +0.5 % speed)
             q_lat = torch.einsum("blhn,hnc->blhc", q_c, w_uk.to(q_c.dtype))  # (B, L, H, dc)
-            o_lat, _ = LA.latent_attention(q_lat, q_r, c_past, c, rho, s.squeeze(-1).contiguous(), self.scale)
+            o_lat, _ = self._attention16()(q_lat, q_r, c_past, c, rho, s.squeeze(-1).contiguous(), self.scale)
         return self._up_v(o_lat)
 
     def _cached8(self, q_c, q_r, q_rope, c, kr, past, g_n, g_r, inp: AttnInputs, layer: int) -> torch.Tensor:
@@ -420,14 +418,22 @@ class MLASelfAttention(nn.Module):
 
     def _attention8(self, q8: torch.Tensor):
         """The 8-bit kernel ``attention.kernel8`` names (``auto``: the warp-specialised Gluon kernel where it runs,
-        measured 1.26x faster than the Triton one on an H100, benchmarks/latent_attention_ws.py)."""
+        measured 1.28x faster than the Triton one on an H100, benchmarks/latent_attention_ws.py)."""
         from .kernels import latent_attention_fp8 as LA8
         from .kernels import latent_attention_ws as WS
 
-        if self.kernel8 == Kernel8.gluon_ws or (self.kernel8 == Kernel8.auto
-                                                and WS.supports(q8.device, self.d_c, self.d_r)):
+        if self.kernel8 == FusedKernel.gluon_ws or (self.kernel8 == FusedKernel.auto
+                                                    and WS.supports(q8.device, self.d_c, self.d_r)):
             return WS.attention8_ws
         return LA8.attention8
+
+    def _attention16(self):
+        """The bf16 kernel ``attention.kernel16`` names (``auto``: the Triton kernel; the warp-specialised Gluon
+        one measured 0.81x its speed on an H100, benchmarks/latent_attention_ws.py)."""
+        from .kernels import latent_attention as LA
+        from .kernels import latent_attention_ws16 as W16
+
+        return W16.latent_attention_ws16 if self.kernel16 == FusedKernel.gluon_ws else LA.latent_attention
 
     @staticmethod
     def key_rows(c: torch.Tensor, rho: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -98,10 +98,10 @@ class AttentionImpl(str, Enum):
     triton_fp8 = "triton_fp8"  # fused Triton latent attention with an 8-bit cache (Hopper)
 
 
-class Kernel8(str, Enum):
-    auto = "auto"  # the Gluon kernel where it runs (Hopper, TMA-aligned widths), else the Triton one
-    triton = "triton"  # latent_attention_fp8.attention8: Triton, any CUDA GPU with 8-bit dots
-    gluon_ws = "gluon_ws"  # latent_attention_ws.attention8_ws: warp-specialised Gluon, Hopper only
+class FusedKernel(str, Enum):
+    auto = "auto"  # the faster one measured: 8-bit the Gluon kernel where it runs (Hopper), bf16 the Triton one
+    triton = "triton"  # the Triton kernel (latent_attention / latent_attention_fp8): any CUDA GPU
+    gluon_ws = "gluon_ws"  # the warp-specialised Gluon kernel (latent_attention_ws16 / latent_attention_ws): Hopper
 
 
 class KNorm(str, Enum):
@@ -128,7 +128,8 @@ class AttentionConfig:
     k_norm: KNorm = KNorm.rms_scalar  # MLA: how Wan's full-width key RMSNorm is kept
     mask_backend: MaskBackend = MaskBackend.auto  # masked full forwards: auto (= sdpa) | sdpa | flex
     # --- kernels (issue 6) ---
-    kernel8: Kernel8 = Kernel8.auto  # MLA impl=triton_fp8: auto | triton | gluon_ws (the 8-bit kernel that runs)
+    kernel16: FusedKernel = FusedKernel.auto  # MLA impl=triton: auto (= triton) | triton | gluon_ws (the bf16 kernel that runs)
+    kernel8: FusedKernel = FusedKernel.auto  # MLA impl=triton_fp8: auto | triton | gluon_ws (the 8-bit kernel that runs)
     backward: AttentionImpl = AttentionImpl.absorbed_sdpa  # MLA: torch path run when gradients are needed (the Triton kernels are forward-only): absorbed_sdpa | reference
 
     def __post_init__(self) -> None:

@@ -1,0 +1,124 @@
+"""The warp-specialised bf16 kernel (Gluon, Hopper) against the Triton bf16 kernel and float64 (STYLE 10).
+
+As for the 8-bit Gluon kernel, CPU machines check what ptxas makes of it for sm_90a (no spills, the shared
+memory it plans for, bf16 wgmma, one wait per Q.K^T group and per P.V pair, register reallocation) and the
+host-side TMA descriptors; the GPU tests (marked gpu) compare its outputs with float64 and with the Triton
+kernel on the same inputs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vmla_train import config as C  # noqa: E402
+from vmla_train.kernels import latent_attention as LA  # noqa: E402
+from vmla_train.kernels import latent_attention_ws as WS  # noqa: E402
+from vmla_train.kernels import latent_attention_ws16 as W16  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not WS.available(), reason="needs Triton with Gluon")
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+RANGES = 2  # key ranges walked per program: the cached prefix, the chunk
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite output"
+    return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dc,dr,groups", [(160, 64, 1), (192, 32, 1), (128, 64, 1)])
+def test_compiles_for_hopper_without_spills(dc, dr, groups):
+    r = W16.compile_report16(dc, dr, groups)
+    ops, sass = r["ops"], r["sass"]
+    assert r["spill_bytes"] == 0 and "STL" not in ops and "LDL" not in ops, r["spill_bytes"]
+    cfg = W16.default_config_ws16(dc, dr)
+    assert r["shared_bytes"] <= W16.smem_bytes16(dc, dr, 128, cfg.num_stages) <= WS.SMEM_BYTES
+    assert re.search(r"HGMMA\.64x128x16\.F32\.BF16", sass)  # bf16 Q.K^T, 64 rows per consumer warpgroup
+    # per key tile of each range loop of each consumer: one wait for the Q.K^T pieces, one for the two P.V dots
+    assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == 2 * RANGES * WS.CONSUMERS
+    assert f"USETMAXREG.DEALLOC.CTAPOOL {hex(WS.PRODUCER_REGS)}" in sass
+    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {hex(WS.CONSUMER_REGS)}" in sass
+
+
+def test_default_config_and_support():
+    assert W16.default_config_ws16(160, 64).num_stages == 3 and W16.default_config_ws16(256, 64).num_stages == 1
+    for dc, dr in ((160, 64), (192, 32), (128, 64)):
+        cfg = W16.default_config_ws16(dc, dr)
+        assert W16.smem_bytes16(dc, dr, cfg.block_n, cfg.num_stages) <= WS.SMEM_BYTES
+    cpu = torch.device("cpu")
+    assert not W16.supports16(cpu, torch.bfloat16, 160, 64)
+    if HOPPER:
+        dev = torch.device("cuda")
+        assert W16.supports16(dev, torch.bfloat16, 160, 64) and W16.supports16(dev, torch.float16, 32, 16)
+        assert not W16.supports16(dev, torch.float32, 160, 64)  # 16-bit operands only
+        assert not W16.supports16(dev, torch.bfloat16, 256, 64)  # one stage: no overlap, spills
+        assert not W16.supports16(dev, torch.bfloat16, 164, 64)  # not 16-byte rows
+
+
+def test_host_descriptors_cover_each_batch_entry():
+    """The latent's TMA descriptors over batch-flattened rows: the second piece's offset, the per-entry pitch of
+    a cache-buffer view, the blocks; a view whose batch stride is not a whole number of rows is refused."""
+    d0, d1, dr_p = 128, 32, 64
+    buf = torch.zeros(2, 50, 160 + 64, dtype=torch.bfloat16)  # a cache buffer holding c and kr side by side
+    c = buf[:, :40, :160]
+    (k0, k1), pitch = W16._latent_descriptors(c, d0, d1, dr_p, 128, "c_past")
+    assert pitch == 50 and k0.shape == [90, 160] and k1.shape == [90, 32] and k0.strides == [224, 1]
+    assert k1.base.data_ptr() - c.data_ptr() == d0 * 2
+    assert k0.block_shape == [128, d0] and k1.block_shape == [128, d1]
+    odd = torch.zeros(2 * 40 * 160 + 8, dtype=torch.bfloat16)[8:].view(2, 40, 160)  # 16-byte aligned
+    assert W16._latent_descriptors(odd, d0, d1, dr_p, 128, "c_new")[1] == 40
+    skew = torch.zeros(2 * 6408, dtype=torch.bfloat16).as_strided((2, 40, 160), (6408, 160, 1))
+    with pytest.raises(ValueError, match="c_new"):
+        W16._latent_descriptors(skew, d0, d1, dr_p, 128, "c_new")
+
+
+@pytest.mark.skipif(HOPPER, reason="checks the refusal off Hopper")
+def test_refuses_without_a_hopper_gpu():
+    x = LA.random_inputs(1, 4, 2, 32, 16, 8)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        W16.latent_attention_ws16(**x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dc,dr", [(160, 64), (192, 32), (128, 64)])
+def test_matches_float64_like_the_triton_kernel_gpu(dc, dr):
+    """Tails, a prefix ending mid-tile, splits landing inside the chunk, two RoPE groups, two videos, an empty
+    prefix, a prefix that is a view of a larger cache buffer: as accurate as the Triton kernel, and close to
+    it (both round P to bf16 against the same running maxima)."""
+    cases = [(2, 300, 4, 1, 700, 1), (1, 97, 12, 1, 0, 1), (2, 200, 6, 2, 513, 3), (1, 1000, 12, 1, 5000, 4)]
+    for b, l, h, groups, lp, splits in cases:
+        x = LA.random_inputs(b, l, h, dc, dr, lp, groups=groups, device="cuda", seed=dc + lp, q_gain=2.0)
+        if lp:  # the prefix as a cache read returns it: rows of a wider buffer
+            buf = torch.zeros(b, lp + 37, dc + dr, device="cuda", dtype=torch.bfloat16)
+            buf[:, :lp, :dc] = x["c_past"]
+            x["c_past"] = buf[:, :lp, :dc]
+        c = torch.cat([x["c_past"], x["c_new"]], 1)
+        o_ref, lse_ref = LA.reference(x["q_lat"], x["q_r"], c, x["rho"], x["s"], x["scale"])
+        o_tr, lse_tr = LA.latent_attention(**x, config=LA.TileConfig(64, 64, 4, 3, splits))
+        o, lse = W16.latent_attention_ws16(**x, config=LA.TileConfig(WS.BLOCK_M, 128, 4, 2, splits))
+        e = (_err(o, o_ref), _err(lse, lse_ref))
+        e_tr = (_err(o_tr, o_ref), _err(lse_tr, lse_ref))
+        print(dc, dr, (b, l, h, groups, lp, splits), e, e_tr, _err(o, o_tr))
+        assert e[0] < 1.2 * e_tr[0] + 1e-4 and e[1] < 1.2 * e_tr[1] + 1e-6, (b, l, h, groups, lp, splits)
+        assert _err(o, o_tr) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.timeout(300)
+def test_full_chunk_geometry_against_float64_gpu():
+    """3 chunk frames x 12 heads against 21 + 3 frames (the 1.3B geometry), automatic tiles and splits."""
+    tpf = C.load(None, []).tokens_per_frame
+    x = LA.random_inputs(1, 3 * tpf, 12, 160, 64, 21 * tpf, device="cuda", dtype=torch.bfloat16, q_gain=2.0)
+    o, lse = W16.latent_attention_ws16(**x)
+    rows = torch.randperm(3 * tpf, device="cuda")[:256]
+    c = torch.cat([x["c_past"], x["c_new"]], 1)
+    o_ref, lse_ref = LA.reference(x["q_lat"][:, rows], x["q_r"][:, rows], c, x["rho"], x["s"], x["scale"])
+    assert _err(o[:, rows], o_ref) < 2e-2 and _err(lse[:, rows], lse_ref) < 1e-3
