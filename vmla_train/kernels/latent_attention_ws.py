@@ -181,13 +181,32 @@ if gluon is not None:
 
     @gluon.jit
     def _store_rows(o_base, acc, inv, first, L, b, g, COL0: gl.constexpr, DC: gl.constexpr, H: gl.constexpr,
-                    G: gl.constexpr, layout: gl.constexpr):
+                    G: gl.constexpr):
         """o[row, COL0 + j] = acc[:, j] * inv for the columns below DC, in o's element type."""
+        layout: gl.constexpr = acc.type.layout
         row, rmask = _rows(first, L, b, g, H, G, acc.shape[0], gl.SliceLayout(1, layout))
         cols = COL0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
         o = acc * gl.convert_layout(inv, gl.SliceLayout(1, layout))[:, None]
         gl.store(o_base + row[:, None] * DC + cols[None, :], o.to(o_base.dtype.element_ty),
                  mask=rmask[:, None] & (cols[None, :] < DC))
+
+    @gluon.jit
+    def _finish(acc0, acc1, m_i, l_i, vnorm, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows,
+                DC: gl.constexpr, D0: gl.constexpr, H: gl.constexpr, G: gl.constexpr, SPLITS: gl.constexpr):
+        """A consumer's epilogue: the LSE and the output normalised by l (and ``vnorm``, the values' factor), or
+        the split's fp32 partials [SPLITS, B*L*H, DC] and [SPLITS, B*L*H]."""
+        has = l_i > 0
+        l_safe = gl.where(has, l_i, 1.0)
+        lse = gl.where(has, (m_i + gl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+        inv = 1.0 / (l_safe * vnorm)
+        o_base = o_ptr
+        lse_base = lse_ptr
+        if SPLITS > 1:
+            o_base = o_ptr + split * n_rows * DC
+            lse_base = lse_ptr + split * n_rows
+        gl.store(lse_base + row, lse, mask=rmask)
+        _store_rows(o_base, acc0, inv, first, L, b, g, 0, DC, H, G)
+        _store_rows(o_base, acc1, inv, first, L, b, g, D0, DC, H, G)
 
     @gluon.jit
     def _consume(wg: gl.constexpr, smem, descs, scal, H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr,
@@ -240,18 +259,8 @@ if gluon is not None:
         acc0, acc1, m_i, l_i, it = _consume_range(acc0, acc1, m_i, l_i, it, q0, q1, qr, rs_n, smem,
                                                   gl.maximum(lo - Lp, 0), gl.maximum(hi - Lp, 0), lf_n, 1.0 / fac_n,
                                                   BLOCK_N, STAGES, HAS1, MAGIC, s_layout, p0_layout, p1_layout)
-        has = l_i > 0
-        l_safe = gl.where(has, l_i, 1.0)
-        lse = gl.where(has, (m_i + gl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-        inv = 1.0 / (l_safe * vnorm)
-        o_base = o_ptr
-        lse_base = lse_ptr
-        if SPLITS > 1:  # fp32 partials [SPLITS, B*L*H, DC] and [SPLITS, B*L*H]
-            o_base = o_ptr + split * n_rows * DC
-            lse_base = lse_ptr + split * n_rows
-        gl.store(lse_base + row, lse, mask=rmask)
-        _store_rows(o_base, acc0, inv, first, L, b, g, 0, DC, H, G, o0_layout)
-        _store_rows(o_base, acc1, inv, first, L, b, g, D0, DC, H, G, o1_layout)
+        _finish(acc0, acc1, m_i, l_i, vnorm, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows, DC, D0, H,
+                G, SPLITS)
 
     @gluon.jit
     def _consumer0(smem, descs, scal, H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr, DRR: gl.constexpr,

@@ -39,8 +39,8 @@ if gluon is not None:
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .latent_attention_ws import (_CONSUMER_REGS, _CONSUMERS, _PRODUCER_REGS, _WG_ROWS, _rows, _stage_queries,
-                                      _store_rows)
+    from .latent_attention_ws import (_CONSUMER_REGS, _CONSUMERS, _PRODUCER_REGS, _WG_ROWS, _finish, _rows,
+                                      _stage_queries)
 
     @gluon.jit
     def _n_tiles(lo, hi, BLOCK_N: gl.constexpr):
@@ -144,18 +144,8 @@ if gluon is not None:
         acc0, acc1, m_i, l_i, it = _consume16(acc0, acc1, m_i, l_i, it, q0, q1, qr, smem, s_b + Lp,
                                               gl.maximum(lo - Lp, 0), gl.maximum(hi - Lp, 0), qk_scale, BLOCK_N,
                                               STAGES, s_layout, p0_layout, p1_layout)
-        has = l_i > 0
-        l_safe = gl.where(has, l_i, 1.0)
-        lse = gl.where(has, (m_i + gl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-        inv = 1.0 / l_safe
-        o_base = o_ptr
-        lse_base = lse_ptr
-        if SPLITS > 1:  # fp32 partials [SPLITS, B*L*H, DC] and [SPLITS, B*L*H]
-            o_base = o_ptr + split * n_rows * DC
-            lse_base = lse_ptr + split * n_rows
-        gl.store(lse_base + row, lse, mask=rmask)
-        _store_rows(o_base, acc0, inv, first, L, b, g, 0, DC, H, G, o0_layout)
-        _store_rows(o_base, acc1, inv, first, L, b, g, D0, DC, H, G, o1_layout)
+        _finish(acc0, acc1, m_i, l_i, 1.0, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows, DC, D0, H, G,
+                SPLITS)
 
     @gluon.jit
     def _consumer16_0(smem, descs, scal, H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr, DRR: gl.constexpr,
