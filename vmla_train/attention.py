@@ -162,8 +162,8 @@ def resolve_impl(impl: AttentionImpl, x: torch.Tensor, cached: bool = True, need
     cached forwards on CUDA with Triton and 16-bit activations (faster than absorbed SDPA from one latent
     frame of queries to a 3-frame chunk, key pre-pass included); ``absorbed_sdpa`` on CPU, without Triton,
     or for float32 activations (the kernel's tiles are sized for 16-bit operands). ``triton_fp8`` is only
-    run when named (faster on Hopper, but its error is 8-bit: benchmarks/NOTES-kernel.md). ``x`` is the query-side activation [B, L, ...] in
-    the dtype attention runs in.
+    run when named (faster on Hopper, but its error is 8-bit: benchmarks/NOTES-kernel.md). ``x`` is the
+    query-side activation [B, L, ...] in the dtype attention runs in.
     """
     if impl == AttentionImpl.auto:
         from .kernels import latent_attention as LA

@@ -30,8 +30,8 @@ import functools
 import torch
 
 from .latent_attention import LOG2E, SplitPlan, TileConfig, triton
-from .latent_attention_fp8 import (ALIGN, MAX_DC8, P_RANGE, PROGRAMS_PER_SM8, Latent8, _check_width, check_operands8,
-                                   pieces8)
+from .latent_attention_fp8 import (ALIGN, MAX_DC8, P_RANGE, PROGRAMS_PER_SM8, Latent8, _check_width,
+                                   check_operands8, pieces8)
 
 try:
     from triton.experimental import gluon
