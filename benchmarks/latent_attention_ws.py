@@ -43,17 +43,16 @@ def bf16_kernels(case: MLACase, fl16: float, peak: float, sweep: bool) -> dict:
     o_ref, lse_ref = LA.latent_attention(*args)
     ms_tr = bench(lambda: LA.latent_attention(*args))
     row = dict(triton_bf16_ms=ms_tr, triton_bf16_peak=fl16 / ms_tr / 1e9 / peak)
-    try:
+    a = case.attn
+    try:  # the default tiles' time comes with the sweep
         o, lse = W16.latent_attention_ws16(*args)
-        ms = bench(lambda: W16.latent_attention_ws16(*args))
-        row.update(ws16_ms=ms, ws16_tflops=fl16 / ms / 1e9, ws16_peak=fl16 / ms / 1e9 / peak,
-                   agree16_o=rel(o, o_ref.double()), agree16_lse=rel(lse, lse_ref.double()))
-    except Exception as e:  # a first GPU run may fail to compile or launch: recorded
+        ms, _, times = sweep_tiles_of(lambda tile=None: W16.latent_attention_ws16(*args, config=tile),
+                                      candidates_ws(a.d_c, a.d_r, W16.smem_bytes16), SPLITS, sweep)
+    except Exception as e:  # a kernel that fails to compile or launch here: recorded
         row.update(ws16_error=f"{type(e).__name__}: {str(e)[:300]}")
         return row
-    a = case.attn
-    _, _, times = sweep_tiles_of(lambda tile=None: W16.latent_attention_ws16(*args, config=tile),
-                                 candidates_ws(a.d_c, a.d_r, W16.smem_bytes16), SPLITS, sweep)
+    row.update(ws16_ms=ms, ws16_tflops=fl16 / ms / 1e9, ws16_peak=fl16 / ms / 1e9 / peak,
+               agree16_o=rel(o, o_ref.double()), agree16_lse=rel(lse, lse_ref.double()))
     if times:
         row.update(best16_ms=times[0][0], best16_tile=vars(times[0][1]), sweep16=[(t, vars(c)) for t, c in times])
     return row
@@ -87,15 +86,15 @@ def main() -> int:
         fl = mla_flops(cfg, "triton_fp8", n_q, n_k)
         row = dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=a.d_c, d_r=cfg.attention.d_r, mha_cudnn_ms=mha,
                    triton_fp8_ms=ms8)
-        try:
+        sweep = []
+        try:  # the default tiles' time comes with the sweep
             o, lse = run(WS.attention8_ws)
-            ms = bench(lambda: run(WS.attention8_ws))
+            ms, _, sweep = sweep_tiles_of(lambda tile=None: run(WS.attention8_ws, tile),
+                                          candidates_ws(a.d_c, a.d_r), SPLITS, not args.no_sweep)
             row.update(ws_ms=ms, ws_tflops=fl / ms / 1e9, agree_o=rel(o, o8.double()),
                        agree_lse=rel(lse, lse8.double()))
-        except Exception as e:  # a first GPU run may fail to compile or launch: recorded, the sweep still runs
+        except Exception as e:  # a kernel that fails to compile or launch here: recorded
             row.update(ws_error=f"{type(e).__name__}: {str(e)[:300]}")
-        _, _, sweep = sweep_tiles_of(lambda tile=None: run(WS.attention8_ws, tile), candidates_ws(a.d_c, a.d_r),
-                                     SPLITS, not args.no_sweep)
         if sweep:
             row.update(best_ms=sweep[0][0], best_tile=vars(sweep[0][1]), sweep=[(t, vars(c)) for t, c in sweep])
         cases.append(row)
