@@ -177,10 +177,15 @@ def mla_flops(cfg: C.Config, variant: str, n_q: int, n_k: int) -> float:
 
 
 def kernel_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:
-    """The kernel alone at its default tiles, and a sweep of the candidate tiles (best reported)."""
+    """The 16-bit kernel the layer runs (``attention.kernel16``) alone at its default tiles, and a sweep of the
+    candidate tiles (best reported)."""
+    from vmla_train.kernels import latent_attention_ws16 as W16
+
     args = case.bf16_operands()
-    return sweep_tiles_of(lambda cfg=None: LA.latent_attention(*args, config=cfg), LA.CANDIDATES, (1, 2, 3),
-                          sweep_tiles)
+    kernel = case.attn._attention16(args[0], args[2])
+    cands = LA.CANDIDATES if kernel is LA.latent_attention else candidates_ws(case.attn.d_c, case.attn.d_r,
+                                                                              W16.smem_bytes16)
+    return sweep_tiles_of(lambda cfg=None: kernel(*args, config=cfg), cands, (1, 2, 3), sweep_tiles)
 
 
 def sweep_tiles_of(run, candidates: list, splits_list: tuple, sweep: bool) -> tuple[float, LA.TileConfig | None, list]:
@@ -284,6 +289,8 @@ def main() -> int:
                         row.update(kernel_ms=k_ms, kernel_tflops=fl / k_ms / 1e9)
                         if var == "triton_fp8":  # which 8-bit kernel attention.kernel8=auto ran
                             row.update(kernel8=case.attn._attention8(case.q_c).__name__)
+                        else:  # which 16-bit kernel attention.kernel16=auto ran
+                            row.update(kernel16=case.attn._attention16(case.q_c, case.c_past).__name__)
                         if sweep:
                             row.update(best_tile_ms=sweep[0][0], best_tile=vars(best))
                             sweeps[f"{var}-{n_q}-{frames}+{sinks}-{dc}/{dr}"] = [(t, vars(c)) for t, c in sweep]

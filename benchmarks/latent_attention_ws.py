@@ -1,7 +1,7 @@
 """The warp-specialised Gluon kernels against the Triton kernels and cuDNN MHA, per layer at the 1.3B chunk
 geometry. One GPU command (Hopper); writes benchmarks/results/latent_attention_ws-<device>.json.
 
-    python benchmarks/latent_attention_ws.py [--out DIR] [--no-sweep]
+    python benchmarks/latent_attention_ws.py [--out DIR] [--sweep all|bf16|none]
 
 8-bit: both kernels on the same quantised operands of a random-weight ``MLASelfAttention`` layer
 (``MLACase.fp8_operands``: the prefix quantised once, as an 8-bit cache holds it), kernel alone. ``agree_o`` /
@@ -61,7 +61,8 @@ def bf16_kernels(case: MLACase, fl16: float, peak: float, sweep: bool) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--no-sweep", action="store_true", help="default tiles only")
+    p.add_argument("--sweep", choices=("all", "bf16", "none"), default="all",
+                   help="tile x split sweeps of both kernels, of the bf16 one only, or none (default tiles)")
     args = p.parse_args()
     dev = torch.cuda.get_device_name()
     peak = gemm_tflops()
@@ -90,7 +91,7 @@ def main() -> int:
         try:  # the default tiles' time comes with the sweep
             o, lse = run(WS.attention8_ws)
             ms, _, sweep = sweep_tiles_of(lambda tile=None: run(WS.attention8_ws, tile),
-                                          candidates_ws(a.d_c, a.d_r), SPLITS, not args.no_sweep)
+                                          candidates_ws(a.d_c, a.d_r), SPLITS, args.sweep == "all")
             row.update(ws_ms=ms, ws_tflops=fl / ms / 1e9, agree_o=rel(o, o8.double()),
                        agree_lse=rel(lse, lse8.double()))
         except Exception as e:  # a kernel that fails to compile or launch here: recorded
@@ -102,7 +103,8 @@ def main() -> int:
              f"agree {row['agree_o']:.1e} / {row['agree_lse']:.1e}" if "ws_ms" in row else row.get("ws_error")
         best = f"; best {row['best_ms']:.3f} ms {row['best_tile']}" if sweep else ""
         print(f"{n_q:5d} {frames:2d}+{sinks} cuDNN MHA {mha:.3f} ms, triton_fp8 {ms8:.3f} ms, {ws}{best}", flush=True)
-        row.update(bf16_kernels(case, fl16=mla_flops(cfg, "triton_bf16", n_q, n_k), peak=peak, sweep=not args.no_sweep))
+        row.update(bf16_kernels(case, fl16=mla_flops(cfg, "triton_bf16", n_q, n_k), peak=peak,
+                                sweep=args.sweep != "none"))
         print(f"{n_q:5d} {frames:2d}+{sinks} bf16: triton {row['triton_bf16_ms']:.3f} ms "
               f"({row['triton_bf16_peak']:.1%} of GEMM peak), "
               + (f"ws16 {row['ws16_ms']:.3f} ms ({row['ws16_peak']:.1%}, {row['triton_bf16_ms'] / row['ws16_ms']:.2f}x "

@@ -1,6 +1,7 @@
 """Minute-scale rollout throughput: random-weight 1.3B students, MHA vs MLA, on one GPU.
 
     python benchmarks/rollout.py [--out DIR] [--chunks N] [--groups mha,mla,mla_fp8cache] [--merge]
+                                 [--batch-cap N] [--no-window]
 
 Groups: ``mha`` (cuDNN and flash SDPA), ``mla`` (``--mla-impls``, 16-bit cache), ``mla_fp8cache``
 (``attention.impl=triton_fp8`` reading and writing ``cache.dtype=fp8``).
@@ -11,8 +12,10 @@ clean cache-writing pass per chunk). A 60 s video is ``latent_frames_for(cfg)`` 
 directly: the cache is filled with random entries and marked full (as after any number of chunks),
 then ``rollout.sample_video`` runs N chunks and the median chunk latency gives frames/s and the 60 s
 time. Peak memory is torch's max allocated over the run (weights included); cache_gb the KV buffers.
-Max batch: from the measured per-sample memory, confirmed by running it (one chunk). Max window: the
-largest window (batch 1) whose cache fits, confirmed by one full-window chunk forward.
+Max batch: from the measured per-sample memory, confirmed by running it (one chunk); ``--batch-cap N`` runs
+min(max batch, N) instead (the run's ``max_batch`` is then false where the cap bit: a 141 GB GPU fits MLA
+batches whose two chunks outlast a 10-minute device command). Max window: the largest window (batch 1) whose
+cache fits, confirmed by one full-window chunk forward (``--no-window`` skips it).
 """
 
 from __future__ import annotations
@@ -158,6 +161,8 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=3)
     p.add_argument("--mla-impls", default="triton,absorbed_sdpa")
     p.add_argument("--groups", default="mha,mla", help="comma list of mha, mla, mla_fp8cache")
+    p.add_argument("--batch-cap", type=int, default=0, help="run at most this batch instead of the largest (0: none)")
+    p.add_argument("--no-window", action="store_true", help="skip the largest-window search")
     p.add_argument("--merge", action="store_true",
                    help="keep the runs of the other groups from the existing JSON of this device (each run keeps "
                         "its own date): a run of every group exceeds one 10-minute device command")
@@ -196,17 +201,22 @@ def main() -> int:
             if kind == "mla":
                 for blk in student.blocks:
                     blk.attn1.impl = C.AttentionImpl(impl)
-            b = mb
+            capped = 0 < args.batch_cap < mb
+            b = args.batch_cap if capped else mb
             while b >= 1:
                 try:
                     r = run(student, impl, b, 2)
-                    r["max_batch"] = True
+                    r["max_batch"] = not capped
                     show(r)
                     break
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     b = int(b * 0.9)
         # Largest window at batch 1: cache bytes per frame -> estimate, confirmed with one forward.
+        if args.no_window:
+            del student
+            torch.cuda.empty_cache()
+            continue
         per_frame = one["cache_gb"] / (student.cfg.cache.sink_frames + student.cfg.cache.window_frames
                                        - student.cfg.video.chunk_frames)
         w = int((total * 0.9 - (one["peak_mem_gb"] - one["cache_gb"]) * 1.5) / per_frame)

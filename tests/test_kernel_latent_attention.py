@@ -159,13 +159,20 @@ def test_fused_kernel_choice():
     assert MLASelfAttention(C.load(None, base + ["attention.kernel8=triton"]))._attention8(q8) is LA8.attention8
     assert MLASelfAttention(C.load(None, base + ["attention.kernel8=gluon_ws"]))._attention8(q8) is WS.attention8_ws
     assert not WS.supports(torch.device("cpu"), 32, 16)
-    # the bf16 kernel: auto keeps the Triton one (the Gluon one measured slower)
+    # the 16-bit kernel: auto takes the Gluon one where it runs (Hopper, 16-bit operands), else the Triton one
     from vmla_train.kernels import latent_attention as LA
     from vmla_train.kernels import latent_attention_ws16 as W16
 
-    assert MLASelfAttention(C.load(None, base + ["attention.impl=triton"]))._attention16() is LA.latent_attention
+    bf16 = torch.zeros(1, 4, 2, 32, dtype=torch.bfloat16, device=DEV)
+    auto16 = MLASelfAttention(C.load(None, base + ["attention.impl=triton"]))
+    gluon16 = W16.latent_attention_ws16 if HOPPER and WS.available() else LA.latent_attention
+    assert auto16._attention16(bf16, bf16) is gluon16
+    assert auto16._attention16(bf16.float(), bf16.float()) is LA.latent_attention  # fp32: the Triton kernel (TF32)
+    assert auto16._attention16(bf16, bf16.float()) is LA.latent_attention  # an fp32 cache: the Triton kernel
+    triton16 = MLASelfAttention(C.load(None, base + ["attention.impl=triton", "attention.kernel16=triton"]))
+    assert triton16._attention16(bf16, bf16) is LA.latent_attention
     forced = MLASelfAttention(C.load(None, base + ["attention.impl=triton", "attention.kernel16=gluon_ws"]))
-    assert forced._attention16() is W16.latent_attention_ws16
+    assert forced._attention16(bf16, bf16) is W16.latent_attention_ws16
     if HOPPER:
         assert WS.supports(q8.device, 32, 16) == WS.available()
         assert not WS.supports(q8.device, 24, 16) and not WS.supports(q8.device, 512, 64)

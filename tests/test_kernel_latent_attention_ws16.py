@@ -22,7 +22,6 @@ from vmla_train.kernels import latent_attention_ws16 as W16  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not WS.available(), reason="needs Triton with Gluon")
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-RANGES = 2  # key ranges walked per program: the cached prefix, the chunk
 
 
 def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -30,33 +29,58 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref.double()).norm() / ref.double().norm())
 
 
+def _loops(sass: str) -> list[list[str]]:
+    """The instructions of each innermost loop (a backward branch's span) that issues wgmma: a consumer's key
+    loop."""
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);", sass)]
+    spans = [(int(m.group(1), 16), addr) for addr, t in ins
+             if (m := re.search(r"\bBRA (0x[0-9a-f]+)", t)) and int(m.group(1), 16) < addr]
+    spans = [(lo, hi) for lo, hi in spans if any(lo <= a <= hi and "HGMMA" in t for a, t in ins)]
+    inner = []  # shortest first, none overlapping (a wait's retry branch at the end jumps back into a loop)
+    for lo, hi in sorted(spans, key=lambda s: s[1] - s[0]):
+        if not any(lo <= y and x <= hi for x, y in inner):
+            inner.append((lo, hi))
+    return [[t for a, t in ins if lo <= a <= hi] for lo, hi in inner]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dc,dr,groups", [(160, 64, 1), (192, 32, 1), (128, 64, 1)])
 def test_compiles_for_hopper_without_spills(dc, dr, groups):
+    """FA3's intra-warpgroup schedule as ptxas emits it: in each consumer's key loop one wait for the Q.K^T
+    pieces that leaves the two P.V groups in flight (softmax overlaps them), then one for those, no local memory
+    (a register or two may spill outside the loops: 8 B at 160/64 and 192/32), the per-key scales read from shared
+    memory (TMA-staged), no global loads."""
     r = W16.compile_report16(dc, dr, groups)
-    ops, sass = r["ops"], r["sass"]
-    assert r["spill_bytes"] == 0 and "STL" not in ops and "LDL" not in ops, r["spill_bytes"]
+    sass = r["sass"]
     cfg = W16.default_config_ws16(dc, dr)
+    assert r["spill_bytes"] <= 8, r["spill_bytes"]
     assert r["shared_bytes"] <= W16.smem_bytes16(dc, dr, 128, cfg.num_stages) <= WS.SMEM_BYTES
     assert re.search(r"HGMMA\.64x128x16\.F32\.BF16", sass)  # bf16 Q.K^T, 64 rows per consumer warpgroup
-    # per key tile of each range loop of each consumer: one wait for the Q.K^T pieces, one for the two P.V dots
-    assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == 2 * RANGES * WS.CONSUMERS
+    loops = _loops(sass)
+    assert len(loops) == WS.CONSUMERS
+    for body in loops:
+        waits = [t for t in body if "WARPGROUP.DEPBAR" in t]
+        assert [w.split()[-1] for w in waits] == ["0x2", "0x0"], waits
+        assert not any(re.search(r"\b(STL|LDL|LDG)\b", t) for t in body)
+        assert any(re.search(r"\bLDS\b", t) for t in body)
     assert f"USETMAXREG.DEALLOC.CTAPOOL {hex(WS.PRODUCER_REGS)}" in sass
     assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {hex(WS.CONSUMER_REGS)}" in sass
 
 
 def test_default_config_and_support():
-    assert W16.default_config_ws16(160, 64).num_stages == 3 and W16.default_config_ws16(256, 64).num_stages == 1
+    assert W16.default_config_ws16(160, 64).num_stages == 3 and W16.default_config_ws16(256, 64).num_stages == 2
     for dc, dr in ((160, 64), (192, 32), (128, 64)):
         cfg = W16.default_config_ws16(dc, dr)
         assert W16.smem_bytes16(dc, dr, cfg.block_n, cfg.num_stages) <= WS.SMEM_BYTES
+    with pytest.raises(ValueError, match="num_stages >= 2"):
+        W16._check_config16(LA.TileConfig(WS.BLOCK_M, 128, 4, 1), 160, 64)
     cpu = torch.device("cpu")
     assert not W16.supports16(cpu, torch.bfloat16, 160, 64)
     if HOPPER:
         dev = torch.device("cuda")
         assert W16.supports16(dev, torch.bfloat16, 160, 64) and W16.supports16(dev, torch.float16, 32, 16)
         assert not W16.supports16(dev, torch.float32, 160, 64)  # 16-bit operands only
-        assert not W16.supports16(dev, torch.bfloat16, 256, 64)  # one stage: no overlap, spills
+        assert not W16.supports16(dev, torch.bfloat16, 256, 64)  # two stages do not fit
         assert not W16.supports16(dev, torch.bfloat16, 164, 64)  # not 16-byte rows
 
 
@@ -77,6 +101,21 @@ def test_host_descriptors_cover_each_batch_entry():
         W16._latent_descriptors(skew, d0, d1, dr_p, 128, "c_new")
 
 
+def test_scale_descriptor_aligns_each_chunk():
+    """The per-key scales as the kernel's TMA reads them: unchanged where the prefix length and the batch pitch
+    are multiples of S_ALIGN (the 1.3B geometry), else copied so that each entry's chunk starts at the prefix
+    length rounded up, with a pitch that is a multiple of S_ALIGN."""
+    blocks = W16._tile_blocks16(torch.bfloat16, 128, 32, 64, 128)
+    s = torch.rand(2, 8 + 12)
+    sd, pitch, s_n = W16._scale_descriptor(s, 8, blocks)
+    assert sd.base is s and pitch == 20 and s_n == 8 and sd.shape == [40] and sd.block_shape == [128]
+    s = torch.rand(2, 5 + 6)
+    sd, pitch, s_n = W16._scale_descriptor(s, 5, blocks)
+    assert s_n == 8 and pitch % W16.S_ALIGN == 0 and pitch >= 8 + 6
+    packed = sd.base.view(2, pitch)
+    assert torch.equal(packed[:, :5], s[:, :5]) and torch.equal(packed[:, 8:14], s[:, 5:])
+
+
 @pytest.mark.skipif(HOPPER, reason="checks the refusal off Hopper")
 def test_refuses_without_a_hopper_gpu():
     x = LA.random_inputs(1, 4, 2, 32, 16, 8)
@@ -90,9 +129,11 @@ def test_refuses_without_a_hopper_gpu():
 @pytest.mark.parametrize("dc,dr", [(160, 64), (192, 32), (128, 64)])
 def test_matches_float64_like_the_triton_kernel_gpu(dc, dr):
     """Tails, a prefix ending mid-tile, splits landing inside the chunk, two RoPE groups, two videos, an empty
-    prefix, a prefix that is a view of a larger cache buffer: as accurate as the Triton kernel, and close to
+    prefix, a prefix that is a view of a larger cache buffer, prefixes whose length is not a multiple of S_ALIGN
+    (the scales repacked, split starts moved, one split empty): as accurate as the Triton kernel, and close to
     it (both round P to bf16 against the same running maxima)."""
-    cases = [(2, 300, 4, 1, 700, 1), (1, 97, 12, 1, 0, 1), (2, 200, 6, 2, 513, 3), (1, 1000, 12, 1, 5000, 4)]
+    cases = [(2, 300, 4, 1, 700, 1), (1, 97, 12, 1, 0, 1), (2, 200, 6, 2, 513, 3), (1, 1000, 12, 1, 5000, 4),
+             (1, 4, 12, 1, 509, 3)]  # the last split moves past the last key (S_ALIGN): empty
     for b, l, h, groups, lp, splits in cases:
         x = LA.random_inputs(b, l, h, dc, dr, lp, groups=groups, device="cuda", seed=dc + lp, q_gain=2.0)
         if lp:  # the prefix as a cache read returns it: rows of a wider buffer
@@ -122,3 +163,33 @@ def test_full_chunk_geometry_against_float64_gpu():
     c = torch.cat([x["c_past"], x["c_new"]], 1)
     o_ref, lse_ref = LA.reference(x["q_lat"][:, rows], x["q_r"][:, rows], c, x["rho"], x["s"], x["scale"])
     assert _err(o[:, rows], o_ref) < 2e-2 and _err(lse[:, rows], lse_ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.timeout(300)
+def test_student_rollout_gluon_equals_triton_gpu():
+    """A tiny bf16 MLA student's cached rollout (window wrapping past the sinks) with attention.kernel16=auto
+    (the Gluon kernel on Hopper) against kernel16=triton: the same video up to bf16 rounding."""
+    from vmla_train import schedule
+    from vmla_train.rollout import sample_video
+    from vmla_train.student import WanStudent
+
+    base = ["model.name=tiny", "model.num_layers=2", "model.dim=64", "attention.d_c=32", "attention.d_r=16",
+            "video.height=32", "video.width=48", "cache.window_frames=6", "cache.sink_frames=1",
+            "runtime.dtype=bfloat16", "cache.dtype=bfloat16", "attention.impl=triton"]
+    outs = {}
+    for kernel in ("auto", "triton"):
+        cfg = C.load(None, base + [f"attention.kernel16={kernel}"])
+        torch.manual_seed(0)
+        student = WanStudent(cfg).cuda().to(torch.bfloat16).eval()
+        bf16 = torch.zeros(1, dtype=torch.bfloat16, device="cuda")
+        assert (student.blocks[0].attn1._attention16(bf16, bf16)
+                is (W16.latent_attention_ws16 if kernel == "auto" else LA.latent_attention))
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        text = torch.randn(1, 8, cfg.model.text_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
+        steps = schedule.warp_timesteps([1000, 500], 5.0)
+        outs[kernel] = sample_video(student, text, 4 * cfg.video.chunk_frames, steps, generator=gen)
+    err = _err(outs["auto"], outs["triton"])
+    print("rollout gluon_ws vs triton (bf16)", err)
+    assert err < 2e-2

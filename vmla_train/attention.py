@@ -386,7 +386,8 @@ class MLASelfAttention(nn.Module):
             rho = torch.cat([self._rope_key(kr_past, 1.0, g_r, rot_past).to(q_c.dtype), rho_new], 1)  # RoPE per
             # call: keeping the rotated prefix costs d_r values a key (measured +9 % peak memory for +0.5 % speed)
             q_lat = torch.einsum("blhn,hnc->blhc", q_c, w_uk.to(q_c.dtype))  # (B, L, H, dc)
-            o_lat, _ = self._attention16()(q_lat, q_r, c_past, c, rho, s.squeeze(-1).contiguous(), self.scale)
+            kernel = self._attention16(q_lat, c_past)
+            o_lat, _ = kernel(q_lat, q_r, c_past, c, rho, s.squeeze(-1).contiguous(), self.scale)
         return self._up_v(o_lat)
 
     def _cached8(self, q_c, q_r, q_rope, c, kr, past, g_n, g_r, inp: AttnInputs, layer: int) -> torch.Tensor:
@@ -427,13 +428,18 @@ class MLASelfAttention(nn.Module):
             return WS.attention8_ws
         return LA8.attention8
 
-    def _attention16(self):
-        """The bf16 kernel ``attention.kernel16`` names (``auto``: the Triton kernel; the warp-specialised Gluon
-        one measured 0.81x its speed on an H100, benchmarks/latent_attention_ws.py)."""
+    def _attention16(self, q_lat: torch.Tensor, c_past: torch.Tensor):
+        """The 16-bit kernel ``attention.kernel16`` names (``auto``: the warp-specialised Gluon kernel where it runs
+        (Hopper, queries and cache of one 16-bit dtype, TMA-aligned widths), measured 1.3x the Triton one on an
+        H200, benchmarks/latent_attention_ws.py; the Triton kernel elsewhere)."""
         from .kernels import latent_attention as LA
         from .kernels import latent_attention_ws16 as W16
 
-        return W16.latent_attention_ws16 if self.kernel16 == FusedKernel.gluon_ws else LA.latent_attention
+        if self.kernel16 == FusedKernel.gluon_ws or (
+                self.kernel16 == FusedKernel.auto and c_past.dtype == q_lat.dtype
+                and W16.supports16(q_lat.device, q_lat.dtype, self.d_c, self.d_r // self.groups)):
+            return W16.latent_attention_ws16
+        return LA.latent_attention
 
     @staticmethod
     def key_rows(c: torch.Tensor, rho: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

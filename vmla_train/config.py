@@ -99,7 +99,7 @@ class AttentionImpl(str, Enum):
 
 
 class FusedKernel(str, Enum):
-    auto = "auto"  # the faster one measured: 8-bit the Gluon kernel where it runs (Hopper), bf16 the Triton one
+    auto = "auto"  # the faster one measured: the Gluon kernel where it runs (Hopper), else the Triton one
     triton = "triton"  # the Triton kernel (latent_attention / latent_attention_fp8): any CUDA GPU
     gluon_ws = "gluon_ws"  # the warp-specialised Gluon kernel (latent_attention_ws16 / latent_attention_ws): Hopper
 
@@ -128,7 +128,7 @@ class AttentionConfig:
     k_norm: KNorm = KNorm.rms_scalar  # MLA: how Wan's full-width key RMSNorm is kept
     mask_backend: MaskBackend = MaskBackend.auto  # masked full forwards: auto (= sdpa) | sdpa | flex
     # --- kernels (issue 6) ---
-    kernel16: FusedKernel = FusedKernel.auto  # MLA impl=triton: auto (= triton) | triton | gluon_ws (the bf16 kernel that runs)
+    kernel16: FusedKernel = FusedKernel.auto  # MLA impl=triton: auto | triton | gluon_ws (the 16-bit kernel that runs; auto: the Gluon one on Hopper when queries and cache share a 16-bit dtype)
     kernel8: FusedKernel = FusedKernel.auto  # MLA impl=triton_fp8: auto | triton | gluon_ws (the 8-bit kernel that runs)
     backward: AttentionImpl = AttentionImpl.absorbed_sdpa  # MLA: torch path run when gradients are needed (the Triton kernels are forward-only): absorbed_sdpa | reference
 
