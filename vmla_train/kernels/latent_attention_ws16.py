@@ -6,7 +6,7 @@ per-key scale ``s``, the latent ``c`` reused as the value), the kernel ``attenti
   RoPE key and the tile's per-key scales) into a stage ring with ``ready`` / ``empty`` mbarriers;
 - two consumer warpgroups of 64 query rows each walk the same tiles (prefix, then chunk) on FlashAttention-3's
   intra-warpgroup schedule: tile t's Q.K^T (three pieces) and tile t-1's P.V are issued back to back, tile t's
-  softmax runs while that P.V is still in flight, then the accumulators are rescaled (``_pipeline16``);
+  softmax runs while that P.V is still in flight, then the accumulators are rescaled (``_consume16``);
 - the latent tile is K for Q.K^T (a permuted view) and V for P.V (16-bit wgmma reads B in either order), so
   it is loaded once; the queries stay in shared memory as the wgmma A operand.
 
@@ -131,28 +131,13 @@ if gluon is not None:
         return acc0 * a0[:, None], acc1 * a1[:, None]
 
     @gluon.jit
-    def _consume16(acc0, acc1, m_i, l_i, q0, q1, qr, smem, lo, hi_p, lo_n, hi, qk_scale, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, s_layout: gl.constexpr, p0_layout: gl.constexpr,
-                   p1_layout: gl.constexpr):
-        """Online softmax over every key tile of the split: the prefix's over [lo, hi_p), then the chunk's over
-        [lo_n, hi) (split key coordinates); an empty split leaves the state as it is."""
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        ROWS: gl.constexpr = q0.shape[0]
-        zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-        n_p = _n_tiles(lo, hi_p, BLOCK_N)
-        n = n_p + _n_tiles(lo_n, hi, BLOCK_N)
-        if n > 0:
-            acc0, acc1, m_i, l_i = _pipeline16(acc0, acc1, m_i, l_i, q0, q1, qr, smem, n, n_p, lo, hi_p, lo_n, hi,
-                                               qk_scale, cols, zero, BLOCK_N, STAGES, p0_layout, p1_layout)
-        return acc0, acc1, m_i, l_i
-
-    @gluon.jit
-    def _pipeline16(acc0, acc1, m_i, l_i, q0, q1, qr, smem, n, n_p, lo, hi_p, lo_n, hi, qk_scale, cols, zero,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, p0_layout: gl.constexpr, p1_layout: gl.constexpr):
-        """FlashAttention-3's intra-warpgroup schedule over n >= 1 tiles: tile t's Q.K^T and tile t-1's P.V are
-        issued back to back, and tile t's softmax runs while that P.V is in flight (P of both tiles live; the
-        accumulators are rescaled once it lands). A block reads two stages (STAGES >= 2). The per-key scales come
-        with the stage (TMA), in log2 units once multiplied by ``qk_scale``."""
+    def _consume16(acc0, acc1, m_i, l_i, q0, q1, qr, smem, n, n_p, lo, hi_p, lo_n, hi, qk_scale, cols, zero,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, p0_layout: gl.constexpr, p1_layout: gl.constexpr):
+        """Online softmax over the split's n >= 1 key tiles (the prefix's ``n_p`` over [lo, hi_p), then the
+        chunk's over [lo_n, hi), split key coordinates) on FlashAttention-3's intra-warpgroup schedule: tile t's
+        Q.K^T and tile t-1's P.V are issued back to back, and tile t's softmax runs while that P.V is in flight
+        (P of both tiles live; the accumulators are rescaled once it lands). A block reads two stages (STAGES >=
+        2). The per-key scales come with the stage (TMA), in log2 units once multiplied by ``qk_scale``."""
         _, _, _, _, _, _, s_b, ready, empty = smem
         col_layout: gl.constexpr = cols.type.layout
         # tile 0: Q.K^T alone
@@ -209,11 +194,16 @@ if gluon is not None:
         l_i = gl.zeros([_WG_ROWS], gl.float32, row_layout)
         acc0 = gl.zeros([_WG_ROWS, D0], gl.float32, o0_layout)
         acc1 = gl.zeros([_WG_ROWS, D1], gl.float32, o1_layout)
-        lo, hi = _split_range(split, keys_per_split, Lp, Ln)
         # split coordinates: the prefix's keys [lo, min(hi, Lp)), then the chunk's [max(lo, Lp), hi)
-        acc0, acc1, m_i, l_i = _consume16(acc0, acc1, m_i, l_i, q0, q1, qr, smem, lo, gl.minimum(hi, Lp),
-                                          gl.maximum(lo, Lp), hi, qk_scale, BLOCK_N, STAGES, s_layout, p0_layout,
-                                          p1_layout)
+        lo, hi = _split_range(split, keys_per_split, Lp, Ln)
+        hi_p, lo_n = gl.minimum(hi, Lp), gl.maximum(lo, Lp)
+        n_p = _n_tiles(lo, hi_p, BLOCK_N)
+        n = n_p + _n_tiles(lo_n, hi, BLOCK_N)
+        if n > 0:  # an empty split (``_split_start``) leaves the state as it is
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            zero = gl.zeros([_WG_ROWS, BLOCK_N], gl.float32, s_layout)
+            acc0, acc1, m_i, l_i = _consume16(acc0, acc1, m_i, l_i, q0, q1, qr, smem, n, n_p, lo, hi_p, lo_n, hi,
+                                              qk_scale, cols, zero, BLOCK_N, STAGES, p0_layout, p1_layout)
         first = gl.program_id(0) * (_WG_ROWS * _CONSUMERS) + wg * _WG_ROWS  # after the loop: no register held
         row, rmask = _rows(first, L, b, g, H, G, _WG_ROWS, row_layout)
         _finish(acc0, acc1, m_i, l_i, 1.0, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows, DC, D0, H, G,
