@@ -139,6 +139,39 @@ def fits(fn) -> bool:
         return False
 
 
+def largest_window(student: WanStudent, group: str, kind: str, impl: str, one: dict, total: float) -> int:
+    """The largest window (latent frames, batch 1) whose cache fits: cache bytes per frame from the batch-1 run
+    ``one`` give an estimate, confirmed by one full-window chunk forward (backing off 10 % on OOM)."""
+    cfg = student.cfg
+    per_frame = one["cache_gb"] / (cfg.cache.sink_frames + cfg.cache.window_frames - cfg.video.chunk_frames)
+    w = int((total * 0.9 - (one["peak_mem_gb"] - one["cache_gb"]) * 1.5) / per_frame)
+    w -= w % cfg.video.chunk_frames
+    need = latent_frames_for(cfg) + cfg.video.chunk_frames  # a whole 60 s history
+    if kind == "mla":
+        w = min(w, 4 * need)  # past 4 minutes of history the check only costs time
+    x = torch.randn(1, cfg.video.chunk_frames, cfg.model.in_channels, cfg.video.latent_height,
+                    cfg.video.latent_width, device="cuda", dtype=torch.bfloat16)
+    t = torch.full((1, cfg.video.chunk_frames), 500.0, device="cuda")
+    text = torch.randn(1, 64, cfg.model.text_dim, device="cuda", dtype=torch.bfloat16)
+    while w > cfg.video.chunk_frames:
+
+        def fwd():
+            cache = full_cache(student, 1, w)
+            with backend(impl), torch.no_grad():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                student(x, t, text, cache=cache)
+                torch.cuda.synchronize()
+            print(f"{group}: window {w} frames fits (one chunk forward {time.perf_counter() - t0:.2f} s, "
+                  f"cache {cache.nbytes() / GB:.1f} GB)", flush=True)
+
+        if fits(fwd):
+            break
+        w = int(w * 0.9) - int(w * 0.9) % cfg.video.chunk_frames
+    print(f"{group}: max window {w} latent frames at batch 1 (60 s history needs {need})", flush=True)
+    return w
+
+
 def group_of(run: dict) -> str:
     if run["attention"] == "mha":
         return "mha"
@@ -212,40 +245,8 @@ def main() -> int:
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     b = int(b * 0.9)
-        # Largest window at batch 1: cache bytes per frame -> estimate, confirmed with one forward.
-        if args.no_window:
-            del student
-            torch.cuda.empty_cache()
-            continue
-        per_frame = one["cache_gb"] / (student.cfg.cache.sink_frames + student.cfg.cache.window_frames
-                                       - student.cfg.video.chunk_frames)
-        w = int((total * 0.9 - (one["peak_mem_gb"] - one["cache_gb"]) * 1.5) / per_frame)
-        w -= w % student.cfg.video.chunk_frames
-        need = latent_frames_for(student.cfg) + student.cfg.video.chunk_frames  # a whole 60 s history
-        if kind == "mla":
-            w = min(w, 4 * need)  # past 4 minutes of history the check only costs time
-        while w > student.cfg.video.chunk_frames:
-            cfg = student.cfg
-            x = torch.randn(1, cfg.video.chunk_frames, cfg.model.in_channels, cfg.video.latent_height,
-                            cfg.video.latent_width, device="cuda", dtype=torch.bfloat16)
-            t = torch.full((1, cfg.video.chunk_frames), 500.0, device="cuda")
-            text = torch.randn(1, 64, cfg.model.text_dim, device="cuda", dtype=torch.bfloat16)
-
-            def fwd():
-                cache = full_cache(student, 1, w)
-                with backend(impls[0]), torch.no_grad():
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    student(x, t, text, cache=cache)
-                    torch.cuda.synchronize()
-                print(f"{group}: window {w} frames fits (one chunk forward {time.perf_counter() - t0:.2f} s, "
-                      f"cache {cache.nbytes() / GB:.1f} GB)", flush=True)
-
-            if fits(fwd):
-                break
-            w = int(w * 0.9) - int(w * 0.9) % cfg.video.chunk_frames
-        max_window[group] = w
-        print(f"{group}: max window {w} latent frames at batch 1 (60 s history needs {need})", flush=True)
+        if not args.no_window:
+            max_window[group] = largest_window(student, group, kind, impls[0], one, total)
         del student
         torch.cuda.empty_cache()
 
