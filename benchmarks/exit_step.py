@@ -1,6 +1,6 @@
 """The grad-carrying exit step of self-forcing: one cached chunk forward + backward through the student at
 the 1.3B geometry (random weights, bf16, a full 21 + 3-frame window), per ``attention.backward`` path —
-the measurement behind that config key (the Triton kernels are forward-only, DESIGN 4 / issue 6).
+the measurement behind that config key (the fused kernels are forward-only).
 
     python benchmarks/exit_step.py [--layers N] [--out DIR]
 
@@ -59,7 +59,7 @@ def main() -> int:
         return xg.grad
 
     rows, grads = [], {}
-    for path in ("reference", "absorbed_sdpa"):
+    for path in ("reference", "absorbed"):
         student.zero_grad(set_to_none=True)
         grads[path] = step(path).float()
         torch.cuda.reset_peak_memory_stats()

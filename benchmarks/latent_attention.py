@@ -1,13 +1,21 @@
-"""Per-layer attention at the 1.3B chunk geometry: MHA (cuDNN, flash) vs MLA (reference, absorbed SDPA,
-Triton bf16, Triton fp8). One GPU command; writes benchmarks/results/latent_attention-<device>.json.
+"""Per-layer attention at the 1.3B chunk geometry: MHA (cuDNN, flash) vs MLA (reference, absorbed SDPA, the
+fused bf16 and 8-bit kernels). One GPU command; writes benchmarks/results/latent_attention-<device>.json.
 
-    python benchmarks/latent_attention.py [--out DIR] [--quick]
+    python benchmarks/latent_attention.py [--out DIR] [--quick] [--no-8bit] [--no-sweep] [--sweep-only]
+
+MLA variants (``attention.impl`` in brackets): ``mla_reference`` (reference), ``mla_absorbed`` (absorbed),
+``fused_bf16`` (fused, over a 16-bit cache), ``fused_8bit`` (fused_8bit over an 8-bit cache: the prefix
+quantised once, as ``cache.dtype=8bit`` stores it), ``fused_8bit_bf16cache`` (fused_8bit over a 16-bit cache,
+the prefix quantised per call). The fused variants run the kernel ``attention.kernel=auto`` picks (Gluon on
+Hopper, Triton elsewhere); each such row names it (``kernel``). Result files up to 2026-12-04 name these
+variants ``mla_absorbed_sdpa``, ``triton_bf16``, ``triton_fp8``, ``triton_fp8_bf16cache`` and the kernel
+``kernel16`` / ``kernel8``.
 
 Every MLA variant runs the real ``MLASelfAttention`` code path of a random-weight layer (bf16, CUDA):
 from the projected query (q_c, roped q_r) and the cached + current latents to the per-head output
 [B, L, H, Dh] — the absorption, the key pre-pass and W_uv included — so the times compare what a rollout
 pays. MHA variants time SDPA on given q/k/v (their projections are not part of attention either).
-``kernel_ms`` is the fused kernel alone. TF/s counts the attention core (DESIGN 4):
+``kernel_ms`` is the fused kernel alone. TF/s counts the attention core (docs/design.md):
 MHA 4 d_h, absorbed 2 (2 d_c + d_r), reference 2 (d_qk + d_v) FLOPs per (query, key, head).
 rel_err: ||o - o_fp64|| / ||o_fp64|| over 384 random query tokens (all heads), fresh random inputs;
 ``rel_err_sharp`` with the queries scaled x4 (a sharpened softmax, closer to trained attention).
@@ -29,10 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_result  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train.attention import AttnInputs, MLASelfAttention  # noqa: E402
+from vmla_train.kernels import dispatch  # noqa: E402
 from vmla_train.kernels import latent_attention as LA  # noqa: E402
+from vmla_train.kernels import quant8 as Q8  # noqa: E402
 from vmla_train.rope import Rotary, rope_angles  # noqa: E402
 
 ROWS = 384  # query tokens checked against float64
+FUSED = {"fused_bf16": "fused", "fused_8bit": "fused_8bit", "fused_8bit_bf16cache": "fused_8bit"}  # -> attention.impl
 
 
 def bench(fn) -> float:
@@ -69,6 +80,23 @@ def mha_case(cfg: C.Config, n_q: int, n_k: int, backend: SDPBackend) -> dict:
     return dict(ms=ms, tflops=flops / ms / 1e9, rel_err=rel(o[:, :, rows], ref))
 
 
+class Prefix16:
+    """The cached prefix as ``dispatch.latent_attention`` reads a 16-bit ``KVCache``: ``read`` gives c (B, Lp, dc)
+    and kr (B, Lp, G*dr), and ``memo`` recomputes every call, so each timed call pays the prefix's key-norm scale
+    (and, for the 8-bit kernel, its quantisation): the per-call key pre-pass these rows measure."""
+
+    eight_bit = None  # a 16-bit cache
+
+    def __init__(self, c: torch.Tensor, kr: torch.Tensor):
+        self.past = {"c": c, "kr": kr}
+
+    def read(self, layer: int, step) -> dict[str, torch.Tensor]:
+        return self.past
+
+    def memo(self, layer: int, name: str, compute):
+        return compute()
+
+
 class MLACase:
     """A random MLA layer and one cached call's inputs (current chunk of n_q tokens, n_k keys in all)."""
 
@@ -101,19 +129,22 @@ class MLACase:
             self.g_n, self.g_r = a._gains()
             self.c_all = torch.cat([self.c_past, self.c], 1)
             self.kr_all = torch.cat([self.kr_past, self.kr], 1)
+            self.prefix = Prefix16(self.c_past, self.kr_past)
 
     def run(self, variant: str) -> torch.Tensor:
         a = self.attn
         with torch.no_grad():
             if variant == "mla_reference":
                 return a._reference(self.q_c, self.q_r, self.c_all, self.kr_all, self.g_n, self.g_r, self.inp)
-            if variant == "mla_absorbed_sdpa":
+            if variant == "mla_absorbed":
                 return a._absorbed(self.q_c, self.q_r, self.c_all, self.kr_all, self.g_n, self.g_r, self.inp)
-            if variant == "triton_fp8":
-                return self.run_fp8_cache()
-            impl = C.AttentionImpl.triton if variant == "triton_bf16" else C.AttentionImpl.triton_fp8  # *_bf16cache
-            past = {"c": self.c_past, "kr": self.kr_past}
-            return a._fused(self.q_c, self.q_r, self.c, self.kr, past, self.g_n, self.g_r, self.inp, impl)
+            if variant == "fused_8bit":
+                return self.run_8bit_cache()
+            # fused_bf16, fused_8bit_bf16cache: the layer's fused call over the 16-bit prefix
+            q = dispatch.Queries(self.q_c, self.q_r, a._w_uk(self.g_n), a.scale, a.groups)
+            k = dispatch.Keys(self.c, self.kr, self.inp.k_rot, a._key_scale,
+                              lambda kr, rot: a._rope_key(kr, 1.0, self.g_r, rot))
+            return a._up_v(dispatch.latent_attention(FUSED[variant], a.kernel, q, k, self.prefix))
 
     def bf16_operands(self) -> tuple:
         """The 16-bit kernels' arguments (q_lat, q_r, c_past, c_new, rho, s, scale): absorbed queries, the
@@ -125,11 +156,10 @@ class MLACase:
             rho = a._rope_key(self.kr_all, 1.0, self.g_r, self.inp.k_rot).to(q_lat.dtype)
         return q_lat, self.q_r, self.c_past, self.c, rho, s.contiguous(), a.scale
 
-    def fp8_operands(self) -> tuple:
+    def operands8(self) -> tuple:
         """The 8-bit kernel's operands for this call: (quantised queries, prefix, chunk) — the prefix quantised
         once (as a cache write would), the queries and the current chunk per call."""
         from vmla_train.kernels import latent_attention_fp8 as LA8
-        from vmla_train.rope import Rotary
 
         a = self.attn
         lp = self.c_past.shape[1]
@@ -137,19 +167,20 @@ class MLACase:
         if not hasattr(self, "past8"):
             s_p = a._key_scale(self.c_past, self.kr_past)
             rho_p = a._rope_key(self.kr_past, 1.0, self.g_r, Rotary(rot.cos[:lp], rot.sin[:lp]))
-            self.past8 = LA8.quantize_keys(a.key_rows(self.c_past, rho_p.to(self.c.dtype), s_p), self.c_past)
+            self.past8 = Q8.quantize_keys(dispatch.key_rows(self.c_past, rho_p.to(self.c.dtype), s_p), self.c_past)
         s = a._key_scale(self.c, self.kr)
         rho = a._rope_key(self.kr, 1.0, self.g_r, Rotary(rot.cos[lp:], rot.sin[lp:])).to(self.c.dtype)
-        new8 = LA8.quantize_keys(a.key_rows(self.c, rho, s), self.c)
+        new8 = Q8.quantize_keys(dispatch.key_rows(self.c, rho, s), self.c)
         return LA8.quantize_queries(self.q_c, a._w_uk(self.g_n), self.q_r), self.past8, new8
 
-    def run_fp8_cache(self) -> torch.Tensor:
+    def run_8bit_cache(self) -> torch.Tensor:
         """An 8-bit cache: the prefix's key rows and values quantised once (as a cache write would, outside the
         timing); per call: the queries (absorbed + quantised in one kernel), the current chunk's key scale,
-        RoPE key, key rows and quantisation, the kernel (``attention.kernel8``'s) and W_uv."""
+        RoPE key, key rows and quantisation, the 8-bit kernel ``attention.kernel`` picks, and W_uv."""
         a = self.attn
-        (q8, qr8, qs8, sq), past8, new8 = self.fp8_operands()
-        o_lat, _ = a._attention8(q8)(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups, out_dtype=self.q_c.dtype)
+        (q8, qr8, qs8, sq), past8, new8 = self.operands8()
+        o_lat, _ = dispatch.kernel8(a.kernel, q8, qr8)(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups,
+                                                       out_dtype=self.q_c.dtype)
         return a._up_v(o_lat)
 
     def reference(self, rows: torch.Tensor) -> torch.Tensor:
@@ -176,16 +207,16 @@ def mla_flops(cfg: C.Config, variant: str, n_q: int, n_k: int) -> float:
     return per * n_q * n_k * m.num_heads
 
 
-def kernel_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:
-    """The 16-bit kernel the layer runs (``attention.kernel16``) alone at its default tiles, and a sweep of the
-    candidate tiles (best reported)."""
+def kernel_only(case: MLACase, sweep_tiles: bool) -> tuple[str, float, LA.TileConfig | None, list]:
+    """The 16-bit kernel the layer runs (``attention.kernel``'s pick) alone: its name, its time at its default
+    tiles, and a sweep of the candidate tiles (best reported)."""
     from vmla_train.kernels import latent_attention_ws16 as W16
 
     args = case.bf16_operands()
-    kernel = case.attn._attention16(args[0], args[2])
+    kernel = dispatch.kernel16(case.attn.kernel, args[0], args[1], args[2])
     cands = LA.CANDIDATES if kernel is LA.latent_attention else candidates_ws(case.attn.d_c, case.attn.d_r,
                                                                               W16.smem_bytes16)
-    return sweep_tiles_of(lambda cfg=None: kernel(*args, config=cfg), cands, (1, 2, 3), sweep_tiles)
+    return kernel.__name__, *sweep_tiles_of(lambda cfg=None: kernel(*args, config=cfg), cands, (1, 2, 3), sweep_tiles)
 
 
 def sweep_tiles_of(run, candidates: list, splits_list: tuple, sweep: bool) -> tuple[float, LA.TileConfig | None, list]:
@@ -219,25 +250,25 @@ def candidates_ws(dc: int, dr: int, smem_bytes=None) -> list:
             if smem_bytes(dc, dr, n, st) <= WS.SMEM_BYTES]
 
 
-def kernel8_only(case: MLACase, sweep_tiles: bool) -> tuple[float, LA.TileConfig | None, list]:
-    """The 8-bit kernel the layer runs (``attention.kernel8``) alone (operands quantised outside the timing)
-    at its default tiles, and a sweep."""
+def kernel8_only(case: MLACase, sweep_tiles: bool) -> tuple[str, float, LA.TileConfig | None, list]:
+    """The 8-bit kernel the layer runs (``attention.kernel``'s pick) alone (operands quantised outside the
+    timing): its name, its time at its default tiles, and a sweep."""
     from vmla_train.kernels import latent_attention_fp8 as LA8
 
     a = case.attn
     with torch.no_grad():
-        (q8, qr8, qs8, sq), past8, new8 = case.fp8_operands()
-    kernel = a._attention8(q8)
+        (q8, qr8, qs8, sq), past8, new8 = case.operands8()
+    kernel = dispatch.kernel8(a.kernel, q8, qr8)
     run = lambda cfg=None: kernel(q8, qr8, qs8, sq, past8, new8, a.scale, a.groups, config=cfg)  # noqa: E731
     cands = CANDIDATES8 if kernel is LA8.attention8 else candidates_ws(a.d_c, a.d_r)
-    return sweep_tiles_of(run, cands, (1, 2, 3, 4), sweep_tiles)
+    return kernel.__name__, *sweep_tiles_of(run, cands, (1, 2, 3, 4), sweep_tiles)
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="only the 21-frame cases")
-    p.add_argument("--no-fp8", action="store_true")
+    p.add_argument("--no-8bit", action="store_true", help="skip the 8-bit variants")
     p.add_argument("--no-sweep", action="store_true", help="kernel at its default tiles only")
     p.add_argument("--sweep-only", action="store_true",
                    help="only the tile sweeps of both kernels at the whole-chunk 21-frame cases, d_c/d_r = 160/64 "
@@ -249,14 +280,14 @@ def main() -> int:
     base = C.load(None, [])
     tpf = base.tokens_per_frame
     chunk = base.video.chunk_frames
-    variants_mla = ["mla_reference", "mla_absorbed_sdpa", "triton_bf16"]
-    variants_mla += [] if args.no_fp8 else ["triton_fp8", "triton_fp8_bf16cache"]  # 8-bit cache / requantised per call
+    variants_mla = ["mla_reference", "mla_absorbed", "fused_bf16"]
+    variants_mla += [] if args.no_8bit else ["fused_8bit", "fused_8bit_bf16cache"]  # 8-bit cache / requantised per call
     cases = []
     sweeps = {}
     geoms = [(21, 3), (21, 0)] if args.quick or args.sweep_only else [(3, 3), (9, 3), (21, 3), (21, 0)]
     mha = (("mha_cudnn", SDPBackend.CUDNN_ATTENTION), ("mha_flash", SDPBackend.FLASH_ATTENTION))
     if args.sweep_only:
-        variants_mla, mha = ["triton_bf16", "triton_fp8"], mha[:1]
+        variants_mla, mha = ["fused_bf16", "fused_8bit"], mha[:1]
     for n_q_frames in (chunk,) if args.sweep_only else (chunk, 1):  # a whole chunk, and one frame
         n_q = n_q_frames * tpf
         for frames, sinks in geoms:
@@ -264,7 +295,7 @@ def main() -> int:
             for var, be in mha:
                 r = mha_case(base, n_q, n_k, be)
                 cases.append(dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=0, d_r=0, variant=var, **r))
-                print(f"{n_q:5d} {frames:2d}+{sinks} {var:18s} {r['ms']:7.3f} ms {r['tflops']:6.0f} TF/s "
+                print(f"{n_q:5d} {frames:2d}+{sinks} {var:20s} {r['ms']:7.3f} ms {r['tflops']:6.0f} TF/s "
                       f"{r['tflops'] / peak:5.1%} err {r['rel_err']:.1e}", flush=True)
             for dc, dr in ((160, 64),) if args.sweep_only else ((160, 64), (192, 32)):
                 cfg = C.load(None, [f"attention.d_c={dc}", f"attention.d_r={dr}"])
@@ -283,21 +314,17 @@ def main() -> int:
                     fl = mla_flops(cfg, var, n_q, n_k)
                     row = dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=dc, d_r=dr, variant=var, ms=ms,
                                tflops=fl / ms / 1e9, rel_err=err, rel_err_sharp=err_sharp)
-                    if var in ("triton_bf16", "triton_fp8"):
-                        only = kernel_only if var == "triton_bf16" else kernel8_only
-                        k_ms, best, sweep = only(case, sweep_tiles=frames == 21 and not args.no_sweep)
-                        row.update(kernel_ms=k_ms, kernel_tflops=fl / k_ms / 1e9)
-                        if var == "triton_fp8":  # which 8-bit kernel attention.kernel8=auto ran
-                            row.update(kernel8=case.attn._attention8(case.q_c).__name__)
-                        else:  # which 16-bit kernel attention.kernel16=auto ran
-                            row.update(kernel16=case.attn._attention16(case.q_c, case.c_past).__name__)
+                    if var in ("fused_bf16", "fused_8bit"):  # the kernel attention.kernel=auto ran, alone
+                        only = kernel_only if var == "fused_bf16" else kernel8_only
+                        name, k_ms, best, sweep = only(case, sweep_tiles=frames == 21 and not args.no_sweep)
+                        row.update(kernel=name, kernel_ms=k_ms, kernel_tflops=fl / k_ms / 1e9)
                         if sweep:
                             row.update(best_tile_ms=sweep[0][0], best_tile=vars(best))
                             sweeps[f"{var}-{n_q}-{frames}+{sinks}-{dc}/{dr}"] = [(t, vars(c)) for t, c in sweep]
                     cases.append(row)
                     extra = f" kernel {row['kernel_ms']:.3f} ms ({row['kernel_tflops'] / peak:.1%} peak), best tile " \
                             f"{row.get('best_tile_ms', float('nan')):.3f} {row.get('best_tile')}" if "kernel_ms" in row else ""
-                    print(f"{n_q:5d} {frames:2d}+{sinks} {var:18s} {ms:7.3f} ms {row['tflops']:6.0f} TF/s "
+                    print(f"{n_q:5d} {frames:2d}+{sinks} {var:20s} {ms:7.3f} ms {row['tflops']:6.0f} TF/s "
                           f"{row['tflops'] / peak:5.1%} err {err:.1e} sharp {err_sharp:.1e} [{dc}/{dr}]{extra}",
                           flush=True)
                 del case, sharp

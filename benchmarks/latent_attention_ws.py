@@ -4,12 +4,14 @@ geometry. One GPU command (Hopper); writes benchmarks/results/latent_attention_w
     python benchmarks/latent_attention_ws.py [--out DIR] [--sweep all|bf16|none]
 
 8-bit: both kernels on the same quantised operands of a random-weight ``MLASelfAttention`` layer
-(``MLACase.fp8_operands``: the prefix quantised once, as an 8-bit cache holds it), kernel alone. ``agree_o`` /
+(``MLACase.operands8``: the prefix quantised once, as an 8-bit cache holds it), kernel alone. ``agree_o`` /
 ``agree_lse``: relative difference of the Gluon kernel's output from the Triton kernel's (bit-identical since
 both walk tiles in one order; their shared error against float64 is ``benchmarks/latent_attention.py``'s
-``triton_fp8`` row). bf16: the Triton kernel and ``latent_attention_ws16`` on ``MLACase.bf16_operands``, with
+``fused_8bit`` row). bf16: the Triton kernel and ``latent_attention_ws16`` on ``MLACase.bf16_operands``, with
 their share of the bf16 GEMM peak measured in the same run (``agree16_*``: relative difference, bf16 output).
-The sweeps walk key tiles, stages and key splits (each kernel's shared-memory plan prunes what does not fit).
+Row keys name the kernels: ``triton_bf16_*`` / ``triton_fp8_*`` the Triton ones (16-bit, 8-bit), ``ws16_*`` /
+``ws_*`` the Gluon ones. The sweeps walk key tiles, stages and key splits (each kernel's shared-memory plan
+prunes what does not fit).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main() -> int:
         case = MLACase(cfg, n_q, n_k)
         a = case.attn
         with torch.no_grad():
-            (q8, qr8, qs8, sq), past8, new8 = case.fp8_operands()
+            (q8, qr8, qs8, sq), past8, new8 = case.operands8()
         sink_tokens = sinks * tpf
 
         def run(kernel, config=None):
@@ -84,7 +86,7 @@ def main() -> int:
 
         o8, lse8 = run(LA8.attention8)
         ms8 = bench(lambda: run(LA8.attention8))
-        fl = mla_flops(cfg, "triton_fp8", n_q, n_k)
+        fl = mla_flops(cfg, "fused_8bit", n_q, n_k)
         row = dict(n_q=n_q, cache_frames=frames, sink_frames=sinks, d_c=a.d_c, d_r=cfg.attention.d_r, mha_cudnn_ms=mha,
                    triton_fp8_ms=ms8)
         sweep = []
@@ -99,11 +101,11 @@ def main() -> int:
         if sweep:
             row.update(best_ms=sweep[0][0], best_tile=vars(sweep[0][1]), sweep=[(t, vars(c)) for t, c in sweep])
         cases.append(row)
-        ws = f"ws {row['ws_ms']:.3f} ms ({mha / row['ws_ms']:.2f}x cuDNN, {ms8 / row['ws_ms']:.2f}x triton_fp8), " \
+        ws = f"ws {row['ws_ms']:.3f} ms ({mha / row['ws_ms']:.2f}x cuDNN, {ms8 / row['ws_ms']:.2f}x Triton 8-bit), " \
              f"agree {row['agree_o']:.1e} / {row['agree_lse']:.1e}" if "ws_ms" in row else row.get("ws_error")
         best = f"; best {row['best_ms']:.3f} ms {row['best_tile']}" if sweep else ""
-        print(f"{n_q:5d} {frames:2d}+{sinks} cuDNN MHA {mha:.3f} ms, triton_fp8 {ms8:.3f} ms, {ws}{best}", flush=True)
-        row.update(bf16_kernels(case, fl16=mla_flops(cfg, "triton_bf16", n_q, n_k), peak=peak,
+        print(f"{n_q:5d} {frames:2d}+{sinks} cuDNN MHA {mha:.3f} ms, Triton 8-bit {ms8:.3f} ms, {ws}{best}", flush=True)
+        row.update(bf16_kernels(case, fl16=mla_flops(cfg, "fused_bf16", n_q, n_k), peak=peak,
                                 sweep=args.sweep != "none"))
         print(f"{n_q:5d} {frames:2d}+{sinks} bf16: triton {row['triton_bf16_ms']:.3f} ms "
               f"({row['triton_bf16_peak']:.1%} of GEMM peak), "

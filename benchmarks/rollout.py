@@ -1,10 +1,13 @@
 """Minute-scale rollout throughput: random-weight 1.3B students, MHA vs MLA, on one GPU.
 
-    python benchmarks/rollout.py [--out DIR] [--chunks N] [--groups mha,mla,mla_fp8cache] [--merge]
+    python benchmarks/rollout.py [--out DIR] [--chunks N] [--groups mha,mla,mla_8bit_cache] [--merge]
                                  [--batch-cap N] [--no-window]
 
-Groups: ``mha`` (cuDNN and flash SDPA), ``mla`` (``--mla-impls``, 16-bit cache), ``mla_fp8cache``
-(``attention.impl=triton_fp8`` reading and writing ``cache.dtype=fp8``).
+Groups: ``mha`` (cuDNN and flash SDPA), ``mla`` (``--mla-impls``: ``attention.impl`` values, 16-bit cache),
+``mla_8bit_cache`` (``attention.impl=fused_8bit`` reading and writing ``cache.dtype=8bit``). The fused paths run
+the kernel ``attention.kernel=auto`` picks (Gluon on Hopper). ``--merge`` reads result files of the older
+spellings too (impl ``triton`` / ``triton_fp8`` / ``absorbed_sdpa``, cache dtype ``fp8``, group
+``mla_fp8cache``): their runs are kept under the current names.
 
 Geometry from the config (480x832, chunk 3 latent frames, window 21 + 3 sinks, 4 denoising steps + the
 clean cache-writing pass per chunk). A 60 s video is ``latent_frames_for(cfg)`` = 240 latent frames =
@@ -21,6 +24,7 @@ cache fits, confirmed by one full-window chunk forward (``--no-window`` skips it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import statistics
@@ -56,31 +60,12 @@ def build(kind: str, impl: str, cache_dtype: str = "bfloat16") -> WanStudent:
 
 
 def full_cache(student: WanStudent, batch: int, window: int | None = None) -> KVCache:
-    """A cache whose window is full of random entries (the steady state of a long rollout)."""
-    cfg = student.cfg
-    c = cfg.cache
-    cache = KVCache(kind=cfg.attention.kind.value, num_layers=cfg.model.num_layers, batch=batch,
-                    tokens_per_frame=cfg.tokens_per_frame, sink_frames=c.sink_frames,
-                    window_frames=window or c.window_frames, chunk_frames=cfg.video.chunk_frames,
-                    widths=student._attn_cls.cache_widths(cfg), position_scheme=c.position_scheme,
-                    dtype=torch.bfloat16, device=student.proj_out.weight.device,
-                    **student._attn_cls.cache_layouts(cfg))
-    for buf in cache.buffers.values():
-        for layer in buf:  # one layer at a time: the 8-bit fill goes through a float temporary
-            if layer.dtype == torch.int8:
-                layer.random_(-127, 128)
-            elif layer.dtype == torch.float8_e4m3fn:
-                layer.copy_(torch.randn(layer.shape, device=layer.device).to(layer.dtype))
-            else:
-                layer.normal_()
-    for name, sc in cache.scales.items():  # scales of N(0, 1) entries: int8 key rows, e4m3 values
-        sc.fill_(4.0 / 127 if name == "k8" else 1.0)
-    past = cache.num_slots + cfg.video.chunk_frames * 2
-    for f in range(past):
-        slot = cache._slot_of(f)
-        if slot is not None:
-            cache.slot_frame[slot] = f
-    cache.next_frame = past
+    """A cache whose window is full of random entries (the steady state of a long rollout); ``window``
+    overrides ``cache.window_frames``."""
+    cache = student.new_cache(batch)
+    if window:
+        cache = dataclasses.replace(cache, window_frames=window)  # re-allocates the buffers for that window
+    cache.fill_random(cache.num_slots + student.cfg.video.chunk_frames * 2)
     return cache
 
 
@@ -94,7 +79,7 @@ def backend(impl: str):
 
 def run(student: WanStudent, impl: str, batch: int, chunks: int, window: int | None = None) -> dict:
     cfg = student.cfg
-    steps = schedule.warp_timesteps(cfg.demo.denoising_steps, cfg.demo.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     gen = torch.Generator(device="cuda").manual_seed(0)
     text = torch.randn(batch, 64, cfg.model.text_dim, device="cuda", generator=gen)
     torch.cuda.empty_cache()
@@ -172,10 +157,23 @@ def largest_window(student: WanStudent, group: str, kind: str, impl: str, one: d
     return w
 
 
+OLD_GROUPS = {"mla_fp8cache": "mla_8bit_cache"}  # group names of older result files
+
+
+def current_names(run: dict) -> dict:
+    """A run of an older result file with today's spellings (``config.RENAMED_VALUES``: impl ``triton`` ->
+    ``fused``, cache dtype ``fp8`` -> ``8bit``, ...); a current run unchanged."""
+    impls, dtypes = C.RENAMED_VALUES["attention.impl"], C.RENAMED_VALUES["cache.dtype"]
+    out = dict(run, impl=impls.get(run["impl"], run["impl"]))
+    if "cache_dtype" in run:
+        out["cache_dtype"] = dtypes.get(run["cache_dtype"], run["cache_dtype"])
+    return out
+
+
 def group_of(run: dict) -> str:
     if run["attention"] == "mha":
         return "mha"
-    return "mla_fp8cache" if run.get("cache_dtype") == "fp8" else "mla"
+    return "mla_8bit_cache" if run.get("cache_dtype") == "8bit" else "mla"
 
 
 def merged(path: Path, groups: list[str], runs: list[dict], max_window: dict) -> tuple[list[dict], dict]:
@@ -183,8 +181,10 @@ def merged(path: Path, groups: list[str], runs: list[dict], max_window: dict) ->
     if not path.exists():
         return runs, max_window
     old = json.loads(path.read_text())
-    kept = [dict(r, date=r.get("date", old["date"])) for r in old["runs"] if group_of(r) not in groups]
-    windows = {g: w for g, w in old.get("max_window_frames", {}).items() if g not in groups}
+    kept = [dict(current_names(r), date=r.get("date", old["date"])) for r in old["runs"]]
+    kept = [r for r in kept if group_of(r) not in groups]
+    windows = {OLD_GROUPS.get(g, g): w for g, w in old.get("max_window_frames", {}).items()}
+    windows = {g: w for g, w in windows.items() if g not in groups}
     return kept + runs, {**windows, **max_window}
 
 
@@ -192,14 +192,20 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--chunks", type=int, default=3)
-    p.add_argument("--mla-impls", default="triton,absorbed_sdpa")
-    p.add_argument("--groups", default="mha,mla", help="comma list of mha, mla, mla_fp8cache")
+    p.add_argument("--mla-impls", default="fused,absorbed", help="comma list of attention.impl values (group mla)")
+    p.add_argument("--groups", default="mha,mla", help="comma list of mha, mla, mla_8bit_cache")
     p.add_argument("--batch-cap", type=int, default=0, help="run at most this batch instead of the largest (0: none)")
     p.add_argument("--no-window", action="store_true", help="skip the largest-window search")
     p.add_argument("--merge", action="store_true",
                    help="keep the runs of the other groups from the existing JSON of this device (each run keeps "
                         "its own date): a run of every group exceeds one 10-minute device command")
     args = p.parse_args()
+    impls = [i.value for i in C.AttentionImpl]
+    for impl in args.mla_impls.split(","):
+        if impl not in impls:
+            renamed = C.RENAMED_VALUES["attention.impl"].get(impl)
+            p.error(f"--mla-impls: {impl!r} " + (f"was renamed to {renamed!r}" if renamed
+                                                 else f"is not an attention.impl, expected some of {impls}"))
     dev = torch.cuda.get_device_name()
     total = torch.cuda.get_device_properties(0).total_memory / GB
     print(f"device {dev}, {total:.1f} GiB", flush=True)
@@ -215,7 +221,7 @@ def main() -> int:
               f"peak {r['peak_mem_gb']:.1f} GB cache {r['cache_gb']:.2f} GB", flush=True)
 
     groups = {"mha": ("mha", ["cudnn", "flash"], "bfloat16"), "mla": ("mla", args.mla_impls.split(","), "bfloat16"),
-              "mla_fp8cache": ("mla", ["triton_fp8"], "fp8")}
+              "mla_8bit_cache": ("mla", ["fused_8bit"], "8bit")}
     for group in args.groups.split(","):
         if group not in groups:
             raise SystemExit(f"--groups: unknown group {group!r}, expected some of {sorted(groups)}")

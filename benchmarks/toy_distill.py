@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from vmla_train import checkpoint as ckpt
 from vmla_train import config as C
 from vmla_train import schedule, train, wan
 from vmla_train.data import encode_array
@@ -126,7 +127,7 @@ def train_teacher(cfg: C.Config, toy: Toy, steps: int, log) -> torch.nn.Module:
     t0 = time.perf_counter()
     for i in range(steps):
         x0, text, _ = toy.sample(16, g)
-        t = schedule.sample_training_t((16,), cfg.dmd.shift, generator=g).float()
+        t = schedule.sample_training_t((16,), cfg.schedule.shift, generator=g).float()
         noise = torch.randn(x0.shape, generator=g)
         flow = wan.wan_flow(teacher, schedule.add_noise(x0, noise, t), t, text, cfg.model.text_len)
         loss = ((flow - (noise - x0)) ** 2).mean()
@@ -143,21 +144,16 @@ def train_teacher(cfg: C.Config, toy: Toy, steps: int, log) -> torch.nn.Module:
 @torch.no_grad()
 def teacher_samples(teacher, cfg: C.Config, noise: torch.Tensor, text: torch.Tensor, steps: int, keep: list[int] | None = None):
     """Euler sampling; with ``keep`` also the trajectory at those step indices (and their timesteps)."""
-    sigmas = schedule.euler_sigmas(steps, cfg.dmd.shift)
-    x = noise
-    traj, ts = [], []
-    for i in range(steps):
-        if keep is not None and i in keep:
-            traj.append(x.clone())
-            ts.append(1000.0 * float(sigmas[i]))
-        t = torch.full((x.shape[0],), 1000.0 * float(sigmas[i]))
-        x = schedule.euler_step(x, wan.wan_flow(teacher, x, t, text, cfg.model.text_len), float(sigmas[i]), float(sigmas[i + 1]))
-    return x, (torch.stack(traj, 1) if keep is not None else None), ts
+    x, kept = wan.euler_sample(teacher, noise, text, steps, cfg.schedule.shift, cfg.model.text_len, keep=keep or ())
+    if keep is None:
+        return x, None, []
+    sigmas = schedule.euler_sigmas(steps, cfg.schedule.shift)
+    return x, torch.stack([kept[i] for i in keep], 1), [schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[i]) for i in keep]
 
 
 @torch.no_grad()
 def student_samples(student, cfg: C.Config, text: torch.Tensor, seed: int) -> torch.Tensor:
-    steps = schedule.warp_timesteps(cfg.dmd.denoising_steps, cfg.dmd.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     return sample_video(student.eval(), text, cfg.video.latent_frames, steps, generator=torch.Generator().manual_seed(seed))
 
 
@@ -218,7 +214,7 @@ def main(argv=None) -> dict:
                                                               "prep.ode.keep_indices=[0,6,12,18]"]),
         ("self_forcing", "configs/self_forcing-debug.yaml", n["sf"], [
             "data.shards=" + str(work / "data/train/train-000000.tar"), f"train.teacher_path={work / 'teacher'}",
-            "optim.student_lr=1e-4", "optim.critic_lr=2e-4", "dmd.guidance=0.0", "dmd.critic_steps_per_student_step=2",
+            "optim.student_lr=1e-4", "optim.critic_lr=2e-4", "dmd.guidance_scale=1.0", "dmd.critic_steps_per_student_step=2",
             "dmd.ema_decay=0.0", "data.batch_size=4", "train.global_batch_size=4"]),
     ]
     students = {"converted": work / "student-converted"}
@@ -230,7 +226,7 @@ def main(argv=None) -> dict:
                                                       f"runtime.run_dir={work / 'runs' / name}"])
         out = train.fit(cfg)
         losses[name] = [(h["step"], {k: v for k, v in h.items() if k.startswith("loss/")}) for h in out["history"]]
-        prev = train.export_student(work / "runs" / name, work / f"student-{name}")
+        prev = ckpt.export_student(work / "runs" / name, work / f"student-{name}")
         students[name] = prev
         log(f"{name}: {steps} iterations in {time.perf_counter() - t0:.0f} s, last losses {losses[name][-1][1]}")
 

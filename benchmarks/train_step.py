@@ -7,12 +7,12 @@ student (DMD) step, peak GPU memory, MFU.
 
 Real geometry: configs/self_forcing.yaml (Wan2.1-1.3B, VideoMLA d_c 160 / d_r 64, 21 latent frames at
 480x832, chunk 3, batch 1 per GPU, bf16, gradient checkpointing). The steps are the loop's own
-(``train._critic_step``, ``train._student_dmd_step``) on engines set up by Fabric exactly as ``fit``
-does (``--strategy deepspeed`` = ZeRO-2, one engine per trainable model).
+(``train.update_role`` with ``DistillationModule.critic_step`` / ``dmd_loss``) on engines set up by
+Fabric exactly as ``fit`` does (``--strategy deepspeed`` = ZeRO-2, one engine per trainable model).
 
 Several GPUs: ``--gpus N`` with one process per GPU (each runs batch 1; times are rank 0's).
 
-MFU = model FLOPs of every forward and backward actually run in the step (per GPU) (``train.FlopCounter``:
+MFU = model FLOPs of every forward and backward actually run in the step (per GPU) (``flops.FlopCounter``:
 2 x parameters applied per token x tokens + 4 x q x kv x dim per layer for attention; backward = 2 x
 forward; activation-checkpoint recomputation not counted) / (step time x the GPUs' dense bf16 peak,
 989 TFLOP/s for H100/H200 SXM).
@@ -30,7 +30,11 @@ import torch
 
 from vmla_train import config as C
 from vmla_train import data, parallel, recipe, schedule, train
+from vmla_train.distill import DistillationModule, RolloutSpec
+from vmla_train.ema import EMA
+from vmla_train.flops import FlopCounter, peak_tflops
 from vmla_train.rollout import draw_exit_steps
+from vmla_train.state import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +52,6 @@ def run(args, teacher_size: str) -> dict:
     fabric = parallel.build_fabric(cfg, 1)
     fabric.launch()
     dev = fabric.device
-    ds = parallel.is_deepspeed(fabric)
     t0 = time.perf_counter()
     with torch.device(dev):  # random init directly on the device
         student = recipe.build_student(cfg)
@@ -60,34 +63,33 @@ def run(args, teacher_size: str) -> dict:
     bf16 = dev.type == "cuda"
     if bf16:
         teacher = teacher.to(torch.bfloat16)
-    flops = train.FlopCounter(cfg, student, teacher, critic)
-    new_cache = student.new_cache
-    o = cfg.optim
-    adamw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay)
-    sm, so = fabric.setup(student, torch.optim.AdamW(student.parameters(), lr=o.student_lr, **adamw))
-    cm, co = fabric.setup(critic, torch.optim.AdamW(critic.parameters(), lr=o.critic_lr, **adamw))
+    flops = FlopCounter(cfg, student, teacher, critic)
+    module = DistillationModule(cfg, student, teacher, critic)
+    so, co = module.configure_optimizers()
+    sm, so = fabric.setup(student, so)
+    cm, co = fabric.setup(critic, co)
+    module.use_engines(sm, cm, dev, next(teacher.parameters()).dtype)
     print(f"setup {time.perf_counter() - t0:.1f} s on {dev}", flush=True)
-    dtype = next(sm.parameters()).dtype
-    neg = recipe.negative_text(cfg).to(dev)
     loader = data.build_loader(cfg, "prompts", fabric.global_rank, fabric.world_size)
-    steps = schedule.warp_timesteps(cfg.dmd.denoising_steps, cfg.dmd.shift)
+    state = TrainState(fabric, cfg, module, so, co, EMA(0.0, 0, keep=False), loader, "", 1)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     num_chunks = cfg.video.latent_frames // cfg.video.chunk_frames
     times = {"critic": [], "student": []}
     fl = {"critic": [], "student": []}
     for it in range(args.warmup + args.iters):
         batch = next(loader).to(dev)
         exits = draw_exit_steps(num_chunks, len(steps), torch.Generator().manual_seed(it))
-        spec = recipe.RolloutSpec(cfg.video.latent_frames, steps, exits, 0)
+        spec = RolloutSpec(cfg.video.latent_frames, steps, exits, 0)
         gen = torch.Generator(device=dev).manual_seed(it)
         for kind in ("student", "critic"):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             if kind == "student":
-                train._student_dmd_step(fabric, cfg, sm, so, cm, teacher, new_cache, [batch], neg, spec, gen, dtype, ds, 1)
-                f = flops.student_dmd(1, spec)
+                train.update_role(state, "student", lambda b: module.dmd_loss(b, gen, spec), [batch])
+                f = flops.student(1, spec)
             else:
-                train._critic_step(fabric, cfg, sm, cm, co, new_cache, [batch], spec, gen, dtype, ds, 1)
+                train.update_role(state, "critic", lambda b: module.critic_step(b, gen, spec), [batch])
                 f = flops.critic(1, spec)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -96,7 +98,7 @@ def run(args, teacher_size: str) -> dict:
             if it >= args.warmup:
                 times[kind].append(dt)
                 fl[kind].append(f)
-    peak = train.peak_tflops(dev)
+    peak = peak_tflops(dev)
     s_c, s_s = sum(times["critic"]) / len(times["critic"]), sum(times["student"]) / len(times["student"])
     total_flops = sum(fl["critic"]) + sum(fl["student"])
     total_time = sum(times["critic"]) + sum(times["student"])

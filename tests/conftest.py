@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    # CPU machines run the Triton kernels in Triton's interpreter; it must be on before any @triton.jit runs
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
@@ -36,7 +42,6 @@ def _seed():
 # ----------------------------------------------------------------------------------------------
 # A real two-node Slurm cluster (tests marked `slurm`): brought up once per session.
 # ----------------------------------------------------------------------------------------------
-import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402

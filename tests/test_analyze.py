@@ -11,6 +11,7 @@ import torch
 from vmla_train import analyze as A
 from vmla_train import config as C
 from vmla_train import convert as V
+from vmla_train import rank as R
 from vmla_train import wan
 from vmla_train.student import WanStudent
 
@@ -31,12 +32,12 @@ def test_effective_rank_counts_energy():
     s = torch.tensor([10.0, 5.0, 1.0, 0.1])
     m = torch.diag(s) @ torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0].float()
     total = float((s**2).sum())
-    assert V.effective_rank(m, 0.99) == 2  # energies 100, 25, 1, 0.01: 125 >= 0.99 * 126.01
-    assert V.effective_rank(m, 0.995) == 3  # 125 < 125.38 <= 126
-    assert V.effective_rank(m, (100 + 25) / total) == 2
-    assert V.effective_rank(m, (100 + 25.5) / total) == 3
-    assert V.effective_rank(m, 1.0) == 4
-    assert V.effective_rank(torch.zeros(3, 3), 0.99) == 0
+    assert R.effective_rank(m, 0.99) == 2  # energies 100, 25, 1, 0.01: 125 >= 0.99 * 126.01
+    assert R.effective_rank(m, 0.995) == 3  # 125 < 125.38 <= 126
+    assert R.effective_rank(m, (100 + 25) / total) == 2
+    assert R.effective_rank(m, (100 + 25.5) / total) == 3
+    assert R.effective_rank(m, 1.0) == 4
+    assert R.effective_rank(torch.zeros(3, 3), 0.99) == 0
 
 
 @pytest.mark.timeout(60)
@@ -50,8 +51,8 @@ def test_rank_study_of_a_wan_checkpoint(tiny_wan, tmp_path):
     sd = ref.state_dict()
     for r in res["layers"]:
         wk, wv = sd[f"blocks.{r['layer']}.attn1.to_k.weight"], sd[f"blocks.{r['layer']}.attn1.to_v.weight"]
-        assert r["w_k"] == V.effective_rank(wk) and r["w_v"] == V.effective_rank(wv)
-        assert r["w_kv"] == V.effective_rank(torch.cat([wk, wv])) >= max(r["w_k"], r["w_v"])
+        assert r["w_k"] == R.effective_rank(wk) and r["w_v"] == R.effective_rank(wv)
+        assert r["w_kv"] == R.effective_rank(torch.cat([wk, wv])) >= max(r["w_k"], r["w_v"])
         for t in (900, 300):
             assert 1 <= r[f"act_k_t{t}"] <= min(res["dim"], res["tokens_per_bucket"])
     assert res["tokens_per_bucket"] == 2 * 3 * 8 * 8  # samples x frames x (16/2) x (16/2) tokens
@@ -85,7 +86,7 @@ def test_monitor_logs_occupation_at_its_interval():
     cfg = student.cfg
     batch = {"latents": torch.randn(2, 3, cfg.model.in_channels, 8, 12), "text": torch.randn(2, 4, cfg.model.text_dim)}
     logged = []
-    mon = A.RankOccupationMonitor(every_n_steps=3, energy=1.0)
+    mon = R.RankOccupationMonitor(every_n_steps=3, energy=1.0)
     assert mon.maybe_log(1, student, batch, logged.append) is None and not logged
     student.train()
     metrics = mon.maybe_log(3, student, batch, logged.append)

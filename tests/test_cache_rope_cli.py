@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cache(sinks=1, window=6, chunk=3, scheme=PositionScheme.absolute, tpf=2):
-    return KVCache(kind="mla", num_layers=2, batch=1, tokens_per_frame=tpf, sink_frames=sinks, window_frames=window,
+    return KVCache(num_layers=2, batch=1, tokens_per_frame=tpf, sink_frames=sinks, window_frames=window,
                    chunk_frames=chunk, widths={"c": (4,), "kr": (2,)}, position_scheme=scheme, dtype=torch.float32)
 
 

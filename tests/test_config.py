@@ -61,7 +61,7 @@ def test_kv_accounting_default_videomla():
         ("model.name=wan-7b", ["'model.name'", "tiny"]),
         ("video.num_frames=80", ["'video.num_frames'"]),
         ("cache.dtype=int8", ["'cache.dtype'"]),
-        ("cache.dtype=fp8", ["'cache.dtype'", "triton_fp8"]),  # the 8-bit cache needs the 8-bit kernel
+        ("cache.dtype=8bit", ["'cache.dtype'", "fused_8bit"]),  # the 8-bit cache needs the 8-bit kernel
     ],
 )
 def test_errors_name_the_key(override, must_contain):

@@ -93,7 +93,7 @@ def test_full_rank_mla_conversion_reproduces_mha(tiny, tmp_path):
     report = V.convert(tiny["orig"], out, overrides=FULL_RANK, **QUIET)
     for r in report["layers"]:
         assert r["attn_out_rel_err"] < 1e-5 and r["k_rel_err"] < 1e-6 and r["v_rel_err"] < 1e-6
-    for impl in ("reference", "absorbed_sdpa"):
+    for impl in ("reference", "absorbed"):
         student, _ = student_io.load_student(out, [f"attention.impl={impl}"])
         with torch.no_grad():
             got = student.eval()(*tiny["inputs"])

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r'''
 import sys, torch
 from vmla_train import config as C, parallel, recipe, schedule, train, data
+from vmla_train.distill import DistillationModule, RolloutSpec
+from vmla_train.ema import EMA
+from vmla_train.state import TrainState
 
 stage, run_dir = int(sys.argv[1]), sys.argv[2]
 cfg = C.load(sys.argv[3], [f"runtime.run_dir={run_dir}", "strategy.name=deepspeed", "strategy.devices=2",
@@ -27,10 +30,12 @@ assert parallel.is_deepspeed(fabric) and zero3 == (stage == 3)
 student = recipe.build_student(cfg)
 teacher = recipe.build_teacher(cfg)
 critic = recipe.build_critic(cfg, teacher)
-new_cache = student.new_cache
-sm, so = fabric.setup(student, torch.optim.AdamW(student.parameters(), lr=1e-2))
-cm, co = fabric.setup(critic, torch.optim.AdamW(critic.parameters(), lr=1e-2))
+module = DistillationModule(cfg, student, teacher, critic)
+so, co = module.configure_optimizers()
+sm, so = fabric.setup(student, so)
+cm, co = fabric.setup(critic, co)
 assert sm._forward_module is not cm._forward_module  # two engines
+module.use_engines(sm, cm, fabric.device, torch.float32)
 
 def snap(m):
     with parallel.gathered(m.module, zero3):
@@ -40,17 +45,17 @@ def same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 loader = data.build_loader(cfg, "prompts", fabric.global_rank, fabric.world_size)
+state = TrainState(fabric, cfg, module, so, co, EMA(0.0, 0, keep=False), loader, "", 1)
 batches = [next(loader)]
-steps = schedule.warp_timesteps(cfg.dmd.denoising_steps, cfg.dmd.shift)
-spec = recipe.RolloutSpec(cfg.video.latent_frames, steps, [1, 2], 0)
+steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
+spec = RolloutSpec(cfg.video.latent_frames, steps, [1, 2], 0)
 gen = torch.Generator().manual_seed(fabric.global_rank)
 s0, c0 = snap(sm), snap(cm)
-train._critic_step(fabric, cfg, sm, cm, co, new_cache, batches, spec, gen, torch.float32, True, 1)
+train.update_role(state, "critic", lambda b: module.critic_step(b, gen, spec), batches)
 s1, c1 = snap(sm), snap(cm)
 assert same(s0, s1), "critic step changed the student"
 assert not same(c0, c1), "critic step did not change the critic"
-neg = recipe.negative_text(cfg)
-train._student_dmd_step(fabric, cfg, sm, so, cm, teacher, new_cache, batches, neg, spec, gen, torch.float32, True, 1)
+train.update_role(state, "student", lambda b: module.dmd_loss(b, gen, spec), batches)
 s2, c2 = snap(sm), snap(cm)
 assert same(c1, c2), "student step changed the critic"
 assert not same(s1, s2), "student step did not change the student"

@@ -1,5 +1,5 @@
-"""Faults around checkpoints (issue 7, items 3, 4, 6, 9): hard kill, corrupt state, disk full, no
-pickles, no secrets. What is guaranteed is stated in the README, "Fault tolerance"."""
+"""Faults around checkpoints : hard kill, corrupt state, disk full, no
+pickles, no secrets. What is guaranteed is stated in docs/fault-tolerance.md."""
 
 import ast
 import errno
@@ -206,7 +206,7 @@ def _disk_full_at(monkeypatch, step: int) -> None:
 @pytest.mark.timeout(60)
 def test_disk_full_stop_keeps_previous_checkpoint(tmp_path, monkeypatch):
     _disk_full_at(monkeypatch, 4)
-    with pytest.raises(train.CheckpointWriteError, match="No space left on device.*previous checkpoint intact"):
+    with pytest.raises(ckpt.CheckpointWriteError, match="No space left on device.*previous checkpoint intact"):
         _fit(tmp_path, "train.num_steps=6", "checkpoint.every_n_steps=2", "checkpoint.on_write_error=stop")
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]  # temp folder removed
     previous = ckpt.latest_checkpoint(tmp_path)

@@ -1,4 +1,4 @@
-"""Data and input faults (issue 7, items 7, 8, 9): corrupt shards and samples during training,
+"""Data and input faults: corrupt shards and samples during training,
 bad configs / CLI input before any process group, unsafe paths in data prep."""
 
 import json

@@ -1,5 +1,5 @@
-"""Numerical faults (issue 7, item 5): a NaN loss (injected through the test hook
-``train.debug_inject_nan_steps`` / ``debug_inject_nan_ranks``) skips the update on every rank,
+"""Numerical faults: a NaN loss (injected through the test hook
+``debug.inject_nan_steps`` / ``debug.inject_nan_ranks``) skips the update on every rank,
 is counted and logged; ``train.max_consecutive_skips`` in a row stop the run after a checkpoint
 that holds the last good weights."""
 
@@ -26,7 +26,7 @@ def _weights(folder: Path) -> dict:
 @pytest.mark.timeout(60)
 def test_nan_step_is_skipped_counted_and_logged(tmp_path, capsys):
     cfg = C.load(ROOT / "configs/self_forcing-debug.yaml", [f"runtime.run_dir={tmp_path}", "train.num_steps=4",
-                                                           "train.debug_inject_nan_steps=[1]"])
+                                                           "debug.inject_nan_steps=[1]"])
     out = train.fit(cfg)
     c, h = out["counters"], out["history"]
     assert c.step == 4 and c.skipped_steps == 1
@@ -42,7 +42,7 @@ def test_nan_step_is_skipped_counted_and_logged(tmp_path, capsys):
 def test_consecutive_nan_steps_stop_with_last_good_checkpoint(tmp_path):
     cfg = C.load(ROOT / "configs/adapt-debug.yaml", [f"runtime.run_dir={tmp_path}", "train.num_steps=10",
                                                     "checkpoint.every_n_steps=1", "checkpoint.keep_last=10",
-                                                    "train.debug_inject_nan_steps=[2,3,4]", "train.max_consecutive_skips=3"])
+                                                    "debug.inject_nan_steps=[2,3,4]", "train.max_consecutive_skips=3"])
     with pytest.raises(train.NonFiniteError, match=r"3 consecutive non-finite steps .* up to iteration 5"):
         train.fit(cfg)
     last = ckpt.latest_checkpoint(tmp_path)
@@ -67,7 +67,7 @@ def test_nan_on_one_rank_is_skipped_on_both_no_hang(tmp_path):
     args = [sys.executable, "-m", "vmla_train.cli", "fit", str(ROOT / "configs/adapt-debug.yaml"),
             f"runtime.run_dir={run}", "strategy.name=ddp", "strategy.devices=2", "strategy.accelerator=cpu",
             "train.global_batch_size=2", "train.num_steps=20", "checkpoint.every_n_steps=100",
-            "train.debug_inject_nan_steps=[1,3,4]", "train.debug_inject_nan_ranks=[1]", "train.max_consecutive_skips=2"]
+            "debug.inject_nan_steps=[1,3,4]", "debug.inject_nan_ranks=[1]", "train.max_consecutive_skips=2"]
     port = _free_port()
     procs = []
     for rank in range(2):

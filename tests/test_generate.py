@@ -55,7 +55,7 @@ def test_generate_cli_writes_mp4s(tiny_setup):
     args = [str(ckpt), str(tmp / "prompts.txt"), f"generate.seconds={seconds}", f"generate.vae={tmp / 'vae'}",
             f"generate.embeddings={tmp / 'emb.safetensors'}", f"generate.out_dir={tmp / 'out'}",
             "generate.samples_per_prompt=2", "generate.batch_size=2", "generate.guidance_scale=2.0",
-            "generate.denoising_steps=[1000,500]", "runtime.progress=false"]
+            "schedule.denoising_steps=[1000,500]", "runtime.progress=false"]
     assert G.main(args) == 0
     files = sorted(p.name for p in (tmp / "out").iterdir())
     assert files == ["a dog cat runs-0.mp4", "a dog cat runs-1.mp4"]

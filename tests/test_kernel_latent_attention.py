@@ -17,8 +17,10 @@ import torch
 pytest.importorskip("triton")
 
 from vmla_train import config as C  # noqa: E402
-from vmla_train.attention import AttentionImpl, resolve_impl  # noqa: E402
+from vmla_train.config import AttentionImpl  # noqa: E402
+from vmla_train.kernels import dispatch  # noqa: E402
 from vmla_train.kernels import latent_attention as LA  # noqa: E402
+from vmla_train.kernels.dispatch import resolve_impl  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
@@ -87,37 +89,79 @@ def test_kernel_rejects_bad_shapes():
 
 def test_dispatch_table():
     cpu = torch.zeros(1)
-    assert resolve_impl(AttentionImpl.auto, cpu) == AttentionImpl.absorbed_sdpa
+    assert resolve_impl(AttentionImpl.auto, cpu) == AttentionImpl.absorbed
     if ON_GPU:
         geo = C.load(None, [])  # the 1.3B default geometry
         frame = torch.zeros(1, geo.tokens_per_frame, 8, device="cuda", dtype=torch.bfloat16)  # one latent frame
         chunk = torch.zeros(1, geo.video.chunk_frames * geo.tokens_per_frame, 8, device="cuda", dtype=torch.bfloat16)
-        assert resolve_impl(AttentionImpl.auto, frame) == AttentionImpl.triton
-        assert resolve_impl(AttentionImpl.auto, chunk) == AttentionImpl.triton
-        assert resolve_impl(AttentionImpl.auto, chunk, cached=False) == AttentionImpl.absorbed_sdpa
-        assert resolve_impl(AttentionImpl.auto, chunk, needs_grad=True) == AttentionImpl.absorbed_sdpa
-        assert resolve_impl(AttentionImpl.auto, frame.float()) == AttentionImpl.absorbed_sdpa  # fp32: no kernel
-    assert resolve_impl(AttentionImpl.triton, cpu) == AttentionImpl.triton
-    assert resolve_impl(AttentionImpl.triton, cpu, needs_grad=True, backward=AttentionImpl.reference) == AttentionImpl.reference
-    assert resolve_impl(AttentionImpl.triton, cpu, cached=False) == AttentionImpl.absorbed_sdpa
+        assert resolve_impl(AttentionImpl.auto, frame) == AttentionImpl.fused
+        assert resolve_impl(AttentionImpl.auto, chunk) == AttentionImpl.fused
+        assert resolve_impl(AttentionImpl.auto, chunk, cached=False) == AttentionImpl.absorbed
+        assert resolve_impl(AttentionImpl.auto, chunk, needs_grad=True) == AttentionImpl.absorbed
+        assert resolve_impl(AttentionImpl.auto, frame.float()) == AttentionImpl.absorbed  # fp32: no kernel
+    assert resolve_impl(AttentionImpl.fused, cpu) == AttentionImpl.fused
+    assert resolve_impl(AttentionImpl.fused, cpu, needs_grad=True, backward=AttentionImpl.reference) == AttentionImpl.reference
+    assert resolve_impl(AttentionImpl.fused, cpu, cached=False) == AttentionImpl.absorbed
+    assert resolve_impl(AttentionImpl.absorbed, cpu, eight_bit_cache=True) == AttentionImpl.fused_8bit
+    with pytest.raises(RuntimeError, match="cache.dtype=8bit is for inference"):
+        resolve_impl(AttentionImpl.fused_8bit, cpu, needs_grad=True, eight_bit_cache=True)
+    with dispatch.override(impl="reference"):  # the test hook wins over the config value
+        assert resolve_impl(AttentionImpl.fused, cpu) == AttentionImpl.reference
+    assert resolve_impl(AttentionImpl.fused, cpu) == AttentionImpl.fused
     with pytest.raises(C.ConfigError, match="attention.backward"):
-        C.load(None, ["model.name=tiny", "attention.backward=triton"])
+        C.load(None, ["model.name=tiny", "attention.backward=fused"])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("override, message", [
+    ("attention.impl=triton_fp8", "attention.impl: 'triton_fp8' was renamed to 'fused_8bit'"),
+    ("attention.impl=triton", "attention.impl: 'triton' was renamed to 'fused'"),
+    ("attention.impl=absorbed_sdpa", "attention.impl: 'absorbed_sdpa' was renamed to 'absorbed'"),
+    ("attention.backward=absorbed_sdpa", "attention.backward: 'absorbed_sdpa' was renamed to 'absorbed'"),
+    ("attention.kernel=gluon_ws", "attention.kernel: 'gluon_ws' was renamed to 'gluon'"),
+    ("attention.kernel16=triton", "attention.kernel16 was renamed to attention.kernel"),
+    ("attention.kernel8=gluon_ws", "attention.kernel8 was renamed to attention.kernel"),
+    ("cache.dtype=fp8", "cache.dtype: 'fp8' was renamed to '8bit'"),
+])
+def test_old_spellings_name_the_new_ones(override, message, tmp_path):
+    """A renamed key or value, in an override or a YAML file, fails with one line naming the new spelling."""
+    with pytest.raises(C.ConfigError) as e:
+        C.load(None, ["model.name=tiny", override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    key, value = override.split("=")
+    section, leaf = key.split(".")
+    (tmp_path / "old.yaml").write_text(f"{section}:\n  {leaf}: {value}\n")
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(tmp_path / "old.yaml")
+
+
+@pytest.mark.timeout(60)
+def test_cli_exits_2_on_an_old_spelling():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "vmla_train.cli", "info", str(root / "configs/tiny.yaml"),
+                        "attention.impl=triton_fp8"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: attention.impl: 'triton_fp8' was renamed to 'fused_8bit'"]
 
 
 @pytest.mark.timeout(90)
-def test_student_rollout_triton_equals_absorbed():
-    """A tiny MLA student's cached rollout (window wrapping past the sinks) with impl=triton equals
-    impl=absorbed_sdpa; the write-after-read order keeps the ring overwrite from leaking into a read."""
+def test_student_rollout_fused_equals_absorbed():
+    """A tiny MLA student's cached rollout (window wrapping past the sinks) with impl=fused equals
+    impl=absorbed; the write-after-read order keeps the ring overwrite from leaking into a read."""
     from vmla_train import schedule
     from vmla_train.rollout import sample_video
     from vmla_train.student import WanStudent
 
     base = ["model.name=tiny", "model.num_layers=1", "video.height=32", "video.width=48",
             "cache.window_frames=6", "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32"] + GPU_WIDTHS
-    runs = {impl: [f"attention.impl={impl}"] for impl in ("absorbed_sdpa", "triton")}
-    runs["triton_fp8"] = ["attention.impl=triton_fp8", "attention.kernel8=triton"]
+    runs = {impl: [f"attention.impl={impl}"] for impl in ("absorbed", "fused")}
+    runs["fused_8bit"] = ["attention.impl=fused_8bit", "attention.kernel=triton"]
     if HOPPER:  # the warp-specialised Gluon 8-bit kernel (the bf16 one takes 16-bit operands only)
-        runs["gluon_ws"] = ["attention.impl=triton_fp8", "attention.kernel8=gluon_ws"]
+        runs["gluon"] = ["attention.impl=fused_8bit", "attention.kernel=gluon"]
     outs = {}
     for impl, overrides in runs.items():
         cfg = C.load(None, base + overrides)
@@ -131,71 +175,99 @@ def test_student_rollout_triton_equals_absorbed():
         steps = schedule.warp_timesteps([1000, 500], 5.0)
         frames = 4 * cfg.video.chunk_frames  # 12 frames through a 6-frame window with 1 sink: wraps
         outs[impl] = sample_video(student, text, frames, steps, generator=gen)
-    err = _err(outs["triton"], outs["absorbed_sdpa"].double())
-    print("rollout triton vs absorbed_sdpa", err)
+    err = _err(outs["fused"], outs["absorbed"].double())
+    print("rollout fused vs absorbed", err)
     assert err < (5e-3 if ON_GPU else 1e-4)  # fp32 model: TF32 kernel dots on the GPU
-    err8 = _err(outs["triton_fp8"], outs["absorbed_sdpa"].double())
-    print("rollout triton_fp8 vs absorbed_sdpa", err8)
+    err8 = _err(outs["fused_8bit"], outs["absorbed"].double())
+    print("rollout fused_8bit vs absorbed", err8)
     assert err8 < 5e-2
     if HOPPER:  # the two 8-bit kernels visit the same tiles in the same order: the same rollout up to fp32 sums
-        err_ws = _err(outs["gluon_ws"], outs["triton_fp8"].double())
-        print("rollout gluon_ws vs triton_fp8", err_ws)
+        err_ws = _err(outs["gluon"], outs["fused_8bit"].double())
+        print("rollout gluon vs triton 8-bit kernel", err_ws)
         assert err_ws < 1e-4
 
 
 @pytest.mark.timeout(60)
 def test_fused_kernel_choice():
-    """attention.kernel8 / kernel16 pick the 8-bit / bf16 kernel: auto takes the Gluon 8-bit kernel only where it
-    runs (Hopper, TMA-aligned widths) and the Triton bf16 kernel; gluon_ws names the Gluon kernel (which refuses
-    off Hopper: test_kernel_latent_attention_ws*); a misspelt value names the key."""
+    """attention.kernel picks the kernel family of either precision: auto takes the Gluon 8-bit kernel only where it
+    runs (Hopper, TMA-aligned widths) and the Gluon bf16 one only for 16-bit operands of one dtype, else the Triton
+    ones; gluon names the Gluon kernels (which refuse off Hopper: test_kernel_latent_attention_ws*); the override
+    hook wins over the config; a misspelt value names the key."""
     from vmla_train.attention import MLASelfAttention
     from vmla_train.kernels import latent_attention_fp8 as LA8
     from vmla_train.kernels import latent_attention_ws as WS
-
-    base = ["model.name=tiny", "model.dim=64", "attention.d_c=32", "attention.d_r=16", "attention.impl=triton_fp8"]
-    q8 = torch.zeros(1, 4, 2, 32, dtype=torch.int8, device=DEV)
-    auto = MLASelfAttention(C.load(None, base))._attention8(q8)
-    assert auto is (WS.attention8_ws if HOPPER and WS.available() else LA8.attention8)
-    assert MLASelfAttention(C.load(None, base + ["attention.kernel8=triton"]))._attention8(q8) is LA8.attention8
-    assert MLASelfAttention(C.load(None, base + ["attention.kernel8=gluon_ws"]))._attention8(q8) is WS.attention8_ws
-    assert not WS.supports(torch.device("cpu"), 32, 16)
-    # the 16-bit kernel: auto takes the Gluon one where it runs (Hopper, 16-bit operands), else the Triton one
-    from vmla_train.kernels import latent_attention as LA
     from vmla_train.kernels import latent_attention_ws16 as W16
 
-    bf16 = torch.zeros(1, 4, 2, 32, dtype=torch.bfloat16, device=DEV)
-    auto16 = MLASelfAttention(C.load(None, base + ["attention.impl=triton"]))
-    gluon16 = W16.latent_attention_ws16 if HOPPER and WS.available() else LA.latent_attention
-    assert auto16._attention16(bf16, bf16) is gluon16
-    assert auto16._attention16(bf16.float(), bf16.float()) is LA.latent_attention  # fp32: the Triton kernel (TF32)
-    assert auto16._attention16(bf16, bf16.float()) is LA.latent_attention  # an fp32 cache: the Triton kernel
-    triton16 = MLASelfAttention(C.load(None, base + ["attention.impl=triton", "attention.kernel16=triton"]))
-    assert triton16._attention16(bf16, bf16) is LA.latent_attention
-    forced = MLASelfAttention(C.load(None, base + ["attention.impl=triton", "attention.kernel16=gluon_ws"]))
-    assert forced._attention16(bf16, bf16) is W16.latent_attention_ws16
+    base = ["model.name=tiny", "model.dim=64", "attention.d_c=32", "attention.d_r=16", "attention.impl=fused_8bit"]
+    kernel_of = {k: MLASelfAttention(C.load(None, base + [f"attention.kernel={k}"])).kernel
+                 for k in ("auto", "triton", "gluon")}
+    q8, qr8 = torch.zeros(1, 4, 2, 32, dtype=torch.int8, device=DEV), torch.zeros(1, 4, 2, 16, dtype=torch.int8, device=DEV)
+    gluon_here = HOPPER and WS.available()
+    assert dispatch.kernel8(kernel_of["auto"], q8, qr8) is (WS.attention8_ws if gluon_here else LA8.attention8)
+    assert dispatch.kernel8(kernel_of["triton"], q8, qr8) is LA8.attention8
+    assert dispatch.kernel8(kernel_of["gluon"], q8, qr8) is WS.attention8_ws
+    assert not WS.supports(torch.device("cpu"), 32, 16)
+    # the 16-bit kernel: auto takes the Gluon one where it runs (Hopper, 16-bit operands), else the Triton one
+    bf16, r16 = torch.zeros(1, 4, 2, 32, dtype=torch.bfloat16, device=DEV), torch.zeros(1, 4, 2, 16, dtype=torch.bfloat16, device=DEV)
+    gluon16 = W16.latent_attention_ws16 if gluon_here else LA.latent_attention
+    assert dispatch.kernel16(kernel_of["auto"], bf16, r16, bf16) is gluon16
+    assert dispatch.kernel16(kernel_of["auto"], bf16.float(), r16.float(), bf16.float()) is LA.latent_attention  # fp32: TF32
+    assert dispatch.kernel16(kernel_of["auto"], bf16, r16, bf16.float()) is LA.latent_attention  # an fp32 cache
+    assert dispatch.kernel16(kernel_of["triton"], bf16, r16, bf16) is LA.latent_attention
+    assert dispatch.kernel16(kernel_of["gluon"], bf16, r16, bf16) is W16.latent_attention_ws16
+    with dispatch.override(kernel="triton"):  # the test hook: the Triton kernels whatever the config says
+        assert dispatch.kernel16(kernel_of["gluon"], bf16, r16, bf16) is LA.latent_attention
+        assert dispatch.kernel8(kernel_of["gluon"], q8, qr8) is LA8.attention8
+    assert dispatch.kernel8(kernel_of["gluon"], q8, qr8) is WS.attention8_ws
     if HOPPER:
         assert WS.supports(q8.device, 32, 16) == WS.available()
         assert not WS.supports(q8.device, 24, 16) and not WS.supports(q8.device, 512, 64)
-    with pytest.raises(C.ConfigError, match="attention.kernel8"):
-        C.load(None, base + ["attention.kernel8=cuda"])
+    with pytest.raises(C.ConfigError, match="attention.kernel"):
+        C.load(None, base + ["attention.kernel=cuda"])
 
 
 @pytest.mark.timeout(90)
-def test_fp8_rollout_quantises_each_prefix_once(monkeypatch):
-    """impl=triton_fp8 keeps each layer's quantised prefix per cache state (KVCache.memo): the rollout is the
-    same as when every forward requantises it, with fewer quantisations."""
+def test_override_forces_the_kernel_in_a_rollout():
+    """``dispatch.override(kernel=...)`` reaches every layer of a student: a fused rollout under
+    ``override(kernel="triton")`` with attention.kernel=gluon (whose kernel refuses these float32 operands, and
+    any off Hopper) is the rollout of attention.kernel=triton, bit for bit."""
     from vmla_train import schedule
-    from vmla_train.kernels import latent_attention_fp8 as LA8
+    from vmla_train.rollout import sample_video
+    from vmla_train.student import WanStudent
+
+    base = ["model.name=tiny", "model.num_layers=1", "video.height=32", "video.width=48", "cache.window_frames=6",
+            "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32", "attention.impl=fused"] + GPU_WIDTHS
+
+    def rollout(kernel):
+        cfg = C.load(None, base + [f"attention.kernel={kernel}"])
+        torch.manual_seed(0)
+        student = WanStudent(cfg).to(DEV).eval()
+        gen = torch.Generator(device=DEV).manual_seed(1)
+        text = torch.randn(1, 8, cfg.model.text_dim, generator=gen, device=DEV)
+        return sample_video(student, text, 2 * cfg.video.chunk_frames, schedule.warp_timesteps([1000], 5.0),
+                            generator=gen)
+
+    with dispatch.override(kernel="triton"):
+        forced = rollout("gluon")
+    assert torch.equal(forced, rollout("triton"))
+
+
+@pytest.mark.timeout(90)
+def test_8bit_rollout_quantises_each_prefix_once(monkeypatch):
+    """impl=fused_8bit on a 16-bit cache keeps each layer's quantised prefix per cache state (KVCache.memo): the
+    rollout is the same as when every forward requantises it, with fewer quantisations."""
+    from vmla_train import schedule
+    from vmla_train.kernels import quant8 as Q8
     from vmla_train.kv_cache import KVCache
     from vmla_train.rollout import sample_video
     from vmla_train.student import WanStudent
 
     cfg = C.load(None, ["model.name=tiny", "model.num_layers=2", "video.height=32", "video.width=48",
                         "cache.window_frames=6", "cache.sink_frames=1", "cache.dtype=float32", "runtime.dtype=float32",
-                        "attention.impl=triton_fp8"] + GPU_WIDTHS)
+                        "attention.impl=fused_8bit"] + GPU_WIDTHS)
     calls = []
-    quantize = LA8.quantize_keys
-    monkeypatch.setattr(LA8, "quantize_keys", lambda krow, c: calls.append(krow.shape[1]) or quantize(krow, c))
+    quantize = Q8.quantize_keys
+    monkeypatch.setattr(Q8, "quantize_keys", lambda krow, c: calls.append(krow.shape[1]) or quantize(krow, c))
 
     def rollout():
         torch.manual_seed(0)
@@ -215,8 +287,8 @@ def test_fp8_rollout_quantises_each_prefix_once(monkeypatch):
 
 
 @pytest.mark.timeout(120)
-def test_fp8_cache_rollout_matches_16bit_cache():
-    """cache.dtype=fp8 (8-bit key rows rotated once at absolute positions, e4m3 values, per-layer scales)
+def test_8bit_cache_rollout_matches_16bit_cache():
+    """cache.dtype=8bit (8-bit key rows rotated once at absolute positions, e4m3 values, per-layer scales)
     gives the rollout of a 16-bit cache read by the same 8-bit kernel, with the window wrapping past a sink
     under position_scheme=relative (the sinks scored with scheme-rotated queries: scoring them with the
     absolute ones measured 1.2e-3 here against 2.8e-4). Its bytes: key rows padded to 16 + the latent, one
@@ -226,9 +298,9 @@ def test_fp8_cache_rollout_matches_16bit_cache():
     from vmla_train.student import WanStudent
 
     base = ["model.name=tiny", "model.num_layers=2", "video.height=32", "video.width=48", "cache.window_frames=6",
-            "cache.sink_frames=1", "runtime.dtype=float32", "attention.impl=triton_fp8"] + GPU_WIDTHS
+            "cache.sink_frames=1", "runtime.dtype=float32", "attention.impl=fused_8bit"] + GPU_WIDTHS
     outs, nbytes = {}, {}
-    for dt in ("float32", "fp8"):
+    for dt in ("float32", "8bit"):
         cfg = C.load(None, base + [f"cache.dtype={dt}"])
         torch.manual_seed(0)
         student = WanStudent(cfg).to(DEV).eval()
@@ -244,37 +316,39 @@ def test_fp8_cache_rollout_matches_16bit_cache():
         cache = student.new_cache(1)
         nbytes[dt] = cache.nbytes()
     x = torch.randn(1, cfg.video.chunk_frames, cfg.model.in_channels, 4, 6, device=DEV)
-    with pytest.raises(RuntimeError, match="cache.dtype=fp8 is for inference"):  # grads need the 16-bit paths
+    with pytest.raises(RuntimeError, match="cache.dtype=8bit is for inference"):  # grads need the 16-bit paths
         student(x, torch.full((1,), 500.0, device=DEV), text[:1], cache=cache, write_cache=True)
-    errs = [_err(outs["fp8"][i], outs["float32"][i].double()) for i in range(2)]
-    print("fp8 cache vs 16-bit cache, per video", errs, nbytes)
+    errs = [_err(outs["8bit"][i], outs["float32"][i].double()) for i in range(2)]
+    print("8-bit cache vs 16-bit cache, per video", errs, nbytes)
     assert max(errs) < 6e-4
     a, layers, n_tok = cfg.attention, cfg.model.num_layers, cache.num_slots * cache.tokens_per_frame
     assert nbytes["float32"] == layers * n_tok * (a.d_c + a.d_r) * 4
-    assert nbytes["fp8"] == layers * (n_tok * -(-(a.d_c + a.d_r) // 16) * 16 + a.d_c * -(-n_tok // 16) * 16 + 2 * 4)
+    assert nbytes["8bit"] == layers * (n_tok * -(-(a.d_c + a.d_r) // 16) * 16 + a.d_c * -(-n_tok // 16) * 16 + 2 * 4)
+    # the one KV accounting agrees with what the cache allocates (per token and layer, scales aside)
+    assert layers * n_tok * C.kv_values_per_token(cfg)["mla"] <= nbytes["8bit"] - 2 * 4 * layers < layers * (
+        n_tok * C.kv_values_per_token(cfg)["mla"] + 16 * a.d_c)
 
 
 @pytest.mark.timeout(60)
-def test_fp8_cache_write_raises_the_scale_and_requantises():
+def test_8bit_cache_write_raises_the_scale_and_requantises():
     """A chunk that outgrows the layer's scales raises them; the entries already stored are requantised, so
     they still dequantise to what was written (within 8-bit rounding)."""
-    from vmla_train.kernels import latent_attention_fp8 as LA8
-    from vmla_train.kv_cache import KVCache
+    from vmla_train.kv_cache import KVCache, Latent8Layout
 
     dc, kw = 32, 48
-    cache = KVCache(kind="mla", num_layers=1, batch=2, tokens_per_frame=4, sink_frames=1, window_frames=5,
-                    chunk_frames=2, widths={"k8": (kw,), "v8": (dc,)},
-                    layouts={"k8": (torch.int8, False), "v8": (torch.float8_e4m3fn, True)}, scaled=("k8", "v8"))
+    layout = Latent8Layout(d_c=dc, d_r=kw - 8 - dc)  # key rows of 40 values padded to 48 bytes
+    cache = KVCache(num_layers=1, batch=2, tokens_per_frame=4, sink_frames=1, window_frames=5, chunk_frames=2,
+                    widths=layout.widths, eight_bit=layout)
+    assert layout.widths == {"k8": (kw,), "v8": (dc,)}
     gen = torch.Generator().manual_seed(0)
     written = []
     for gain in (1.0, 8.0):  # the second chunk is 8x larger
         krow, c = torch.randn(2, 8, kw - 8, generator=gen) * gain, torch.randn(2, 8, dc, generator=gen) * gain
         step = cache.begin(2, write=True)
-        LA8.write_cache8(cache, 0, step, krow, c)
+        cache.write8(0, step, krow, c)
         cache.commit(step)
         written.append((krow, c))
-    read = cache.read(0, cache.begin(1, write=False))
-    lat = LA8.Latent8(read["k8"], cache.scales["k8"][0], read["v8"], cache.scales["v8"][0])
+    lat = cache.read8(0, cache.begin(1, write=False))
     krow8, c8 = lat.dequantize(kw - 8)
     krow, c = torch.cat([w[0] for w in written], 1), torch.cat([w[1] for w in written], 1)
     assert torch.allclose(cache.scales["k8"][0], krow.abs().amax((1, 2)) / 127)  # raised by the second chunk
@@ -326,7 +400,7 @@ def test_kernel8_matches_reference_all_widths(dc, dr):
     for groups, sinks, splits in ((1, 0, 1), (1, 11, 2), (2, 40, 3)):
         x = LA8.random_inputs8(2, 13, 4, dc, dr // groups if groups > 1 else dr, 45, groups=groups,
                                sink_tokens=sinks, device=DEV, seed=dc + sinks)
-        if ON_GPU and dc > 256:  # shared memory: wider latents are served by attention.impl=triton / absorbed_sdpa
+        if ON_GPU and dc > 256:  # shared memory: wider latents are served by attention.impl=fused / absorbed
             with pytest.raises(ValueError, match="dc <= 256"):
                 LA8.run8(x)
             return

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from vmla_train import config as C  # noqa: E402
+from vmla_train.kernels import gluon_common as GC  # noqa: E402
 from vmla_train.kernels import latent_attention as LA  # noqa: E402
 from vmla_train.kernels import latent_attention_fp8 as LA8  # noqa: E402
 from vmla_train.kernels import latent_attention_ws as WS  # noqa: E402
@@ -36,21 +37,21 @@ def test_compiles_for_hopper_without_spills(dc, dr, groups):
     r = WS.compile_report(dc, dr, groups)
     ops, sass = r["ops"], r["sass"]
     assert r["spill_bytes"] == 0 and "STL" not in ops and "LDL" not in ops, r["spill_bytes"]
-    assert r["shared_bytes"] <= WS.smem_bytes(dc, dr, 128, WS.default_config_ws(dc, dr).num_stages) <= WS.SMEM_BYTES
+    assert r["shared_bytes"] <= WS.smem_bytes(dc, dr, 128, WS.default_config_ws(dc, dr).num_stages) <= GC.SMEM_BYTES
     # int8 Q.K^T and e4m3 P.V on the tensor cores, 64 rows per consumer warpgroup
     assert re.search(r"IGMMA\.64x128x32\.S8\.S8", sass) and re.search(r"QGMMA\.64x\d+x32\.F32\.E4M3\.E4M3", sass)
     # per key tile of each range loop of each consumer: one wait for the Q.K^T pieces, one for the two P.V dots
-    assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == 2 * RANGES * WS.CONSUMERS
+    assert len(re.findall(r"WARPGROUP\.DEPBAR", sass)) == 2 * RANGES * GC.CONSUMERS
     # register reallocation between the producer warp and the consumer warpgroups
-    assert f"USETMAXREG.DEALLOC.CTAPOOL {hex(WS.PRODUCER_REGS)}" in sass
-    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {hex(WS.CONSUMER_REGS)}" in sass
+    assert f"USETMAXREG.DEALLOC.CTAPOOL {hex(GC.PRODUCER_REGS)}" in sass
+    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {hex(GC.CONSUMER_REGS)}" in sass
 
 
 def test_default_config_fits_shared_memory():
     assert WS.default_config_ws(160, 64).num_stages == 3 and WS.default_config_ws(256, 64).num_stages == 2
     for dc, dr in ((160, 64), (192, 32), (128, 64), (256, 64)):
         cfg = WS.default_config_ws(dc, dr)
-        assert WS.smem_bytes(dc, dr, cfg.block_n, cfg.num_stages) <= WS.SMEM_BYTES
+        assert WS.smem_bytes(dc, dr, cfg.block_n, cfg.num_stages) <= GC.SMEM_BYTES
 
 
 def test_host_descriptors_cover_each_batch_entry():
@@ -98,7 +99,7 @@ def test_matches_the_triton_8bit_kernel_gpu(dc, dr):
         x = LA8.random_inputs8(b, l, h, dc, dr // groups, lp, groups=groups, sink_tokens=sinks, device="cuda",
                                seed=dc + lp, q_gain=2.0)
         o_ref, lse_ref = LA8.run8(x, LA.TileConfig(128, 128, 8, 3, splits), dtype=torch.float32)
-        o, lse = LA8.run8(x, LA.TileConfig(WS.BLOCK_M, 128, 4, WS.default_config_ws(dc, dr).num_stages, splits),
+        o, lse = LA8.run8(x, LA.TileConfig(GC.BLOCK_M, 128, 4, WS.default_config_ws(dc, dr).num_stages, splits),
                           dtype=torch.float32, kernel=WS.attention8_ws)
         e_o, e_lse = _err(o, o_ref), _err(lse, lse_ref)
         print(dc, dr, (b, l, h, groups, lp, sinks, splits), e_o, e_lse)

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from vmla_train import config as C  # noqa: E402
+from vmla_train.kernels import gluon_common as GC  # noqa: E402
 from vmla_train.kernels import latent_attention as LA  # noqa: E402
 from vmla_train.kernels import latent_attention_ws as WS  # noqa: E402
 from vmla_train.kernels import latent_attention_ws16 as W16  # noqa: E402
@@ -54,26 +55,26 @@ def test_compiles_for_hopper_without_spills(dc, dr, groups):
     sass = r["sass"]
     cfg = W16.default_config_ws16(dc, dr)
     assert r["spill_bytes"] <= 8, r["spill_bytes"]
-    assert r["shared_bytes"] <= W16.smem_bytes16(dc, dr, 128, cfg.num_stages) <= WS.SMEM_BYTES
+    assert r["shared_bytes"] <= W16.smem_bytes16(dc, dr, 128, cfg.num_stages) <= GC.SMEM_BYTES
     assert re.search(r"HGMMA\.64x128x16\.F32\.BF16", sass)  # bf16 Q.K^T, 64 rows per consumer warpgroup
     loops = _loops(sass)
-    assert len(loops) == WS.CONSUMERS
+    assert len(loops) == GC.CONSUMERS
     for body in loops:
         waits = [t for t in body if "WARPGROUP.DEPBAR" in t]
         assert [w.split()[-1] for w in waits] == ["0x2", "0x0"], waits
         assert not any(re.search(r"\b(STL|LDL|LDG)\b", t) for t in body)
         assert any(re.search(r"\bLDS\b", t) for t in body)
-    assert f"USETMAXREG.DEALLOC.CTAPOOL {hex(WS.PRODUCER_REGS)}" in sass
-    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {hex(WS.CONSUMER_REGS)}" in sass
+    assert f"USETMAXREG.DEALLOC.CTAPOOL {hex(GC.PRODUCER_REGS)}" in sass
+    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {hex(GC.CONSUMER_REGS)}" in sass
 
 
 def test_default_config_and_support():
     assert W16.default_config_ws16(160, 64).num_stages == 3 and W16.default_config_ws16(256, 64).num_stages == 2
     for dc, dr in ((160, 64), (192, 32), (128, 64)):
         cfg = W16.default_config_ws16(dc, dr)
-        assert W16.smem_bytes16(dc, dr, cfg.block_n, cfg.num_stages) <= WS.SMEM_BYTES
+        assert W16.smem_bytes16(dc, dr, cfg.block_n, cfg.num_stages) <= GC.SMEM_BYTES
     with pytest.raises(ValueError, match="num_stages >= 2"):
-        W16._check_config16(LA.TileConfig(WS.BLOCK_M, 128, 4, 1), 160, 64)
+        W16._check_config16(LA.TileConfig(GC.BLOCK_M, 128, 4, 1), 160, 64)
     cpu = torch.device("cpu")
     assert not W16.supports16(cpu, torch.bfloat16, 160, 64)
     if HOPPER:
@@ -143,7 +144,7 @@ def test_matches_float64_like_the_triton_kernel_gpu(dc, dr):
         c = torch.cat([x["c_past"], x["c_new"]], 1)
         o_ref, lse_ref = LA.reference(x["q_lat"], x["q_r"], c, x["rho"], x["s"], x["scale"])
         o_tr, lse_tr = LA.latent_attention(**x, config=LA.TileConfig(64, 64, 4, 3, splits))
-        o, lse = W16.latent_attention_ws16(**x, config=LA.TileConfig(WS.BLOCK_M, 128, 4, 2, splits))
+        o, lse = W16.latent_attention_ws16(**x, config=LA.TileConfig(GC.BLOCK_M, 128, 4, 2, splits))
         e = (_err(o, o_ref), _err(lse, lse_ref))
         e_tr = (_err(o_tr, o_ref), _err(lse_tr, lse_ref))
         print(dc, dr, (b, l, h, groups, lp, splits), e, e_tr, _err(o, o_tr))
@@ -169,27 +170,29 @@ def test_full_chunk_geometry_against_float64_gpu():
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.timeout(300)
 def test_student_rollout_gluon_equals_triton_gpu():
-    """A tiny bf16 MLA student's cached rollout (window wrapping past the sinks) with attention.kernel16=auto
-    (the Gluon kernel on Hopper) against kernel16=triton: the same video up to bf16 rounding."""
+    """A tiny bf16 MLA student's cached rollout (window wrapping past the sinks) with attention.kernel=auto
+    (the Gluon kernel on Hopper) against kernel=triton: the same video up to bf16 rounding."""
     from vmla_train import schedule
+    from vmla_train.kernels import dispatch
     from vmla_train.rollout import sample_video
     from vmla_train.student import WanStudent
 
     base = ["model.name=tiny", "model.num_layers=2", "model.dim=64", "attention.d_c=32", "attention.d_r=16",
             "video.height=32", "video.width=48", "cache.window_frames=6", "cache.sink_frames=1",
-            "runtime.dtype=bfloat16", "cache.dtype=bfloat16", "attention.impl=triton"]
+            "runtime.dtype=bfloat16", "cache.dtype=bfloat16", "attention.impl=fused"]
     outs = {}
     for kernel in ("auto", "triton"):
-        cfg = C.load(None, base + [f"attention.kernel16={kernel}"])
+        cfg = C.load(None, base + [f"attention.kernel={kernel}"])
         torch.manual_seed(0)
         student = WanStudent(cfg).cuda().to(torch.bfloat16).eval()
-        bf16 = torch.zeros(1, dtype=torch.bfloat16, device="cuda")
-        assert (student.blocks[0].attn1._attention16(bf16, bf16)
+        attn = student.blocks[0].attn1  # the kernel its layers run: Gluon for auto on Hopper
+        q_lat, q_r = (torch.zeros(1, 1, 1, d, dtype=torch.bfloat16, device="cuda") for d in (attn.d_c, attn.d_r))
+        assert (dispatch.kernel16(attn.kernel, q_lat, q_r, q_lat)
                 is (W16.latent_attention_ws16 if kernel == "auto" else LA.latent_attention))
         gen = torch.Generator(device="cuda").manual_seed(1)
         text = torch.randn(1, 8, cfg.model.text_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
         steps = schedule.warp_timesteps([1000, 500], 5.0)
         outs[kernel] = sample_video(student, text, 4 * cfg.video.chunk_frames, steps, generator=gen)
     err = _err(outs["auto"], outs["triton"])
-    print("rollout gluon_ws vs triton (bf16)", err)
+    print("rollout gluon vs triton (bf16)", err)
     assert err < 2e-2

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vmla_train import losses
+from vmla_train import losses, schedule
 
 
 @pytest.mark.timeout(10)
@@ -37,9 +37,9 @@ def test_dmd_normaliser_is_per_sample():
 
 
 @pytest.mark.timeout(10)
-def test_cfg_on_the_difference_is_standard_cfg_plus_one():
+def test_standard_cfg_weight_is_the_difference_form_plus_one():
     cond, uncond = torch.randn(3, 4), torch.randn(3, 4)
-    torch.testing.assert_close(losses.cfg_combine(cond, uncond, 3.0), uncond + 4.0 * (cond - uncond))
+    torch.testing.assert_close(schedule.guide(cond, uncond, 4.0), cond + 3.0 * (cond - uncond))
 
 
 @pytest.mark.timeout(10)

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from vmla_train import config as C
 from vmla_train import parallel, recipe, schedule
+from vmla_train.distill import DistillationModule, RolloutSpec
 from vmla_train.rollout import draw_exit_steps, sample_video, self_forcing_rollout
 from vmla_train.student import WanStudent
 
@@ -23,7 +24,7 @@ def _cfg(*overrides):
 
 def _rollout(student, cfg, text, frames, exits, seed=0, snapshot=False):
     v, m = cfg.video, cfg.model
-    steps = schedule.warp_timesteps(cfg.dmd.denoising_steps, cfg.dmd.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     return self_forcing_rollout(student, student.new_cache(text.shape[0]), text, frames, v.chunk_frames,
                                 (m.in_channels, v.latent_height, v.latent_width), steps, exits,
                                 torch.Generator().manual_seed(seed), snapshot_cache=snapshot)
@@ -58,7 +59,7 @@ def test_rollout_with_last_exit_equals_inference_rollout():
     student = WanStudent(cfg).eval()
     text = torch.randn(1, cfg.model.text_len, cfg.model.text_dim)
     frames = 4 * cfg.video.chunk_frames  # past the 6-frame window: ring slots are overwritten
-    steps = schedule.warp_timesteps(cfg.dmd.denoising_steps, cfg.dmd.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     with torch.no_grad():
         ours = _rollout(student, cfg, text, frames, [len(steps) - 1] * 4)
     ref = sample_video(student, text, frames, steps, generator=torch.Generator().manual_seed(0))
@@ -74,7 +75,7 @@ def test_no_gradient_reaches_cache_or_teacher_and_checkpointing_is_exact():
     frames, exits = 4 * cfg.video.chunk_frames, [1, 3, 0, 2]
     cache = student.new_cache(1)
     v, m = cfg.video, cfg.model
-    steps = schedule.warp_timesteps(cfg.dmd.denoising_steps, cfg.dmd.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     x0 = self_forcing_rollout(student, cache, text, frames, v.chunk_frames, (m.in_channels, v.latent_height, v.latent_width),
                               steps, exits, torch.Generator().manual_seed(0))
     assert x0.requires_grad
@@ -101,10 +102,11 @@ def test_no_gradient_reaches_cache_or_teacher_and_checkpointing_is_exact():
     student.zero_grad(set_to_none=True)
     teacher = recipe.build_teacher(cfg)
     critic = recipe.build_critic(cfg, teacher)
-    spec = recipe.RolloutSpec(v.latent_frames, steps, [2, 1], 0)
+    spec = RolloutSpec(v.latent_frames, steps, [2, 1], 0)
     batch = type("B", (), {"text": text})()
-    loss, _ = recipe.dmd_student_loss(student, student.new_cache, teacher, critic, batch, recipe.negative_text(cfg),
-                                      cfg, spec, torch.Generator().manual_seed(1), torch.float32, snapshot_cache=True)
+    module = DistillationModule(cfg, student, teacher, critic)
+    module.snapshot_cache = True  # the student's blocks are checkpointed above
+    loss, _ = module.dmd_loss(batch, torch.Generator().manual_seed(1), spec)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in critic.parameters())

@@ -151,7 +151,7 @@ def test_relative_positions_stay_in_the_window():
 )
 def test_mla_absorbed_equals_reference(extra):
     cfg_ref = tiny_cfg("attention.kind=mla", "attention.impl=reference", *extra)
-    cfg_abs = tiny_cfg("attention.kind=mla", "attention.impl=absorbed_sdpa", *extra)
+    cfg_abs = tiny_cfg("attention.kind=mla", "attention.impl=absorbed", *extra)
     ref, absd = WanStudent(cfg_ref).eval(), WanStudent(cfg_abs).eval()
     absd.load_state_dict(ref.state_dict())
     with torch.no_grad():  # non-trivial key-norm gains
@@ -196,7 +196,7 @@ def mla_state_from_mha(mha_state: dict, cfg_mla) -> dict:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("impl", ["reference", "absorbed_sdpa"])
+@pytest.mark.parametrize("impl", ["reference", "absorbed"])
 def test_full_rank_per_head_rope_key_reproduces_mha(impl):
     cfg_mha = tiny_cfg("attention.kind=mha")
     h, dim = cfg_mha.model.num_heads, cfg_mha.model.dim
@@ -263,7 +263,7 @@ def _flex_vs_sdpa(device, kinds_impls, window=None, sinks=0, extra=()):
 
 @pytest.mark.timeout(120)
 def test_flex_block_mask_equals_dense_mask_cpu():
-    errs = _flex_vs_sdpa("cpu", [("mha", "auto"), ("mla", "reference"), ("mla", "absorbed_sdpa")], window=6, sinks=1)
+    errs = _flex_vs_sdpa("cpu", [("mha", "auto"), ("mla", "reference"), ("mla", "absorbed")], window=6, sinks=1)
     assert max(errs) < 1e-5, errs
 
 
@@ -271,5 +271,5 @@ def test_flex_block_mask_equals_dense_mask_cpu():
 @pytest.mark.timeout(600)
 def test_flex_block_mask_equals_dense_mask_cuda():
     # compiled flex needs head widths >= 16: heads of 16 here
-    errs = _flex_vs_sdpa("cuda", [("mha", "auto"), ("mla", "absorbed_sdpa")], extra=["model.dim=64"])
+    errs = _flex_vs_sdpa("cuda", [("mha", "auto"), ("mla", "absorbed")], extra=["model.dim=64"])
     assert max(errs) < 1e-3, errs  # compiled flex: another reduction order

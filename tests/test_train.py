@@ -1,4 +1,5 @@
-"""The Fabric loop: the three stages from their debug twins, checkpoints, export, the demo."""
+"""The Fabric loop: the stages from their debug twins, checkpoints, export, the demo; the pretrain stage's
+objective, learning and export to a diffusers teacher."""
 
 from pathlib import Path
 
@@ -7,18 +8,19 @@ import torch
 
 from vmla_train import checkpoint as ckpt
 from vmla_train import config as C
-from vmla_train import train
+from vmla_train import convert, data, losses, recipe, schedule, train, wan
+from vmla_train.distill import DistillationModule, keyed_generator
 from vmla_train.student_io import load_student
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("stage", ["adapt", "ode_init"])
+@pytest.mark.parametrize("stage", ["pretrain", "adapt", "ode_init"])
 def test_stage_runs_and_checkpoints(tmp_path, stage):
     cfg = C.load(ROOT / f"configs/{stage}-debug.yaml", [f"runtime.run_dir={tmp_path}", "train.num_steps=2"])
     out = train.fit(cfg)
-    name = "loss/adapt" if stage == "adapt" else "loss/ode"
+    name = {"pretrain": "loss/pretrain", "adapt": "loss/adapt", "ode_init": "loss/ode"}[stage]
     assert [h["step"] for h in out["history"]] == [1, 2]
     assert all(torch.isfinite(torch.tensor(h[name])) for h in out["history"])
     done = ckpt.complete_checkpoints(tmp_path)
@@ -44,13 +46,13 @@ def test_self_forcing_export_and_keep_last(tmp_path):
     state = ckpt.read_train_state(last)
     assert state["wandb_run_id"] == (tmp_path / "wandb_run_id").read_text().strip()
     # export -> a plain student folder with the trained weights
-    folder = train.export_student(tmp_path, tmp_path / "export")
+    folder = ckpt.export_student(tmp_path, tmp_path / "export")
     model, scfg = load_student(folder)
     trained = out["student"].module.state_dict()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
     assert scfg.model == cfg.model and scfg.attention == cfg.attention
-    ema_folder = train.export_student(tmp_path, tmp_path / "export-ema", use_ema=True)
+    ema_folder = ckpt.export_student(tmp_path, tmp_path / "export-ema", use_ema=True)
     assert (ema_folder / "model.safetensors").is_file()
 
 
@@ -94,3 +96,79 @@ def test_wandb_run_id_continues_on_resume_and_is_new_when_starting_over(tmp_path
     again = run(1, resume=False)  # starting over in the same folder: a new run
     assert again != first
     assert (tmp_path / "wandb_run_id").read_text().strip() == again
+
+
+@pytest.mark.timeout(60)
+def test_pretrain_objective_and_learning_on_a_fixed_batch():
+    """The pretrain loss is Wan's objective (one shifted t per sample, no mask, v = eps - x0), and 30 AdamW
+    steps on one batch bring it below the start and below the zero-flow predictor's loss."""
+    cfg = C.load(ROOT / "configs/pretrain-debug.yaml")
+    module = DistillationModule.from_config(cfg)
+    loader = data.build_loader(cfg, "latents", 0, 1)
+    batch = next(loader)
+    loader.close()
+    cpu = torch.device("cpu")
+    # the objective, drawn by hand in the same order from the same generator (a t per chunk would differ)
+    g = keyed_generator(cpu, 7)
+    t = schedule.sample_training_t((1,), cfg.schedule.shift, generator=g).float()  # (B,)
+    noise = torch.randn(batch.latents.shape, generator=g)
+    with torch.no_grad():
+        flow = module.student(schedule.add_noise(batch.latents, noise, t), t, batch.text, mask=None)
+        loss, metrics = module.pretrain_loss(batch, keyed_generator(cpu, 7))
+    torch.testing.assert_close(loss, losses.flow_matching_loss(flow, batch.latents, noise), rtol=0, atol=0)
+    assert set(metrics) == {"loss/pretrain"}
+
+    def held_out() -> tuple[float, float]:
+        """(pretrain loss, zero-flow loss mean((eps - x0)^2)) averaged over 8 fixed draws of t and noise."""
+        model, zero = 0.0, 0.0
+        with torch.no_grad():
+            for k in range(8):
+                model += float(module.pretrain_loss(batch, keyed_generator(cpu, 1000, k))[0]) / 8
+                g = keyed_generator(cpu, 1000, k)
+                schedule.sample_training_t((1,), cfg.schedule.shift, generator=g)
+                zero += float(torch.mean((torch.randn(batch.latents.shape, generator=g) - batch.latents) ** 2)) / 8
+        return model, zero
+
+    before, zero = held_out()
+    opt, = module.configure_optimizers()
+    for step in range(30):
+        loss, _ = module.pretrain_loss(batch, keyed_generator(cpu, 0, step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after, _ = held_out()
+    assert after < 0.8 * before and after < 0.9 * zero, (before, after, zero)
+
+
+@pytest.mark.timeout(90)
+def test_pretrain_exports_to_a_diffusers_teacher(tmp_path):
+    """pretrain run -> `vmla-train export` -> `vmla-convert --to diffusers` -> `wan.load_wan_transformer`:
+    the same flow as the student (bidirectional, one t per sample), and usable as train.teacher_path."""
+    cfg = C.load(ROOT / "configs/pretrain-debug.yaml", [f"runtime.run_dir={tmp_path / 'run'}", "train.num_steps=2"])
+    train.fit(cfg)
+    folder = ckpt.export_student(tmp_path / "run", tmp_path / "export")
+    assert convert.main([str(folder), str(tmp_path / "teacher"), "--to", "diffusers"]) == 0
+    student, _ = load_student(folder)
+    teacher = wan.load_wan_transformer(tmp_path / "teacher", dtype=torch.float32)
+    m, v = cfg.model, cfg.video
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, v.latent_frames, m.in_channels, v.latent_height, v.latent_width, generator=g)
+    text = torch.randn(2, m.text_len - 3, m.text_dim, generator=g)
+    t = torch.tensor([100.0, 800.0])  # (B,)
+    with torch.no_grad():
+        ours = student.eval()(x, t, text, mask=None)
+        theirs = wan.wan_flow(teacher, x, t, text, m.text_len)
+        x_late = x.clone()
+        x_late[:, -1] += 1.0
+        later = student(x_late, t, text, mask=None)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(later[:, 0], ours[:, 0])  # bidirectional: frame 0 sees the last frame
+    sf = C.load(ROOT / "configs/self_forcing-debug.yaml", [f"train.teacher_path={tmp_path / 'teacher'}"])
+    frozen = recipe.build_teacher(sf).state_dict()  # what a self_forcing run loads as its teacher
+    assert all(torch.equal(frozen[k], w) for k, w in teacher.state_dict().items())
+
+
+@pytest.mark.timeout(30)
+def test_pretrain_refuses_mla():
+    with pytest.raises(C.ConfigError, match="attention.kind.*mha with train.stage=pretrain"):
+        C.load(ROOT / "configs/pretrain-debug.yaml", ["attention.kind=mla"])

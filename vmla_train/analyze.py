@@ -14,8 +14,7 @@ Writes ``rank.csv``, ``rank.json`` and ``rank.png`` (matplotlib, Agg) into DIR. 
 exceed the calibration token count per bucket (``tokens_per_bucket`` in the JSON): raise
 ``convert.calib_latent_shape`` until that is well above the width for a meaningful activation rank.
 
-``RankOccupationMonitor`` logs the same ``c_kv`` occupation during training (no Lightning/W&B import:
-the loop passes its own ``log_fn``).
+The same ``c_kv`` occupation is logged during training by ``rank.RankOccupationMonitor``.
 """
 
 from __future__ import annotations
@@ -26,21 +25,15 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from . import config as C
 from . import student_io, wan_keys
 from .cliargs import parse_with_overrides
-from .convert import (Calibration, ConversionError, WanSource, _mha, build_config, check_source, effective_rank,
-                      effective_rank_from_energies, gram_energies, resolve_device)
-
-
-def _act_rank(y: torch.Tensor, fraction: float) -> int:
-    """Effective rank of activations (N, d) through the d x d Gram matrix (float64)."""
-    y = y.reshape(-1, y.shape[-1]).double()
-    return effective_rank_from_energies(gram_energies(y.t() @ y), fraction)
+from .convert import Calibration, ConversionError, WanSource, build_config, check_source
+from .rank import activation_rank, effective_rank
 
 
 def layer_projections(block: Mapping[str, torch.Tensor], kind: C.AttentionKind) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -60,10 +53,11 @@ def rank_study(ckpt: str | Path, out: str | Path, config_paths: Sequence[str | P
     source = WanSource(ckpt)
     cfg = build_config(source, config_paths, overrides)
     if source.layout != wan_keys.STUDENT:
-        cfg = _mha(cfg)  # a Wan checkpoint or an mha student: analyse the Wan attention it holds
+        # a Wan checkpoint or an mha student: analyse the Wan attention it holds
+        cfg = C.replace(cfg, attention=C.replace(cfg.attention, kind=C.AttentionKind.mha))
     check_source(source, cfg)
     kind, cc = cfg.attention.kind, cfg.convert
-    calib = Calibration(source, cfg, resolve_device(cfg.runtime.device))
+    calib = Calibration(source, cfg, C.resolve_device(cfg.runtime.device))
     buckets = list(cc.calib_timesteps)
     n_samples = cc.calib_samples
     log(f"rank study of {source.folder} ({source.layout} layout, attention {kind.value}), {len(buckets)} timestep "
@@ -81,12 +75,12 @@ def rank_study(ckpt: str | Path, out: str | Path, config_paths: Sequence[str | P
             xt = x[:, j].reshape(-1, x.shape[-1])  # (S*L, D)
             for name in ("k", "v") + (("c",) if kind == C.AttentionKind.mla else ()):
                 w, b = proj[name]
-                row[f"act_{name}_t{t:g}"] = _act_rank(xt @ w.t() + b, cc.energy)
+                row[f"act_{name}_t{t:g}"] = activation_rank(xt @ w.t() + b, cc.energy)
             if kind == C.AttentionKind.mla:
                 row[f"c_occupation_t{t:g}"] = row[f"act_c_t{t:g}"] / cfg.attention.d_c
         if kind == C.AttentionKind.mla:
             w, b = proj["c"]
-            row["c_occupation"] = _act_rank(x.reshape(-1, x.shape[-1]) @ w.t() + b, cc.energy) / cfg.attention.d_c
+            row["c_occupation"] = activation_rank(x.reshape(-1, x.shape[-1]) @ w.t() + b, cc.energy) / cfg.attention.d_c
         rows.append(row)
         log(f"  layer {i:3d}: " + "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "layer"))
     result = {
@@ -147,72 +141,6 @@ def plot_rank_study(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training monitor
-# ----------------------------------------------------------------------------------------------
-def _default_forward(student, batch: Mapping) -> None:
-    t = batch.get("t")
-    if t is None:
-        t = torch.full((batch["latents"].shape[0],), 500.0, device=batch["latents"].device)
-    student(batch["latents"], t, batch["text"], mask=batch.get("mask"))
-
-
-class RankOccupationMonitor:
-    """Logs the ``c_kv`` rank occupation (effective rank / d_c) per layer every ``every_n_steps`` steps.
-
-    ``maybe_log(step, student, batch, log_fn)``: on due steps, runs one no-grad forward of ``student`` on
-    ``batch`` (a mapping with ``latents`` [B, F, C, H, W], ``text`` [B, Lt, text_dim], optional ``t`` [B] or
-    [B, F] (default 500) and ``mask``; or pass ``forward_fn(student, batch)``), captures every layer's
-    ``to_kv_a`` output, and calls ``log_fn({"rank/c_kv_occupation/layer_00": ..., ".../mean": ...,
-    ".../min": ...})``. Returns the metrics (None on other steps or for an MHA student).
-    """
-
-    def __init__(self, every_n_steps: int, energy: float = 0.99, max_tokens: int = 16384, prefix: str = "rank/",
-                 forward_fn: Callable | None = None):
-        if every_n_steps < 1:
-            raise ValueError(f"RankOccupationMonitor: every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps, self.energy, self.max_tokens, self.prefix = every_n_steps, energy, max_tokens, prefix
-        self.forward_fn = forward_fn or _default_forward
-
-    def due(self, step: int) -> bool:
-        return step % self.every_n_steps == 0
-
-    def maybe_log(self, step: int, student, batch, log_fn: Callable[[dict], None]) -> dict | None:
-        if not self.due(step):
-            return None
-        model = getattr(student, "module", student)  # DeepSpeed / DDP wrappers
-        latents = [(i, blk.attn1.to_kv_a) for i, blk in enumerate(model.blocks) if hasattr(blk.attn1, "to_kv_a")]
-        if not latents:
-            return None
-        seen: dict[int, torch.Tensor] = {}
-
-        def keep(i):
-            def hook(mod, args, out):
-                c = out.detach().reshape(-1, out.shape[-1])
-                seen[i] = torch.cat([seen[i], c]) if i in seen else c
-            return hook
-
-        hooks = [m.register_forward_hook(keep(i)) for i, m in latents]
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                self.forward_fn(student, batch)
-        finally:
-            for h in hooks:
-                h.remove()
-            model.train(was_training)
-        metrics = {}
-        for i, mod in latents:
-            c = seen[i][: self.max_tokens]
-            metrics[f"{self.prefix}c_kv_occupation/layer_{i:02d}"] = _act_rank(c, self.energy) / mod.out_features
-        occ = list(metrics.values())
-        metrics[f"{self.prefix}c_kv_occupation/mean"] = sum(occ) / len(occ)
-        metrics[f"{self.prefix}c_kv_occupation/min"] = min(occ)
-        log_fn(metrics)
-        return metrics
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ MLA (one layer)::
     q_h    = RMSNorm(W_q x + b_q)_h = [q_c,h ; RoPE(q_r,h)]
     score  = (q_c,h . k_n,h + q_r,h . k_r) / sqrt(dn + dr)
 
-The key norm (DESIGN 4, option C): Wan normalises the whole key with one RMS over all heads, i.e. a
+The key norm (docs/design.md, option C): Wan normalises the whole key with one RMS over all heads, i.e. a
 per-token scalar times a fixed diagonal ``g``. The diagonal folds into the up-projections (absorbed
 path: into ``q~``), and the scalar ``s`` is computed from the cached ``c`` and ``kr`` via
 ``|W_uk c|^2 = c^T (W_uk^T W_uk) c``: exact, absorbable, and no extra cached value.
 
 Reference path: decompress per-head K/V, then SDPA. Absorbed path: ``q~_h = (g_n,h W_uk,h)^T q_c,h``,
-MQA over ``K = s * [c ; RoPE(g_r kr)]`` with ``V = c``, then ``W_uv,h`` after. Same weights.
+MQA over ``K = s * [c ; RoPE(g_r kr)]`` with ``V = c``, then ``W_uv,h`` after. Fused paths (cached forwards
+without gradients): the absorbed function in one kernel, chosen and fed by ``kernels.dispatch``. Same weights.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .config import AttentionImpl, AttentionKind, Config, FusedKernel, KNorm, MaskBackend
-from .kv_cache import CacheStep, KVCache
+from .config import AttentionImpl, AttentionKind, Config, KNorm, MaskBackend
+from .kernels import dispatch
+from .kv_cache import CacheStep, KVCache, Latent8Layout
 from .rope import RopeSpec, Rotary, apply_rope
 
 
@@ -124,19 +126,15 @@ class AttnInputs:
 _compiled_flex = None
 
 
-def flex_kernel_options(q: torch.Tensor, v: torch.Tensor) -> dict | None:
-    """Tile options for compiled flex attention: flex's autotuned defaults. Smaller tiles were slower or
-    no better on an H100 (benchmarks/masked_forward.py sweeps them through this function)."""
-    return None
-
-
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float) -> torch.Tensor:
+    """Flex attention, compiled on CUDA with flex's autotuned tiles (smaller ones were slower or no better on an
+    H100: benchmarks/masked_forward.py)."""
     global _compiled_flex  # a cache of the compiled kernel, not a behaviour switch
     if q.device.type != "cuda":
         return flex_attention(q, k, v, block_mask=mask, scale=scale)  # eager: reference speed, same result
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=mask, scale=scale, kernel_options=flex_kernel_options(q, v))
+    return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
@@ -147,36 +145,6 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
-
-
-_FUSED = (AttentionImpl.triton, AttentionImpl.triton_fp8)
-
-
-def resolve_impl(impl: AttentionImpl, x: torch.Tensor, cached: bool = True, needs_grad: bool = False,
-                 backward: AttentionImpl = AttentionImpl.absorbed_sdpa) -> AttentionImpl:
-    """The MLA path to run for ``impl`` on this input.
-
-    The fused kernels (vmla_train.kernels) are forward-only and serve the cached path (no mask): a
-    forward that needs gradients runs ``backward`` (attention.backward), a masked full forward runs
-    ``absorbed_sdpa``. ``auto`` (measured on an H100, README "Kernel and generation"): ``triton`` for
-    cached forwards on CUDA with Triton and 16-bit activations (faster than absorbed SDPA from one latent
-    frame of queries to a 3-frame chunk, key pre-pass included); ``absorbed_sdpa`` on CPU, without Triton,
-    or for float32 activations (the kernel's tiles are sized for 16-bit operands). ``triton_fp8`` is only
-    run when named (faster on Hopper, but its error is 8-bit: benchmarks/NOTES-kernel.md). ``x`` is the
-    query-side activation [B, L, ...] in the dtype attention runs in.
-    """
-    if impl == AttentionImpl.auto:
-        from .kernels import latent_attention as LA
-
-        half = x.dtype in (torch.bfloat16, torch.float16)
-        fused_ok = x.is_cuda and half and LA.available()
-        impl = AttentionImpl.triton if fused_ok else AttentionImpl.absorbed_sdpa
-    if impl in _FUSED:
-        if needs_grad:
-            return backward
-        if not cached:
-            return AttentionImpl.absorbed_sdpa
-    return impl
 
 
 class _WanQKVO(nn.Module):
@@ -237,9 +205,7 @@ class MLASelfAttention(nn.Module):
         self.d_c, self.groups = a.d_c, a.rope_key_groups
         self.d_r = a.d_r // a.rope_key_groups  # per group
         self.d_n = m.head_dim if a.qk_nope_head_dim == -1 else a.qk_nope_head_dim
-        self.impl = a.impl
-        self.backward = a.backward
-        self.kernel8, self.kernel16 = a.kernel8, a.kernel16
+        self.impl, self.kernel, self.backward = a.impl, a.kernel, a.backward
         self.k_norm = a.k_norm
         self.eps = m.eps
         qk = self.d_n + self.d_r
@@ -262,19 +228,16 @@ class MLASelfAttention(nn.Module):
     @staticmethod
     def cache_widths(cfg: Config) -> dict[str, tuple[int, ...]]:
         a = cfg.attention
-        if cfg.cache.dtype == "fp8":  # 8-bit key rows [s c ; s rho] and latents (kv_cache module doc)
-            from .kernels.latent_attention_fp8 import key_width
-
-            return {"k8": (key_width(a.d_c, a.d_r),), "v8": (a.d_c,)}
+        if cfg.cache.dtype == "8bit":  # 8-bit key rows [s c ; s rho] and latents (kv_cache.Latent8Layout)
+            return Latent8Layout(a.d_c, a.d_r).widths
         return {"c": (a.d_c,), "kr": (a.d_r,)}
 
     @staticmethod
     def cache_layouts(cfg: Config) -> dict:
-        """KVCache keyword arguments beyond the widths: the 8-bit format's dtypes, its token-last values and
-        its per-layer scales."""
-        if cfg.cache.dtype != "fp8":
+        """KVCache keyword arguments beyond the widths: the 8-bit format (``cache.dtype=8bit``)."""
+        if cfg.cache.dtype != "8bit":
             return {}
-        return {"layouts": {"k8": (torch.int8, False), "v8": (torch.float8_e4m3fn, True)}, "scaled": ("k8", "v8")}
+        return {"eight_bit": Latent8Layout(cfg.attention.d_c, cfg.attention.d_r)}
 
     # Pieces shared by both paths ---------------------------------------------------------------
     def _key_scale(self, c: torch.Tensor, kr: torch.Tensor, kn: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,18 +288,17 @@ class MLASelfAttention(nn.Module):
         kr = self.to_k_rope(x)  # (B, L, G*dr)
         g_n, g_r = self._gains()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.to_q.weight.requires_grad)
-        impl = resolve_impl(self.impl, q_c, inp.mask is None, needs_grad, self.backward)
-        past = inp.cache.read(layer, inp.step) if inp.cache is not None else None  # views: use before write
-        if inp.cache is not None and inp.cache.scaled:  # an 8-bit cache: the 8-bit kernel reads and writes it
-            if needs_grad:
-                raise RuntimeError("cache.dtype=fp8 is for inference (generation): a forward that needs gradients "
-                                   "runs the torch paths on a 16-bit cache")
-            o = self._cached8(q_c, q_r, q[..., dn:], c, kr, past, g_n, g_r, inp, layer)
-            return self.to_out[0](o.flatten(2).to(x.dtype))
-        if impl in _FUSED:
-            o = self._fused(q_c, q_r, c, kr, past, g_n, g_r, inp, impl, layer)
+        cache, eight_bit = inp.cache, inp.cache is not None and inp.cache.eight_bit is not None
+        impl = dispatch.resolve_impl(self.impl, q_c, inp.mask is None, needs_grad, self.backward, eight_bit)
+        if impl in dispatch.FUSED:  # a fused kernel (kernels.dispatch: which one, its operands, the 8-bit cache)
+            queries = dispatch.Queries(q_c, q_r, self._w_uk(g_n), self.scale, self.groups,
+                                       q_r_abs=apply_rope(q[..., dn:], inp.rot_abs) if eight_bit else None)
+            keys = dispatch.Keys(c, kr, inp.k_rot, self._key_scale, lambda k, rot: self._rope_key(k, 1.0, g_r, rot),
+                                 rot_abs=inp.rot_abs)
+            o = self._up_v(dispatch.latent_attention(impl, self.kernel, queries, keys, cache, layer, inp.step))
         else:
-            if past is not None:
+            if cache is not None:
+                past = cache.read(layer, inp.step)  # views: used before this layer's write below
                 c_all = torch.cat([past["c"].to(c.dtype), c], 1)  # (B, Lk, dc)
                 kr_all = torch.cat([past["kr"].to(kr.dtype), kr], 1)  # (B, Lk, G*dr)
             else:
@@ -345,107 +307,9 @@ class MLASelfAttention(nn.Module):
                 o = self._reference(q_c, q_r, c_all, kr_all, g_n, g_r, inp)
             else:
                 o = self._absorbed(q_c, q_r, c_all, kr_all, g_n, g_r, inp)
-        if inp.cache is not None:
-            inp.cache.write(layer, inp.step, c=c, kr=kr)
+        if cache is not None and not eight_bit:  # (the 8-bit cache is written by the fused call)
+            cache.write(layer, inp.step, c=c, kr=kr)
         return self.to_out[0](o.flatten(2).to(x.dtype))
-
-    def _fused(self, q_c, q_r, c, kr, past, g_n, g_r, inp: AttnInputs, impl: AttentionImpl, layer: int = 0) -> torch.Tensor:
-        """The Triton kernels: cached prefix and current chunk as separate inputs (no concatenation of
-        the latent window); pre-pass over the d_r-wide keys (RoPE, gain) and the per-key scale s, the
-        latter for the cached prefix once per cache state (all denoising steps of a chunk share it). The 8-bit
-        kernel also keeps the prefix's quantised rows per cache state (``KVCache.memo``)."""
-        w_uk = self._w_uk(g_n)  # (H, dn, dc)
-        c_past = past["c"] if past is not None else c[:, :0]  # (B, Lp, dc) view of the cache
-        kr_past = past["kr"] if past is not None else kr[:, :0]
-        lp = c_past.shape[1]
-        rot_past = Rotary(inp.k_rot.cos[:lp], inp.k_rot.sin[:lp])
-        rot_new = Rotary(inp.k_rot.cos[lp:], inp.k_rot.sin[lp:])
-
-        def prefix_scale():  # the cached keys' key-norm scale: once per cache state (KVCache.memo), 4 B a key
-            return self._key_scale(c_past, kr_past)
-
-        memo = inp.cache.memo if inp.cache is not None else (lambda _layer, _name, fn: fn())
-        s_past = memo(layer, "mla_key_scale", prefix_scale)  # (B, Lp, 1)
-        s_new = self._key_scale(c, kr)
-        rho_new = self._rope_key(kr, 1.0, g_r, rot_new).to(q_c.dtype)  # (B, L, G, dr)
-        if impl == AttentionImpl.triton_fp8:  # 8-bit: key rows [s c ; s rho] and values quantised
-            from .kernels import latent_attention_fp8 as LA8
-
-            def prefix8():  # the prefix's 8-bit rows and values, once per cache state (as an 8-bit cache write
-                # would store them; KVCache holds 16 bits, so this copy costs 384 B a token at 160/64 while it lives)
-                rho_p = self._rope_key(kr_past, 1.0, g_r, rot_past).to(q_c.dtype)
-                return LA8.quantize_keys(self.key_rows(c_past.to(c.dtype), rho_p, s_past), c_past) if lp else None
-
-            past8 = memo(layer, "mla_prefix8", prefix8)
-            new8 = LA8.quantize_keys(self.key_rows(c, rho_new, s_new), c)
-            q8, qr8, qs8, sq = LA8.quantize_queries(q_c, w_uk, q_r)
-            o_lat, _ = self._attention8(q8)(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups,
-                                            out_dtype=q_c.dtype)
-        else:
-            s = torch.cat([s_past, s_new], 1)  # (B, Lk, 1)
-            rho = torch.cat([self._rope_key(kr_past, 1.0, g_r, rot_past).to(q_c.dtype), rho_new], 1)  # RoPE per
-            # call: keeping the rotated prefix costs d_r values a key (measured +9 % peak memory for +0.5 % speed)
-            q_lat = torch.einsum("blhn,hnc->blhc", q_c, w_uk.to(q_c.dtype))  # (B, L, H, dc)
-            kernel = self._attention16(q_lat, c_past)
-            o_lat, _ = kernel(q_lat, q_r, c_past, c, rho, s.squeeze(-1).contiguous(), self.scale)
-        return self._up_v(o_lat)
-
-    def _cached8(self, q_c, q_r, q_rope, c, kr, past, g_n, g_r, inp: AttnInputs, layer: int) -> torch.Tensor:
-        """Attention over an 8-bit cache (``cache.dtype=fp8``). Cached key rows were rotated at their frames'
-        absolute positions when written; the current chunk's are too, and its queries are rotated twice: at
-        absolute positions for the window and the chunk, and at the cache's scheme positions for the sinks
-        (RoPE sees only differences; under ``position_scheme=relative`` the window and the queries share one
-        shift that the sinks do not, see ``latent_attention_fp8``). Then the chunk is written with the
-        layer's scales."""
-        from .kernels import latent_attention_fp8 as LA8
-
-        cache, step = inp.cache, inp.step
-        w_uk = self._w_uk(g_n)  # (H, dn, dc)
-        q_abs = apply_rope(q_rope, inp.rot_abs)  # window and chunk: absolute positions (q_r, the scheme's: sinks)
-        rho = self._rope_key(kr, 1.0, g_r, inp.rot_abs).to(c.dtype)  # (B, L, G, dr)
-        krow = self.key_rows(c, rho, self._key_scale(c, kr))  # (B, L, key width)
-        n = step.read_tokens
-        past8 = None
-        if n:
-            past8 = LA8.Latent8(past["k8"], cache.scales["k8"][layer], past["v8"], cache.scales["v8"][layer])
-        new8 = LA8.quantize_keys(krow, c)
-        q8, qr8, qs8, sq = LA8.quantize_queries(q_c, w_uk, q_abs.to(q_c.dtype), q_r.to(q_c.dtype))
-        sinks = min(cache.sink_frames, n // cache.tokens_per_frame) * cache.tokens_per_frame
-        o_lat, _ = self._attention8(q8)(q8, qr8, qs8, sq, past8, new8, self.scale, self.groups, sinks,
-                                        out_dtype=q_c.dtype)
-        if step.write:
-            LA8.write_cache8(cache, layer, step, krow, c)
-        return self._up_v(o_lat)
-
-    def _attention8(self, q8: torch.Tensor):
-        """The 8-bit kernel ``attention.kernel8`` names (``auto``: the warp-specialised Gluon kernel where it runs,
-        measured 1.28x faster than the Triton one on an H100, benchmarks/latent_attention_ws.py)."""
-        from .kernels import latent_attention_fp8 as LA8
-        from .kernels import latent_attention_ws as WS
-
-        if self.kernel8 == FusedKernel.gluon_ws or (self.kernel8 == FusedKernel.auto
-                                                    and WS.supports(q8.device, self.d_c, self.d_r)):
-            return WS.attention8_ws
-        return LA8.attention8
-
-    def _attention16(self, q_lat: torch.Tensor, c_past: torch.Tensor):
-        """The 16-bit kernel ``attention.kernel16`` names (``auto``: the warp-specialised Gluon kernel where it runs
-        (Hopper, queries and cache of one 16-bit dtype, TMA-aligned widths), measured 1.3x the Triton one on an
-        H200, benchmarks/latent_attention_ws.py; the Triton kernel elsewhere)."""
-        from .kernels import latent_attention as LA
-        from .kernels import latent_attention_ws16 as W16
-
-        if self.kernel16 == FusedKernel.gluon_ws or (
-                self.kernel16 == FusedKernel.auto and c_past.dtype == q_lat.dtype
-                and W16.supports16(q_lat.device, q_lat.dtype, self.d_c, self.d_r // self.groups)):
-            return W16.latent_attention_ws16
-        return LA.latent_attention
-
-    @staticmethod
-    def key_rows(c: torch.Tensor, rho: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """The absorbed MQA key of every token, [s c ; s rho] (B, Lk, dc + G*dr) in c's dtype, from c (B, Lk, dc),
-        rho = RoPE(g_r kr) (B, Lk, G, dr) and the key-norm scale s (B, Lk, 1): what the 8-bit path quantises."""
-        return torch.cat([c.float() * s, rho.flatten(2).float() * s], -1).to(c.dtype)
 
     def _reference(self, q_c, q_r, c_all, kr_all, g_n, g_r, inp: AttnInputs) -> torch.Tensor:
         H, dn, G = self.num_heads, self.d_n, self.groups

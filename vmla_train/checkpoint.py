@@ -19,10 +19,13 @@ Writes go to ``.tmp-step-NNNNNNNN`` first; rank 0 writes the manifest and rename
 every rank has written its files. Everything loads with ``torch.load(weights_only=True)``, safetensors
 or JSON (DeepSpeed engines load through DeepSpeed's own loader, Fabric's ``load``).
 
-Faults (README "Fault tolerance"): ``verify`` checks a folder against its manifest (missing file, size,
-SHA-256) before anything is loaded; ``usable_checkpoints`` lists the complete ones newest first, and the
-loop falls back to the next one when a folder fails verification or loading. ``clean_incomplete``
+Faults (docs/fault-tolerance.md): ``verify`` checks a folder against its manifest (missing file, size,
+SHA-256) before anything is loaded; ``usable_checkpoints`` lists the complete ones newest first, and
+``resume`` falls back to the next one when a folder fails verification or loading. ``clean_incomplete``
 removes temp folders and manifest-less step folders left by a crash.
+
+The loop's side (every rank, through Fabric) is at the end: ``resume_candidates``, ``save`` and
+``resume`` of a ``state.TrainState``, and ``export_student`` (a plain student folder from a checkpoint).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +43,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import config as C
+from . import parallel
 from .config import atomic_write_text
-from .student_io import CheckpointError
+from .state import TrainState
+from .student_io import CheckpointError, save_student
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
@@ -218,3 +225,154 @@ def read_train_state(folder: Path) -> dict:
 
 def read_manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's side: resume candidates, save and resume a TrainState (every rank, through Fabric)
+# ----------------------------------------------------------------------------------------------
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...) and ``checkpoint.on_write_error=stop``."""
+
+
+def resume_candidates(fabric, run_dir: Path) -> list[Path]:
+    """The run folder's complete checkpoints, newest first (verified and loaded by ``resume``). Rank 0
+    first removes the folders a crash left incomplete."""
+    if fabric.global_rank == 0:
+        for p in clean_incomplete(run_dir):
+            fabric.print(f"removed incomplete checkpoint folder {p} (no manifest: a save was interrupted)")
+    fabric.barrier()
+    return usable_checkpoints(run_dir)
+
+
+def saved_run_id(candidates: list[Path]) -> str | None:
+    """The W&B run id of the newest candidate that has one."""
+    for folder in candidates:
+        try:
+            run_id = read_train_state(folder).get("wandb_run_id")
+        except (OSError, ValueError):
+            continue
+        if run_id:
+            return run_id
+    return None
+
+
+def save(state: TrainState, reason: str) -> Path | None:
+    """Write a checkpoint of ``state`` (temp folder, manifest last, rename). A write error on any rank (disk
+    full, ...) removes the temp folder on every rank's behalf, leaves the previous checkpoints as they
+    were, and raises ``CheckpointWriteError`` or returns None per ``checkpoint.on_write_error``."""
+    fabric, cfg, run_dir, step = state.fabric, state.cfg, state.run_dir, state.counters.step
+    tmp = tmp_dir(run_dir, step)
+    error = ""
+    try:
+        if state.rank == 0:
+            prepare(run_dir, step)
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    if not parallel.any_rank(fabric, bool(error)):  # (also the barrier: the temp folder exists before any rank writes)
+        try:
+            sharded = parallel.is_sharded(fabric)
+            for role in ("student", "critic"):
+                engine, optimizer = state.engine(role)
+                if engine is not None:
+                    fabric.save(engine_path(tmp, role, sharded), {"model": engine, "optimizer": optimizer})
+            save_rank_files(tmp, state.rank, state.loader.state_dict())
+            if state.rank == 0:
+                save_ema(tmp, state.ema.state_dict())
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            error = f"{type(e).__name__}: {e}"
+    final = None
+    if not parallel.any_rank(fabric, bool(error)) and state.rank == 0:
+        train_state = {"stage": cfg.train.stage.value, "strategy": cfg.strategy.name, "world_size": fabric.world_size,
+                       **state.counters.to_dict(), "wandb_run_id": state.run_id, "reason": reason, "time": time.time()}
+        try:
+            final = finalize(run_dir, step, train_state, C.to_yaml(cfg), cfg.checkpoint.keep_last, cfg.checkpoint.checksums)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    if parallel.any_rank(fabric, bool(error)):
+        if state.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        msg = (f"checkpoint of step {step} could not be written to '{tmp}' ({error or 'failed on another rank'}); "
+               f"previous checkpoint intact: {latest_checkpoint(run_dir)}")
+        if cfg.checkpoint.on_write_error == "stop":
+            raise CheckpointWriteError(msg + " (checkpoint.on_write_error=stop)")
+        fabric.print(f"warning: {msg}; training continues (checkpoint.on_write_error=continue)")
+        return None
+    return step_dir(run_dir, step) if final is None else final
+
+
+def resume(state: TrainState, candidates: list[Path]) -> Path | None:
+    """Restore ``state`` from the newest of ``candidates`` that verifies (rank 0: files, sizes, SHA-256
+    against the manifest) and loads on every rank; otherwise log why and fall back to the next older one.
+    None without candidates; ``CheckpointError`` naming every folder and reason when none is usable."""
+    fabric = state.fabric
+    reasons = []
+    for i, folder in enumerate(candidates):
+        error = ""
+        if state.rank == 0:
+            try:
+                verify(folder)
+            except CheckpointError as e:
+                error = str(e)
+        bad = parallel.any_rank(fabric, bool(error))
+        if not bad:
+            try:
+                _restore(state, folder, read_train_state(folder))
+            except Exception as e:  # any failure to load (unpickling refused, shape mismatch, ...): fall back
+                error = f"checkpoint '{folder}' does not load: {type(e).__name__}: {e}"
+            bad = parallel.any_rank(fabric, bool(error))
+        if not bad:
+            return folder
+        reasons.append(error or f"checkpoint '{folder}' failed on another rank")
+        older = candidates[i + 1:]
+        fabric.print(f"warning: {reasons[-1]}; " + (f"falling back to the previous complete checkpoint {older[0]}"
+                                                   if older else "no older complete checkpoint"))
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in '{checkpoint_root(state.run_dir)}' "
+                              f"(checkpoint.resume=false starts afresh): " + " | ".join(reasons))
+    return None
+
+
+def _restore(state: TrainState, folder: Path, saved: dict) -> None:
+    """Engines and optimizers (Fabric's loader for the strategy), RNG and data position of this rank, the
+    EMA (rank 0) and the counters."""
+    fabric = state.fabric
+    parallel.check_resume_world_size(fabric, saved.get("world_size"), folder)
+    sharded = parallel.is_sharded(fabric)
+    for role in ("student", "critic"):
+        engine, optimizer = state.engine(role)
+        if engine is not None:
+            fabric.load(engine_path(folder, role, sharded), {"model": engine, "optimizer": optimizer}, weights_only=True)
+    rng, loader_state = load_rank_files(folder, state.rank)
+    set_rng_state(rng)
+    state.loader.load_state_dict(loader_state)
+    if state.rank == 0:
+        state.ema.load_state_dict(load_ema(folder))
+    state.counters.load(saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: a plain student folder from a training checkpoint (ZeRO shards consolidated)
+# ----------------------------------------------------------------------------------------------
+def export_student(run_dir: str | Path, out: str | Path, use_ema: bool = False, overwrite: bool = False) -> Path:
+    """The latest complete checkpoint of ``run_dir`` (or the ``step-*`` folder given) -> a student folder."""
+    folder = latest_checkpoint(run_dir) if not str(run_dir).rstrip("/").split("/")[-1].startswith("step-") else Path(run_dir)
+    if folder is None or not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"'{run_dir}' holds no complete checkpoint (checkpoints/step-*/manifest.json)")
+    verify(folder)  # CheckpointError naming a missing, truncated or corrupted file
+    cfg = C.load(folder / "config.yaml")
+    if use_ema:
+        state = load_ema(folder)
+        if not state:
+            raise FileNotFoundError(f"checkpoint '{folder}' has no ema.safetensors (EMA starts at dmd.ema_start_step)")
+    elif (folder / "student").is_dir() and (folder / "student" / "checkpoint").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder / "student"), tag="checkpoint")
+    elif (folder / "student.ckpt").is_file():
+        state = torch.load(folder / "student.ckpt", map_location="cpu", weights_only=True)["model"]
+    else:
+        raise FileNotFoundError(f"checkpoint '{folder}': no student.ckpt and no DeepSpeed student/ folder "
+                                "(FSDP sharded checkpoints: consolidate with lightning's fsdp tools first)")
+    state = {k.removeprefix("_forward_module.").removeprefix("module."): v.float().contiguous() for k, v in state.items()}
+    return save_student(state, cfg, out, overwrite=overwrite,
+                        extra_files={"export.json": json.dumps({"from": str(folder), "ema": use_ema}, indent=1)})

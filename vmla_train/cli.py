@@ -5,7 +5,7 @@
     vmla-train demo-rollout CONFIG [k=v ...]  cached chunk-by-chunk rollout of a random tiny student
     vmla-train fit CONFIG [key=value ...]     train a stage; resumes from the run folder's latest checkpoint
     vmla-train export RUN_DIR OUT [--ema]     training checkpoint (ZeRO shards too) -> plain student folder
-    vmla-train config-reference               every config key, its default and doc (the README's table)
+    vmla-train config-reference               every config key, its default and doc (docs/config.md's table)
 """
 
 from __future__ import annotations
@@ -20,19 +20,11 @@ from typing import Sequence
 from . import config as C
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _kv_table(cfg: C.Config) -> list[tuple[str, str, str]]:
     """Rows (quantity, MHA, MLA) of cached values and bytes for the config's geometry."""
     vals = C.kv_values_per_token(cfg)
     el = C.dtype_bytes(cfg.cache.dtype)
-    el_mha = 2 if cfg.cache.dtype == "fp8" else el  # MHA has no 8-bit cache: compared at bf16
+    el_mha = 2 if cfg.cache.dtype == "8bit" else el  # MHA has no 8-bit cache: compared at bf16
     tpf = cfg.tokens_per_frame
     layers = cfg.model.num_layers
     window = cfg.cache.window_frames + cfg.cache.sink_frames
@@ -89,11 +81,11 @@ def run_demo(cfg: C.Config):
     from .student import WanStudent
 
     torch.manual_seed(cfg.runtime.seed)
-    dev = _device(cfg.runtime.device)
+    dev = C.resolve_device(cfg.runtime.device)
     student = WanStudent(cfg).to(dev).eval()
     gen = torch.Generator(device=dev).manual_seed(cfg.runtime.seed)
     text = torch.randn(1, cfg.model.text_len, cfg.model.text_dim, generator=gen, device=dev)
-    steps = schedule.warp_timesteps(cfg.demo.denoising_steps, cfg.demo.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     frames = cfg.demo.num_chunks * cfg.video.chunk_frames
     cache = student.new_cache(1, dev)
     print(f"demo: {cfg.attention.kind.value} student ({cfg.model.name}), {frames} latent frames in "
@@ -111,14 +103,14 @@ def run_demo(cfg: C.Config):
     dt = time.perf_counter() - t0
     print(f"generated latents {tuple(video.shape)} in {dt:.2f} s ({frames / dt:.1f} latent frames/s); "
           f"finite: {bool(torch.isfinite(video).all())}")
-    print(f"cache: {cache.num_valid} frames held of {cache.num_slots} slots, {cache.values_per_token()} values/token/layer, "
+    print(f"cache: {cache.num_valid} frames held of {cache.num_slots} slots, {C.kv_values_per_token(cfg)[cfg.attention.kind.value]} values/token/layer, "
           f"{C.human_bytes(cache.nbytes())} allocated\n")
     print_info(cfg)
     return video, cache
 
 
 def config_reference_markdown() -> str:
-    """The README's full config table, generated from the schema (defaults of the `wan-1.3b` size)."""
+    """The config table of docs/config.md, generated from the schema (defaults of the `wan-1.3b` size)."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, doc in C.schema_reference():
         lines.append(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
@@ -152,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config_reference_markdown())
         return 0
     if args.command == "export":
-        from .train import export_student
-
+        from .checkpoint import export_student
         from .student_io import CheckpointError
 
         try:

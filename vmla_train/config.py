@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Named model sizes (one table; DESIGN.md section 3). Every geometry number in the code derives
+# Named model sizes (one table). Every geometry number in the code derives
 # from these fields.
 # ----------------------------------------------------------------------------------------------
 # A size fills `model` and may bring the defaults of other sections that only make sense with it.
@@ -91,22 +91,26 @@ class AttentionKind(str, Enum):
 
 
 class AttentionImpl(str, Enum):
-    auto = "auto"  # pick by regime (see attention.resolve_impl)
-    reference = "reference"  # decompress per-head K/V from the latent, then SDPA
-    absorbed_sdpa = "absorbed_sdpa"  # queries absorbed into latent space, MQA over [c; k_rope], V = c, via SDPA
-    triton = "triton"  # fused Triton latent attention (bf16), vmla_train.kernels
-    triton_fp8 = "triton_fp8"  # fused Triton latent attention with an 8-bit cache (Hopper)
+    """Which MLA attention path runs (``kernels.dispatch.resolve_impl``); all share the same weights."""
+
+    auto = "auto"  # fused on CUDA with Triton and 16-bit activations, absorbed elsewhere (and where fused cannot run)
+    reference = "reference"  # torch: decompress per-head K/V from the latent, then SDPA (Wan's attention, exactly)
+    absorbed = "absorbed"  # torch: queries absorbed into latent space, MQA over [c; RoPE key] with V = c, via SDPA
+    fused = "fused"  # a fused latent-attention kernel (attention.kernel) over the 16-bit cache; forward-only
+    fused_8bit = "fused_8bit"  # the 8-bit fused kernel (int8 Q.K^T, e4m3 P.V): required by cache.dtype=8bit; forward-only
 
 
 class FusedKernel(str, Enum):
-    auto = "auto"  # the faster one measured: the Gluon kernel where it runs (Hopper), else the Triton one
-    triton = "triton"  # the Triton kernel (latent_attention / latent_attention_fp8): any CUDA GPU
-    gluon_ws = "gluon_ws"  # the warp-specialised Gluon kernel (latent_attention_ws16 / latent_attention_ws): Hopper
+    """Which kernel family runs the fused paths (``attention.impl`` fused / fused_8bit), for either precision."""
+
+    auto = "auto"  # gluon where it runs (Hopper, TMA-aligned widths; 16-bit: queries and cache of one 16-bit dtype), else triton
+    triton = "triton"  # the Triton kernels (kernels/latent_attention.py, latent_attention_fp8.py): any CUDA GPU, CPU interpreter
+    gluon = "gluon"  # the warp-specialised Gluon kernels (kernels/latent_attention_ws16.py, latent_attention_ws.py): Hopper only
 
 
 class KNorm(str, Enum):
-    rms_scalar = "rms_scalar"  # DESIGN 4 option C: Wan's full-width RMSNorm as a per-token scalar s_t
-    none = "none"  # DESIGN 4 option D: no key norm (fine-tune to recover)
+    rms_scalar = "rms_scalar"  # docs/design.md "The key norm", option C: Wan's full-width RMSNorm as a per-token scalar s_t
+    none = "none"  # docs/design.md "The key norm", option D: no key norm (fine-tune to recover)
 
 
 class MaskBackend(str, Enum):
@@ -124,17 +128,15 @@ class AttentionConfig:
     d_r: int = 64  # MLA: decoupled RoPE key width per token (all groups together)
     rope_key_groups: int = 1  # MLA: 1 = one RoPE key shared by all heads; num_heads = one per head
     qk_nope_head_dim: int = -1  # MLA: per-head content q/k width; -1 means model head_dim
-    impl: AttentionImpl = AttentionImpl.auto  # MLA: auto | reference | absorbed_sdpa | triton | triton_fp8
+    impl: AttentionImpl = AttentionImpl.auto  # MLA: auto | reference | absorbed | fused | fused_8bit (what runs: AttentionImpl)
     k_norm: KNorm = KNorm.rms_scalar  # MLA: how Wan's full-width key RMSNorm is kept
     mask_backend: MaskBackend = MaskBackend.auto  # masked full forwards: auto (= sdpa) | sdpa | flex
-    # --- kernels (issue 6) ---
-    kernel16: FusedKernel = FusedKernel.auto  # MLA impl=triton: auto | triton | gluon_ws (the 16-bit kernel that runs; auto: the Gluon one on Hopper when queries and cache share a 16-bit dtype)
-    kernel8: FusedKernel = FusedKernel.auto  # MLA impl=triton_fp8: auto | triton | gluon_ws (the 8-bit kernel that runs)
-    backward: AttentionImpl = AttentionImpl.absorbed_sdpa  # MLA: torch path run when gradients are needed (the Triton kernels are forward-only): absorbed_sdpa | reference
+    kernel: FusedKernel = FusedKernel.auto  # MLA impl=fused/fused_8bit: auto | triton | gluon, the kernel family that runs (FusedKernel)
+    backward: AttentionImpl = AttentionImpl.absorbed  # MLA: torch path run when gradients are needed (the fused kernels are forward-only): absorbed | reference
 
     def __post_init__(self) -> None:
-        if self.backward not in (AttentionImpl.absorbed_sdpa, AttentionImpl.reference):
-            _fail("attention.backward", "absorbed_sdpa or reference (the Triton kernels are forward-only)",
+        if self.backward not in (AttentionImpl.absorbed, AttentionImpl.reference):
+            _fail("attention.backward", "absorbed or reference (the fused kernels are forward-only)",
                   getattr(self.backward, "value", self.backward))
 
 
@@ -150,7 +152,7 @@ class CacheConfig:
     window_frames: int = 21  # most recent latent frames attended, the current chunk included
     sink_frames: int = 3  # first latent frames kept forever (never evicted)
     position_scheme: PositionScheme = PositionScheme.relative  # how cached keys get RoPE positions
-    dtype: str = "bfloat16"  # storage dtype of the cache buffers; fp8 = MLA 8-bit rows for attention.impl=triton_fp8 (inference)
+    dtype: str = "bfloat16"  # storage dtype: float32 | bfloat16 | float16 | 8bit (MLA int8 key rows + e4m3 latents, attention.impl=fused_8bit, inference)
 
 
 @dataclass
@@ -202,18 +204,30 @@ class RuntimeConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """The flow-matching schedule (vmla_train/schedule.py) of every stage, generation and the demo."""
+
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # student's few steps, before warp
+    shift: float = 5.0  # flow-matching shift (student steps, training timesteps, teacher Euler in validation)
+
+    def __post_init__(self) -> None:
+        steps = list(self.denoising_steps)
+        if not steps or sorted(steps, reverse=True) != steps or any(not 0 < t <= 1000 for t in steps):
+            _fail("schedule.denoising_steps", "a non-empty descending list of timesteps in (0, 1000]", steps)
+
+
+@dataclass
 class DemoConfig:
     """The foundation demo: a cached chunk-by-chunk rollout of a random student."""
 
     num_chunks: int = 4  # chunks generated
-    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # before warp
-    shift: float = 5.0  # flow-matching timestep shift
 
 
 # ----------------------------------------------------------------------------------------------
-# Training engine (issue 5): stages, optimisers, DMD, strategy, logging, validation, checkpoints.
+# Training engine: stages, optimisers, DMD, strategy, logging, validation, checkpoints.
 # ----------------------------------------------------------------------------------------------
 class Stage(str, Enum):
+    pretrain = "pretrain"  # the teacher's training: flow matching on real latents, bidirectional, per-sample timesteps
     adapt = "adapt"  # flow matching on real latents, block-causal, per-chunk timesteps
     ode_init = "ode_init"  # regression of x0 from teacher ODE trajectory points, per chunk
     self_forcing = "self_forcing"  # DMD against the teacher (real score) and the critic (fake score)
@@ -223,7 +237,7 @@ class Stage(str, Enum):
 class TrainConfig:
     """What is trained, from what, for how long, in which batches."""
 
-    stage: Stage = Stage.adapt  # adapt | ode_init | self_forcing
+    stage: Stage = Stage.adapt  # pretrain (the teacher, attention.kind=mha) | adapt | ode_init | self_forcing
     num_steps: int = 1000  # training iterations (our counter drives every schedule; self_forcing: a critic step each)
     global_batch_size: int = 1  # samples per student step over all ranks (= data.batch_size * world * accumulation)
     student_path: str = ""  # student folder (model.safetensors + config.yaml); "" = random init from this config
@@ -232,10 +246,8 @@ class TrainConfig:
     teacher_size: str = ""  # named size of teacher/critic (MODEL_SIZES); "" = model.name
     gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
     rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
-    # Faults (issue 7): non-finite steps are skipped on every rank; too many in a row stop the run.
+    # Faults: non-finite steps are skipped on every rank; too many in a row stop the run.
     max_consecutive_skips: int = 3  # consecutive non-finite (NaN/Inf loss or gradient) steps before the run stops
-    debug_inject_nan_steps: list[int] = field(default_factory=list)  # TEST HOOK: iterations whose loss is made NaN
-    debug_inject_nan_ranks: list[int] = field(default_factory=list)  # TEST HOOK: ranks that inject ([] = every rank)
 
     def __post_init__(self) -> None:
         if self.max_consecutive_skips < 1:
@@ -252,7 +264,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW for the student and the critic (Self-Forcing numbers, DESIGN 5)."""
+    """AdamW for the student and the critic (Self-Forcing's numbers)."""
 
     student_lr: float = 2e-6  # student learning rate
     critic_lr: float = 4e-7  # critic learning rate
@@ -272,21 +284,17 @@ class OptimConfig:
 
 @dataclass
 class DMDConfig:
-    """Self-forcing rollouts, DMD, the critic and EMA (also the timestep settings of adapt/ode_init)."""
+    """Self-forcing DMD: timestep clamp, real-score guidance, the critic and EMA (steps and shift: ``schedule``)."""
 
-    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # student steps, before warp
-    shift: float = 5.0  # flow-matching shift (rollout steps and DMD/critic/adapt timesteps)
     t_min: float = 20.0  # DMD timestep clamp, low end
     t_max: float = 980.0  # DMD timestep clamp, high end
-    guidance: float = 3.0  # real-score CFG on the difference (3.0 == standard CFG 4.0)
+    guidance_scale: float = 4.0  # real-score CFG weight w in uncond + w (cond - uncond); 1 = off
     critic_steps_per_student_step: int = 5  # critic:student update ratio (student steps at iterations 0, N, 2N, ...)
     ema_decay: float = 0.99  # EMA of the student weights (0 = no EMA)
     ema_start_step: int = 200  # first iteration (train step) whose student update feeds the EMA
     negative_embedding: str = ""  # safetensors with key 'text' [Lt, text_dim] of Wan's negative prompt; "" = fixed random
 
     def __post_init__(self) -> None:
-        if not self.denoising_steps or sorted(self.denoising_steps, reverse=True) != list(self.denoising_steps):
-            _fail("dmd.denoising_steps", "a non-empty descending list of timesteps", self.denoising_steps)
         if not 0 <= self.t_min < self.t_max <= 1000:
             _fail("dmd.t_min/t_max", "0 <= t_min < t_max <= 1000", (self.t_min, self.t_max))
         if self.critic_steps_per_student_step < 1:
@@ -480,7 +488,7 @@ class OdePairsConfig:
     output: str = ""  # output folder for ode-%06d.tar + index + rejects
     num_steps: int = 48  # teacher Euler steps
     shift: float = 5.0  # flow-matching shift of the Euler sigmas
-    guidance_scale: float = 5.0  # classifier-free guidance scale (Wan negative prompt)
+    guidance_scale: float = 5.0  # CFG weight w in uncond + w (cond - uncond), against Wan's negative prompt
     keep_indices: list[int] = field(default_factory=lambda: [0, 12, 24, 36, 48])  # trajectory indices kept (0 = noise)
     samples_per_shard: int = 64  # trajectories per output shard
     max_samples: int = 0  # stop after this many prompts (0 = all)
@@ -515,7 +523,7 @@ class DataPrepConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Conversion and rank study (issue 3): vmla-convert, vmla-analyze rank.
+# Conversion and rank study: vmla-convert, vmla-analyze rank.
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ConvertConfig:
@@ -554,7 +562,7 @@ class ConvertConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation (issue 6): vmla-generate, minute-scale text-to-video with the latent cache.
+# Generation: vmla-generate, minute-scale text-to-video with the latent cache.
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class GenerateConfig:
@@ -563,10 +571,8 @@ class GenerateConfig:
     seconds: float = 60.0  # video length; latent frames = seconds * video.fps / vae_stride[0], whole chunks
     samples_per_prompt: int = 1  # videos per prompt (file index 0..n-1, seed = runtime.seed + index)
     batch_size: int = 1  # videos generated together (one prompt's samples are batched)
-    guidance_scale: float = 1.0  # classifier-free guidance weight; 1 = off (DMD students have it distilled in)
+    guidance_scale: float = 1.0  # CFG weight w in uncond + w (cond - uncond); 1 = off (DMD students have it distilled in)
     negative_prompt: str = ""  # CFG negative prompt; empty = Wan's default negative prompt
-    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # before warp
-    shift: float = 5.0  # flow-matching timestep shift
     text_encoder: str = ""  # local folder with tokenizer/ and text_encoder/ (umT5), or empty with embeddings
     embeddings: str = ""  # safetensors with 'prompt_embeds' [N, Lt, text_dim] (+ 'negative_embeds') instead
     vae: str = ""  # local AutoencoderKLWan folder (or a pipeline folder with vae/)
@@ -581,10 +587,16 @@ class GenerateConfig:
                 _fail(f"generate.{key}", "a positive int", getattr(self, key))
         if self.guidance_scale < 1.0:
             _fail("generate.guidance_scale", ">= 1 (1 = no guidance)", self.guidance_scale)
-        if not self.denoising_steps or any(not 0 < t <= 1000 for t in self.denoising_steps):
-            _fail("generate.denoising_steps", "a non-empty list of timesteps in (0, 1000]", self.denoising_steps)
         if not 0 <= self.crf <= 51:
             _fail("generate.crf", "0..51", self.crf)
+
+
+@dataclass
+class DebugConfig:
+    """TEST HOOKS of the training loop's fault handling; never set them in a real run."""
+
+    inject_nan_steps: list[int] = field(default_factory=list)  # TEST HOOK: iterations whose loss is made NaN
+    inject_nan_ranks: list[int] = field(default_factory=list)  # TEST HOOK: ranks that inject ([] = every rank)
 
 
 @dataclass
@@ -596,6 +608,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -608,6 +621,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         m, a, c, v = self.model, self.attention, self.cache, self.video
@@ -623,15 +637,18 @@ class Config:
             _fail("cache.window_frames", f">= video.chunk_frames={v.chunk_frames} (a window holds a chunk)", c.window_frames)
         if c.sink_frames < 0:
             _fail("cache.sink_frames", ">= 0", c.sink_frames)
-        if c.dtype not in _DTYPES | {"fp8"}:
-            _fail("cache.dtype", f"one of {sorted(_DTYPES | {'fp8'})}", c.dtype)
-        if c.dtype == "fp8" and (a.kind != AttentionKind.mla or a.impl != AttentionImpl.triton_fp8):
-            _fail("cache.dtype", "fp8 only with attention.kind=mla and attention.impl=triton_fp8 (the 8-bit kernel "
-                  "reads it)", f"fp8 with kind={a.kind.value}, impl={a.impl.value}")
+        if c.dtype not in _DTYPES | {"8bit"}:
+            _fail("cache.dtype", f"one of {sorted(_DTYPES | {'8bit'})}", c.dtype)
+        if c.dtype == "8bit" and (a.kind != AttentionKind.mla or a.impl != AttentionImpl.fused_8bit):
+            _fail("cache.dtype", "8bit only with attention.kind=mla and attention.impl=fused_8bit (the 8-bit kernel "
+                  "reads it)", f"8bit with kind={a.kind.value}, impl={a.impl.value}")
         if self.runtime.dtype not in _DTYPES:
             _fail("runtime.dtype", f"one of {sorted(_DTYPES)}", self.runtime.dtype)
         if a.kind == AttentionKind.mla:
             _check_mla(m, a)
+        if self.train.stage == Stage.pretrain and a.kind != AttentionKind.mha:
+            _fail("attention.kind", "mha with train.stage=pretrain (the teacher exports to diffusers layout, Wan's "
+                  "attention)", a.kind.value)
 
     # Derived geometry -------------------------------------------------------------------------
     @property
@@ -639,6 +656,16 @@ class Config:
         """Tokens per latent frame after patching (1560 for 480x832 with patch 1x2x2)."""
         p = self.model.patch_size
         return (self.video.latent_height // p[1]) * (self.video.latent_width // p[2])
+
+    @property
+    def teacher_model(self) -> ModelConfig:
+        """Geometry of the teacher and the critic: the named size ``train.teacher_size`` (e.g. wan-14b) with
+        the student's other model fields, or the student's own (``model``) when it is empty or the same."""
+        name = self.train.teacher_size or self.model.name
+        if name == self.model.name:
+            return self.model
+        return ModelConfig(**{**{f.name: getattr(self.model, f.name) for f in dataclasses.fields(self.model)},
+                              "name": name, **MODEL_SIZES[name]["model"]})
 
 
 _DTYPES = {"float32", "bfloat16", "float16"}
@@ -667,6 +694,28 @@ def _check_mla(m: ModelConfig, a: AttentionConfig) -> None:
 
 def _fail(key: str, expected: str, found: Any) -> None:
     raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
+
+
+# Renamed keys and values: an old spelling fails with one line naming the new one (the CLIs exit 2).
+RENAMED_KEYS = {"attention.kernel16": "attention.kernel", "attention.kernel8": "attention.kernel"}
+RENAMED_VALUES = {
+    "attention.impl": {"absorbed_sdpa": "absorbed", "triton": "fused", "triton_fp8": "fused_8bit"},
+    "attention.backward": {"absorbed_sdpa": "absorbed"},
+    "attention.kernel": {"gluon_ws": "gluon"},
+    "cache.dtype": {"fp8": "8bit"},
+}
+
+
+def _check_renamed(user: DictConfig) -> None:
+    """Reject the old spellings in the user's merged YAML files and overrides."""
+    absent = object()
+    for old, new in RENAMED_KEYS.items():
+        if OmegaConf.select(user, old, default=absent) is not absent:
+            raise ConfigError(f"{old} was renamed to {new} (one field for both precisions: auto | triton | gluon)")
+    for key, renames in RENAMED_VALUES.items():
+        value = OmegaConf.select(user, key, default=absent)
+        if isinstance(value, str) and value in renames:
+            raise ConfigError(f"{key}: {value!r} was renamed to {renames[value]!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,6 +786,7 @@ def load(paths: str | Path | Sequence[str | Path] | None = None, overrides: Sequ
 def from_layers(layers: Sequence[DictConfig | dict]) -> Config:
     schema = OmegaConf.structured(Config)
     merged_user = OmegaConf.merge(*[OmegaConf.create(l) if isinstance(l, dict) else l for l in layers]) if layers else OmegaConf.create()
+    _check_renamed(merged_user)
     name = OmegaConf.select(merged_user, "model.name", default="wan-1.3b")
     if name not in MODEL_SIZES:
         raise ConfigError(f"config key 'model.name': expected one of {sorted(MODEL_SIZES)}, found {name!r}")
@@ -826,15 +876,15 @@ def replace(cfg: Config, **sections: Any) -> Config:
 # KV accounting (used by `vmla-train info`, benchmarks and the conversion report)
 # ----------------------------------------------------------------------------------------------
 def kv_values_per_token(cfg: Config) -> dict[str, int]:
-    """Cached self-attention values per token per layer: MHA (K and V of every head) vs MLA."""
+    """Cached self-attention values per token per layer, MHA (K and V of every head) vs MLA: the one place the
+    cache is counted (bytes: times ``dtype_bytes(cache.dtype)``; the 8-bit cache's per-layer scales aside)."""
     mha = 2 * cfg.model.dim
     a = cfg.attention
     # MLA caches c (d_c) and the raw RoPE key (d_r); the k-norm scale is recomputed from them. The 8-bit
-    # format stores the key rows [s c ; s rho] (d_c + d_r, padded to 16 bytes) and c again as the value.
-    if cfg.cache.dtype == "fp8":
-        from .kernels.latent_attention_fp8 import key_width
-
-        return {"mha": mha, "mla": key_width(a.d_c, a.d_r) + a.d_c}
+    # format stores the key rows [s c ; s rho] (d_c + d_r, padded to 16 bytes: the kernels' TMA rows, as
+    # kernels/quant8.key_width) and c again as the value.
+    if cfg.cache.dtype == "8bit":
+        return {"mha": mha, "mla": -(-(a.d_c + a.d_r) // 16) * 16 + a.d_c}
     return {"mha": mha, "mla": a.d_c + a.d_r}
 
 
@@ -852,8 +902,30 @@ def human_bytes(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def torch_dtype(name: str):
+    """A dtype name of the config (float32 | bfloat16 | float16) -> torch.dtype."""
+    import torch
+
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r}: expected one of {sorted(_DTYPES)}")
+    return getattr(torch, name)
+
+
+def resolve_device(name: str):
+    """A ``device`` config value -> torch.device: ``auto`` = this process's GPU when CUDA is available
+    (``cuda:LOCAL_RANK`` under a launcher that sets it, else ``cuda``), otherwise the CPU."""
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda", int(rank) % torch.cuda.device_count()) if rank is not None else torch.device("cuda")
+
+
 def dtype_bytes(name: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}[name]
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "8bit": 1}[name]
 
 
 __all__ = [
@@ -876,10 +948,13 @@ __all__ = [
     "ModelConfig",
     "PositionScheme",
     "RuntimeConfig",
+    "ScheduleConfig",
     "VideoConfig",
     "kv_reduction",
     "kv_values_per_token",
     "load",
+    "resolve_device",
     "save",
     "to_yaml",
+    "torch_dtype",
 ]

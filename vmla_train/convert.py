@@ -7,7 +7,7 @@ SRC is read tensor by tensor (``safetensors.safe_open``, memory-mapped) and conv
 OUT is written shard by shard into a temporary folder that is renamed at the end, so the 14B model never
 sits in memory twice and a failure leaves no OUT.
 
-Notation (one layer, DESIGN 4 and attention.py): D width, H heads of Dh, G RoPE-key groups of r = H/G
+Notation (one layer, docs/design.md and attention.py): D width, H heads of Dh, G RoPE-key groups of r = H/G
 heads, dn content q/k width per head, dr RoPE width per group, dc latent width. Wan's key is
 ``k = sigma(x) * g_k * k~`` with ``k~ = W_k x + b_k`` and ``sigma = rsqrt(mean(k~^2) + eps)`` over all D
 values, then RoPE on Dh/2 pairs per head. ``x~ = [x; 1]`` folds biases into the factorisations.
@@ -53,7 +53,6 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -66,6 +65,7 @@ from safetensors import safe_open
 from . import config as C
 from . import schedule, student_io, wan_keys
 from .cliargs import parse_with_overrides
+from .rank import effective_rank, lapack_threads
 from .attention import AttnInputs, MHASelfAttention, MLASelfAttention
 from .rope import RopeSpec, Rotary, axis_pairs, rope_angles
 from .student import WanStudent, timestep_sinusoid
@@ -272,43 +272,8 @@ def check_source(source: WanSource, cfg: C.Config) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Effective rank
+# Truncated SVD (effective ranks: vmla_train.rank)
 # ----------------------------------------------------------------------------------------------
-def effective_rank_from_energies(energies: torch.Tensor, fraction: float) -> int:
-    """Smallest k whose top-k energies (squared singular values) hold ``fraction`` of the total."""
-    e = energies.double().clamp_min(0).sort(descending=True).values
-    total = e.sum()
-    if total <= 0:
-        return 0
-    cum = e.cumsum(0) / total
-    return int(torch.searchsorted(cum, torch.tensor(fraction - 1e-12, dtype=cum.dtype)).item()) + 1
-
-
-@contextmanager
-def _lapack_threads():
-    """One thread for dense eigen/SVD solvers: their multi-threaded CPU paths run several times slower
-    than one thread whenever the cores are shared (measured on 2 shared cores: 3.0 s vs 0.24 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def gram_energies(gram: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of a Gram matrix (float64 in; float32 eigensolver past 512 rows: energies to ~1e-7)."""
-    with _lapack_threads():
-        return torch.linalg.eigvalsh(gram if gram.shape[0] <= 512 else gram.float()).double()
-
-
-def effective_rank(mat: torch.Tensor, fraction: float = 0.99) -> int:
-    """99 %-energy effective rank of a matrix (through the smaller Gram matrix)."""
-    m = mat.double()
-    gram = m.t() @ m if m.shape[0] >= m.shape[1] else m @ m.t()
-    return effective_rank_from_energies(gram_energies(gram), fraction)
-
-
 def _svd(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD (U, S, V^T) of ``mat`` (m >= n), float64 results, and the total energy.
 
@@ -316,11 +281,11 @@ def _svd(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torc
     eigensolver), U = A V / S for the kept directions: seconds instead of minutes on a CPU.
     """
     if mat.numel() <= 1_000_000 or mat.shape[0] < mat.shape[1]:
-        with _lapack_threads():
+        with lapack_threads():
             u, s, vt = torch.linalg.svd(mat, full_matrices=False)
         return u[:, :rank], s[:rank], vt[:rank], float((s**2).sum())
     gram = (mat.t() @ mat).float()
-    with _lapack_threads():
+    with lapack_threads():
         evals, evecs = torch.linalg.eigh(gram)
     keep = evals.flip(0)[:rank].double().clamp_min(0)
     v = evecs.flip(1)[:, :rank].double()
@@ -502,7 +467,7 @@ def spectral_mla(wan: dict[str, torch.Tensor], cfg: C.Config, calib_x: torch.Ten
             beta = float(_in_metric(pre_rows, L).pow(2).sum() / _in_metric(wan_rows, L).pow(2).sum().clamp_min(1e-300))
             kappa = math.sqrt(beta * D / lay.key_width)
         norm_k = torch.cat([g_n, g_r]) * kappa
-    else:  # k_norm=none: Wan's sigma is dropped (DESIGN 4 option D); gains fold into the rows
+    else:  # k_norm=none: Wan's sigma is dropped (docs/design.md, option D); gains fold into the rows
         kappa = None
         k_up = k_up * g_n[:, None]
         kr_rows = kr_rows * g_r[:, None]
@@ -622,13 +587,6 @@ class Calibration:
         return AttnInputs(q_rot=rot, k_rot=rot, mask=None)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``runtime.device``: auto = cuda when available (calibration forwards run there), else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -679,9 +637,6 @@ def layer_errors(wan: dict[str, torch.Tensor], res: LayerResult, cfg: C.Config, 
 # ----------------------------------------------------------------------------------------------
 # The conversion driver
 # ----------------------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def convert(src: str | Path, out: str | Path, config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (),
             overwrite: bool = False, log=print) -> dict:
     """Convert a Wan2.1-T2V checkpoint (or an ``mha`` student) into a student folder; returns the report."""
@@ -697,11 +652,11 @@ def convert(src: str | Path, out: str | Path, config_paths: Sequence[str | Path]
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConversionError(f"output folder '{out}' already exists (choose another or remove it)")
-    calib = Calibration(source, _mha(cfg), resolve_device(cfg.runtime.device))
+    calib = Calibration(source, _mha(cfg), C.resolve_device(cfg.runtime.device))
     gen = torch.Generator().manual_seed(cc.seed)
     like = source.get("blocks.0.attn1.to_q.weight").dtype
-    out_dtype = (lambda t: t.dtype) if cc.dtype == "source" else (lambda t: _DTYPES[cc.dtype])
-    new_dtype = like if cc.dtype == "source" else _DTYPES[cc.dtype]
+    out_dtype = (lambda t: t.dtype) if cc.dtype == "source" else (lambda t: C.torch_dtype(cc.dtype))
+    new_dtype = like if cc.dtype == "source" else C.torch_dtype(cc.dtype)
     layers = []
     desc = f"{kind.value}" + (f" d_c={a.d_c} d_r={a.d_r} groups={a.rope_key_groups} init={cc.init}" if kind == C.AttentionKind.mla else "")
     log(f"converting {source.folder} ({source.layout} layout, {len(source.files)} file(s)) -> {out}: {desc}")

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import Config, DataSource
+from .config import Config, DataSource, torch_dtype
 
 KINDS = ("latents", "prompts", "ode")
 INDEX_NAME = "index.json"  # per-folder shard index: {"kind": ..., "shards": {"name.tar": num_samples}}
@@ -119,7 +119,7 @@ def encode_array(x: Tensor, dtype: str) -> bytes:
     if dtype == "bfloat16":
         arr = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     elif dtype in ("float16", "float32"):
-        arr = x.to(getattr(torch, dtype)).numpy()
+        arr = x.to(torch_dtype(dtype)).numpy()
     else:
         raise ValueError(f"array dtype {dtype!r}: expected float16 | bfloat16 | float32")
     buf = io.BytesIO()

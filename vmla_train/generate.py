@@ -17,18 +17,19 @@ as a second batch half with its own cache; the flows are mixed before the x0 ste
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import config as C
 from . import schedule, wan
+from .dataprep.video import Mp4Writer
 from .rollout import sample_video
 
 
@@ -96,45 +97,9 @@ class StreamingDecoder:
         self.vae.clear_cache()
 
 
-class Mp4Writer:
-    """Frames [3, T, H, W] in [-1, 1] -> an H.264 mp4, written to a temp file and renamed on close."""
-
-    def __init__(self, path: Path, fps: int, crf: int):
-        import av
-
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.mp4")
-        self.container = av.open(str(self.tmp), mode="w")
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        self.stream = self.container.add_stream(codec, rate=fps)
-        self.stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            self.stream.options = {"crf": str(crf)}
-        self.frames = 0
-
-    def write(self, frames: torch.Tensor) -> None:
-        import av
-
-        c, t, h, w = frames.shape
-        if self.frames == 0:
-            self.stream.width, self.stream.height = w, h
-        rgb = ((frames.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-        for i in range(t):
-            for packet in self.stream.encode(av.VideoFrame.from_ndarray(rgb[i], format="rgb24")):
-                self.container.mux(packet)
-        self.frames += t
-
-    def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        try:
-            self.container.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+def rgb_frames(pixels: torch.Tensor) -> np.ndarray:
+    """Pixels [3, T, H, W] in [-1, 1] -> uint8 RGB frames [T, H, W, 3] for ``Mp4Writer``."""
+    return ((pixels.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +107,7 @@ class Mp4Writer:
 # ----------------------------------------------------------------------------------------------
 class GuidedStudent(nn.Module):
     """The student run on [negative; positive] halves with one cache of twice the batch; returns
-    ``uncond + w (cond - uncond)``. ``sample_video`` drives it like the plain student."""
+    ``schedule.guide(cond, uncond, w)``. ``sample_video`` drives it like the plain student."""
 
     def __init__(self, student: nn.Module, negative: torch.Tensor, scale: float):
         super().__init__()
@@ -163,7 +128,7 @@ class GuidedStudent(nn.Module):
         out = self.student(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg, text]), cache=cache,
                            write_cache=write_cache)
         uncond, cond = out.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        return schedule.guide(cond, uncond, self.scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,12 +178,6 @@ class TextSource:
 # ----------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: TextSource, vae,
              out_dir: Path, progress: bool = True) -> list[Path]:
     """Every prompt x sample -> one mp4 in ``out_dir``. Returns the written paths."""
@@ -228,7 +187,7 @@ def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: Te
     dev = next(student.parameters()).device
     frames = latent_frames_for(cfg)
     chunks = frames // cfg.video.chunk_frames
-    steps = schedule.warp_timesteps(g.denoising_steps, g.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     out_dir.mkdir(parents=True, exist_ok=True)
     model: nn.Module = student
     if g.guidance_scale != 1.0:
@@ -249,7 +208,7 @@ def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: Te
             def on_chunk(i: int, x0: torch.Tensor) -> None:
                 pix = decoder(x0)  # (B, 3, T, H, W)
                 for r, w in enumerate(writers):
-                    w.write(pix[r])
+                    w.write(rgb_frames(pix[r]))
                 dt = time.perf_counter() - t0
                 done = (i + 1) * cfg.video.chunk_frames
                 bar.update(1)
@@ -291,8 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cfg.generate.vae:
         print("error: config key 'generate.vae': expected a local AutoencoderKLWan folder, found ''", file=sys.stderr)
         return 2
-    dev = _device(cfg.runtime.device)
-    dtype = getattr(torch, cfg.runtime.dtype)
+    dev = C.resolve_device(cfg.runtime.device)
+    dtype = C.torch_dtype(cfg.runtime.dtype)
     torch.manual_seed(cfg.runtime.seed)
     student, cfg = load_student(args.checkpoint, args.overrides, device=dev, dtype=dtype)
     student.eval()

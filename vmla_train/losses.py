@@ -26,11 +26,6 @@ def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance on the difference: ``cond + g (cond - uncond)`` (g = 3 is standard CFG 4)."""
-    return cond + guidance * (cond - uncond)
-
-
 def dmd_gradient(x0: torch.Tensor, x_fake: torch.Tensor, x_real: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """The DMD gradient ``(x_fake - x_real) / mean|x0 - x_real|`` per sample, float64, no grad."""
     with torch.no_grad():

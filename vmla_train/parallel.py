@@ -6,7 +6,7 @@
 single         one device (CPU by default), ``precision`` 32-true on CPU, bf16-mixed on GPU
 ddp            ``DDPStrategy`` (nccl on GPU, gloo on CPU)
 deepspeed      ``DeepSpeedStrategy`` ZeRO stage 2 or 3 (+ CPU offload); every ``fabric.setup`` call
-               makes its own engine, so student and critic get one engine each (DESIGN 2)
+               makes its own engine, so student and critic get one engine each (docs/design.md, "Engines")
 fsdp           ``FSDPStrategy`` wrapping each transformer block (student and critic), sharded state
 =============  ==================================================================================
 
@@ -14,6 +14,12 @@ DeepSpeed's CPU accelerator (with gloo) runs ZeRO-2/3 in CPU processes; Lightnin
 anything but CUDA in ``setup_environment``, so ``_DeepSpeedAnyDevice`` drops that one check (the
 engine code path is unchanged). Gradient checkpointing wraps each block's forward in non-reentrant
 ``torch.utils.checkpoint`` (non-reentrant: the grad hooks of DDP/ZeRO fire once per backward).
+
+What differs under DeepSpeed lives here, so the loop never branches on the strategy: ``backward`` (the
+engine divides by its accumulation and takes micro-steps), ``optimizer_step`` (the engine clips and
+steps), ``assert_no_grads`` (the engine keeps gradients in its own buffers), ``is_sharded`` (per-engine
+checkpoint folders), ``check_resume_world_size`` (ZeRO shards need the same world size) and
+``gatherer`` (ZeRO-3 partitions parameters).
 """
 
 from __future__ import annotations
@@ -180,3 +186,81 @@ def gathered(module: nn.Module, zero3: bool):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def gatherer(fabric):
+    """``gathered`` for this strategy: a function of a module giving the context in which it is whole."""
+    zero3 = is_zero3(fabric)
+    return lambda module: gathered(module, zero3)
+
+
+def is_sharded(fabric) -> bool:
+    """Whether engines save to a folder of shards (DeepSpeed, FSDP) rather than one file."""
+    from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    return isinstance(fabric.strategy, (DeepSpeedStrategy, FSDPStrategy))
+
+
+def compute_dtype(cfg: C.Config, fabric) -> torch.dtype:
+    """The dtype of the frozen teacher: bf16 under a bf16 precision on GPU, else float32."""
+    bf16 = fabric.device.type == "cuda" and "bf16" in resolve_precision(cfg, resolve_accelerator(cfg))
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def any_rank(fabric, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: every rank must call it)."""
+    return float(fabric.all_reduce(torch.tensor(float(bool(flag)), device=fabric.device), reduce_op="max")) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward and optimizer steps of one engine (what differs under DeepSpeed)
+# ----------------------------------------------------------------------------------------------
+def backward(fabric, loss: torch.Tensor, engine, optimizer, accumulation: int, last: bool) -> None:
+    """Backward of one micro-batch's loss. DeepSpeed divides by its gradient_accumulation_steps itself and
+    takes a micro-step after every micro-batch but the last (no update before its boundary); the other
+    strategies get the loss divided here and skip the gradient sync of all but the last micro-batch."""
+    if is_deepspeed(fabric):
+        fabric.backward(loss.float(), model=engine)
+        if not last:
+            optimizer.step()
+        return
+    with fabric.no_backward_sync(engine, enabled=not last):
+        fabric.backward(loss.float() / accumulation, model=engine)
+
+
+def optimizer_step(fabric, engine, optimizer, grad_clip: float, finite_loss: bool = True) -> tuple[float, bool]:
+    """Clip and step one engine; returns the gradient norm before clipping and whether it stepped.
+    A non-finite loss or gradient norm on any rank skips the update on every rank (the flag is
+    all-reduced, so no rank diverges). DeepSpeed clips (``gradient_clipping``) and steps inside its engine
+    at the accumulation boundary: no skip there."""
+    if is_deepspeed(fabric):
+        optimizer.step()
+        norm = engine._forward_module.get_global_grad_norm() if hasattr(engine, "_forward_module") else None
+        optimizer.zero_grad()
+        return (float(norm) if norm is not None else float("nan")), True
+    if grad_clip > 0:
+        norm = fabric.clip_gradients(engine, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in engine.parameters() if p.grad is not None])
+    finite = float(finite_loss and bool(torch.isfinite(torch.as_tensor(norm))))
+    finite = float(fabric.all_reduce(torch.tensor(finite, device=fabric.device), reduce_op="min"))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm), bool(finite)
+
+
+def assert_no_grads(fabric, model: nn.Module | None, what: str) -> None:
+    """``model`` holds no gradient (it only scored under no_grad). Not checkable under DeepSpeed, whose
+    engines keep gradients in their own buffers."""
+    if model is None or is_deepspeed(fabric):
+        return
+    for p in model.parameters():
+        assert p.grad is None, what
+
+
+def check_resume_world_size(fabric, saved_world_size: int | None, folder) -> None:
+    """DeepSpeed's ZeRO shards load only at the world size that wrote them."""
+    if saved_world_size not in (None, fabric.world_size) and is_deepspeed(fabric):
+        raise RuntimeError(f"checkpoint '{folder}' was written by {saved_world_size} ranks; DeepSpeed shards need the "
+                           f"same world size ({fabric.world_size} now)")

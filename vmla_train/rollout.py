@@ -1,19 +1,19 @@
-"""Chunk-by-chunk rollouts of the causal student over the latent KV cache.
+"""Chunk-by-chunk rollouts of the causal student over the latent KV cache: one loop, two uses.
 
-``sample_video`` is the few-step inference rollout (demo, generation, validation): per chunk, start
-from noise, run the denoising step list (predict x0, re-noise with fresh noise to the next step),
-then re-run the clean x0 at t = 0 with ``write_cache=True`` so the cache holds clean context.
+``self_forcing_rollout`` is the loop of Self-Forcing (Huang et al. 2025, Alg. 1): per chunk, start from
+noise, run the denoising step list (predict x0, re-noise with fresh noise to the next step) up to the
+chunk's *exit step* (one index per chunk, drawn once per iteration on rank 0 and broadcast,
+``draw_exit_steps``), then re-run the clean x0 at t = 0 with ``write_cache=True`` so the cache holds
+clean context. In training only the exit forward runs with grad. The cache is always detached: its
+buffers are written under no_grad in the clean re-run and attention reads them through ``torch.cat``,
+so autograd never sees an in-place write and gradients never cross chunks.
 
-``self_forcing_rollout`` is the training rollout of Self-Forcing (Huang et al. 2025, Alg. 1): the same
-loop, but each chunk stops at its *exit step* (one index per chunk, drawn once per iteration on rank 0
-and broadcast, ``draw_exit_steps``); only that forward runs with grad. The cache is always detached:
-its buffers are written under no_grad in the clean re-run and attention reads them through
-``torch.cat``, so autograd never sees an in-place write and gradients never cross chunks.
+``sample_video`` is the few-step inference rollout (demo, generation, validation): the same loop with
+every step of every chunk, without grad, geometry and dtype taken from the student.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Sequence
 
 import torch
@@ -42,35 +42,18 @@ def sample_video(
 ) -> torch.Tensor | None:
     """Generate ``num_frames`` latent frames [B, F, C, h, w] for text embeddings [B, Lt, text_dim].
 
-    ``timesteps`` is the already warped step list (e.g. [1000, 937.5, 833.3, 625]). ``on_chunk(i, x0)``
-    receives each finished chunk (for streaming decoders / progress); with ``keep=False`` chunks are
-    not kept in memory (minute-scale rollouts) and None is returned.
+    ``student`` is a ``WanStudent`` (or a wrapper with its ``cfg`` and ``new_cache``); ``timesteps`` the
+    already warped step list (e.g. [1000, 937.5, 833.3, 625]); ``cache`` defaults to a new one. See
+    ``self_forcing_rollout`` for ``on_chunk`` and ``keep``.
     """
     cfg = student.cfg
-    chunk = cfg.video.chunk_frames
-    b = text.shape[0]
-    c_in, h, w = cfg.model.in_channels, cfg.video.latent_height, cfg.video.latent_width
-    dev = next(student.parameters()).device
-    dtype = next(student.parameters()).dtype
+    v = cfg.video
+    param = next(student.parameters())
     if cache is None:
-        cache = student.new_cache(b, dev)
-    outs = []
-    for i, _ in enumerate(chunk_starts(num_frames, chunk)):
-        x = torch.randn(b, chunk, c_in, h, w, generator=generator, device=dev, dtype=torch.float32).to(dtype)
-        x0 = x
-        for j, t in enumerate(timesteps):
-            tt = torch.full((b, chunk), float(t), device=dev)
-            flow = student(x, tt, text, cache=cache)
-            x0 = schedule.x0_from_flow(x, flow, tt)
-            if j + 1 < len(timesteps):
-                noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32).to(dtype)
-                x = schedule.add_noise(x0, noise, torch.full((b, chunk), float(timesteps[j + 1]), device=dev))
-        student(x0, torch.zeros(b, chunk, device=dev), text, cache=cache, write_cache=True)  # clean context
-        if on_chunk is not None:
-            on_chunk(i, x0)
-        if keep:
-            outs.append(x0)
-    return torch.cat(outs, 1) if keep else None
+        cache = student.new_cache(text.shape[0], param.device)
+    return self_forcing_rollout(student, cache, text, num_frames, v.chunk_frames,
+                                (cfg.model.in_channels, v.latent_height, v.latent_width), timesteps, None, generator,
+                                dtype=param.dtype, on_chunk=on_chunk, keep=keep)
 
 
 def draw_exit_steps(num_chunks: int, num_steps: int, generator: torch.Generator) -> list[int]:
@@ -89,25 +72,6 @@ def draw_exit_steps(num_chunks: int, num_steps: int, generator: torch.Generator)
     return [int(i) for i in idx.tolist()]
 
 
-def _read_only_copy(cache: KVCache) -> KVCache:
-    """A snapshot of ``cache`` for a grad forward under activation checkpointing: the recomputation in
-    backward must read the same cached values, while later chunks overwrite ring slots in place."""
-    snap = copy.copy(cache)
-    snap.buffers = {k: v.clone() for k, v in cache.buffers.items()}
-    snap.scales = {k: v.clone() for k, v in cache.scales.items()}
-    snap.slot_frame = list(cache.slot_frame)
-    snap._memo, snap._version = {}, list(cache._version)  # its own derived values and their versions
-    snap.cross = _NoCrossKV([None] * cache.num_layers)  # recomputation must recompute the text K/V too
-    return snap
-
-
-class _NoCrossKV(list):
-    """Cross-attention K/V slots that stay empty: every forward (and its recomputation) computes them."""
-
-    def __setitem__(self, index, value) -> None:
-        pass
-
-
 def _drop_cross_kv(cache: KVCache) -> None:
     """Forget the per-prompt cross-attention K/V (they are stored detached): the grad forward
     recomputes them so the text path (text embedder, cross-attention K/V) receives gradients."""
@@ -123,10 +87,12 @@ def self_forcing_rollout(
     latent_shape: tuple[int, int, int],
     timesteps: Sequence[float],
     exit_steps: Sequence[int] | None,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     dtype: torch.dtype = torch.float32,
     snapshot_cache: bool = False,
-) -> torch.Tensor:
+    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+    keep: bool = True,
+) -> torch.Tensor | None:
     """Generate ``num_frames`` latent frames [B, F, C, H, W] chunk by chunk, Self-Forcing style.
 
     ``student(x, t, text, cache=, write_cache=)`` is the (possibly engine-wrapped) student forward;
@@ -135,31 +101,41 @@ def self_forcing_rollout(
     re-noise with fresh noise to the next step), the exit step runs with grad if grad is enabled by the
     caller, then the clean x0 is re-run at t = 0 without grad to write the cache. ``exit_steps=None``
     runs every step (the critic's no-grad rollout uses the drawn exits too, for the same distribution).
+    Noise comes from ``generator`` (on its device; None = the global generator on ``text``'s device).
+    ``on_chunk(i, x0)`` receives each finished chunk (streaming decoders, progress); with
+    ``keep=False`` chunks are not kept (minute-scale rollouts) and None is returned.
     """
     c, h, w = latent_shape
     b = text.shape[0]
-    dev = generator.device
+    dev = generator.device if generator is not None else text.device
     num_chunks = len(chunk_starts(num_frames, chunk_frames))
     exits = list(exit_steps) if exit_steps is not None else [len(timesteps) - 1] * num_chunks
     if len(exits) != num_chunks or not all(0 <= e < len(timesteps) for e in exits):
         raise ValueError(f"exit_steps {exits}: expected {num_chunks} indices in [0, {len(timesteps)})")
     grad = torch.is_grad_enabled()
+
+    def randn(*shape: int) -> torch.Tensor:  # drawn in float32 whatever the rollout dtype
+        return torch.randn(*shape, generator=generator, device=dev, dtype=torch.float32).to(dtype)
+
     outs = []
     for i in range(num_chunks):
-        x = torch.randn(b, chunk_frames, c, h, w, generator=generator, device=dev).to(dtype)  # (B, f, C, H, W)
+        x = randn(b, chunk_frames, c, h, w)  # (B, f, C, H, W)
         for j in range(exits[i] + 1):
             tt = torch.full((b, chunk_frames), float(timesteps[j]), device=dev)
             if j < exits[i]:  # 1. denoise without grad, re-noise to the next step with fresh noise
                 with torch.no_grad():
                     x0 = schedule.x0_from_flow(x, student(x, tt, text, cache=cache), tt)
-                    noise = torch.randn(x0.shape, generator=generator, device=dev).to(dtype)
+                    noise = randn(*x0.shape)
                     x = schedule.add_noise(x0, noise, torch.full_like(tt, float(timesteps[j + 1])))
             else:  # 2. the exit step: the only forward of this chunk that may carry grad
-                view = _read_only_copy(cache) if (grad and snapshot_cache) else cache
+                view = cache.snapshot() if (grad and snapshot_cache) else cache
                 if grad and not snapshot_cache:
                     _drop_cross_kv(view)
                 x0 = schedule.x0_from_flow(x, student(x, tt, text, cache=view), tt)
         with torch.no_grad():  # 3. clean re-run at t = 0 writes the (detached) cache
             student(x0.detach(), torch.zeros(b, chunk_frames, device=dev), text, cache=cache, write_cache=True)
-        outs.append(x0)
-    return torch.cat(outs, 1)  # (B, F, C, H, W)
+        if on_chunk is not None:
+            on_chunk(i, x0)
+        if keep:
+            outs.append(x0)
+    return torch.cat(outs, 1) if keep else None  # (B, F, C, H, W)

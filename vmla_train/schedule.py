@@ -2,8 +2,9 @@
 
 Conventions: timesteps ``t`` in [0, 1000], ``sigma = t / 1000``; ``x_t = (1 - sigma) x0 + sigma eps``;
 the network predicts the flow ``v = eps - x0``, so ``x0 = x_t - sigma v``. The shift warps a uniform
-sigma towards noise: ``sigma' = s sigma / (1 + (s - 1) sigma)``. Arithmetic on sigmas and the
-x0 <-> flow conversions run in float64 and return the input dtype.
+sigma towards noise: ``sigma' = s sigma / (1 + (s - 1) sigma)``. Classifier-free guidance is the
+standard ``uncond + w (cond - uncond)`` (``guide``). Arithmetic on sigmas and the x0 <-> flow
+conversions run in float64 and return the input dtype.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ def x0_from_flow(x_t: torch.Tensor, flow: torch.Tensor, t: torch.Tensor) -> torc
     return (x_t.to(torch.float64) - s * flow.to(torch.float64)).to(x_t.dtype)
 
 
-def flow_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """v = (x_t - x0) / sigma (sigma > 0)."""
-    s = _bcast(sigma_of(t), x_t)
-    return ((x_t.to(torch.float64) - x0.to(torch.float64)) / s).to(x_t.dtype)
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + w (cond - uncond)`` (w = ``scale``; w = 1 is no guidance), on
+    flows or x0 predictions alike, in the inputs' dtype."""
+    return uncond + scale * (cond - uncond)
 
 
 def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The block-causal Wan2.1 DiT student with pluggable self-attention (``mha`` | ``mla``).
 
-Architecture only (STYLE 2): no training infrastructure. Parameter names follow diffusers'
+Architecture only: no training infrastructure. Parameter names follow diffusers'
 ``WanTransformer3DModel`` (``blocks.N.attn1.to_q``, ``condition_embedder.time_proj``, ...), so a Wan
 checkpoint in diffusers layout loads into the ``mha`` student as is, and the parity test proves the
 two compute the same function.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttnInputs, CrossAttention, FrameMask, self_attention_class
-from .config import Config
+from .config import Config, torch_dtype
 from .kv_cache import KVCache
 from .rope import Rotary, rope_angles
 
@@ -143,7 +143,6 @@ class WanStudent(nn.Module):
         """An empty cache for ``batch`` videos with this config's window, sinks and position scheme."""
         c, v = self.cfg.cache, self.cfg.video
         return KVCache(
-            kind=self.cfg.attention.kind.value,
             num_layers=self.cfg.model.num_layers,
             batch=batch,
             tokens_per_frame=self.cfg.tokens_per_frame,
@@ -152,7 +151,7 @@ class WanStudent(nn.Module):
             chunk_frames=v.chunk_frames // self.patch_size[0],
             widths=self._attn_cls.cache_widths(self.cfg),
             position_scheme=c.position_scheme,
-            dtype=getattr(torch, c.dtype) if c.dtype != "fp8" else torch.bfloat16,  # fp8: per-name layouts
+            dtype=torch_dtype(c.dtype) if c.dtype != "8bit" else torch.bfloat16,  # 8bit: the layout's dtypes
             device=device if device is not None else self.proj_out.weight.device,
             **self._attn_cls.cache_layouts(self.cfg),
         )
@@ -233,7 +232,7 @@ class WanStudent(nn.Module):
         k_rot = Rotary.from_angles(rope_angles(self.rope_spec, step.key_frame_pos, hp, wp))
         q_rot = Rotary.from_angles(rope_angles(self.rope_spec, step.query_frame_pos, hp, wp))
         rot_abs = None
-        if cache.scaled:  # an 8-bit cache stores keys rotated at absolute positions (kv_cache module doc)
+        if cache.eight_bit is not None:  # an 8-bit cache stores keys rotated at absolute positions (kv_cache doc)
             abs_pos = torch.arange(step.first_frame, step.first_frame + fp, device=device)
             rot_abs = Rotary.from_angles(rope_angles(self.rope_spec, abs_pos, hp, wp))
         return AttnInputs(q_rot=q_rot, k_rot=k_rot, mask=None, cache=cache, step=step, rot_abs=rot_abs)

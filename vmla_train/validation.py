@@ -25,6 +25,8 @@ from torch import nn
 
 from . import config as C
 from . import schedule, wan
+from .dataprep.video import Mp4Writer
+from .generate import rgb_frames
 from .rollout import sample_video
 
 
@@ -38,14 +40,7 @@ class LatentPoolFeatures(nn.Module):
 @torch.no_grad()
 def teacher_sample(teacher, noise: torch.Tensor, text: torch.Tensor, cfg: C.Config, num_steps: int) -> torch.Tensor:
     """Many-step Euler sample of the bidirectional teacher from ``noise`` [B, F, C, H, W]."""
-    sigmas = schedule.euler_sigmas(num_steps, cfg.dmd.shift)
-    x = noise
-    dtype = next(teacher.parameters()).dtype
-    for i in range(num_steps):
-        t = torch.full((x.shape[0],), 1000.0 * float(sigmas[i]), device=x.device)
-        flow = wan.wan_flow(teacher, x.to(dtype), t, text, cfg.model.text_len).float()
-        x = schedule.euler_step(x.float(), flow, float(sigmas[i]), float(sigmas[i + 1]))
-    return x
+    return wan.euler_sample(teacher, noise, text, num_steps, cfg.schedule.shift, cfg.model.text_len)[0]
 
 
 def _frames(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +77,7 @@ def validate(cfg: C.Config, student, new_cache, teacher, texts: torch.Tensor, ru
     v, m = cfg.video, cfg.model
     frames = cfg.validation.num_frames or v.latent_frames
     dev = texts.device
-    steps = schedule.warp_timesteps(cfg.dmd.denoising_steps, cfg.dmd.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     gen = torch.Generator(device=dev).manual_seed(cfg.runtime.seed + 0x7A1)
     student_x = sample_video(student, texts, frames, steps, generator=gen, cache=new_cache(texts.shape[0])).float()
     noise = torch.randn(texts.shape[0], frames, m.in_channels, v.latent_height, v.latent_width,
@@ -102,31 +97,17 @@ def load_vae(cfg: C.Config):
 
 def write_mp4(pixels: torch.Tensor, path: str | Path, fps: int) -> Path:
     """Pixels [3, T, H, W] in [-1, 1] -> an H.264 (or MPEG-4) mp4 written atomically with PyAV."""
-    import av
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.mp4")
-    frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
-    h, w = frames.shape[1:3]
-    with av.open(str(tmp), mode="w") as container:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
-        for f in frames:
-            frame = av.VideoFrame.from_ndarray(f[: h - h % 2, : w - w % 2], format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    tmp.replace(path)
+    with Mp4Writer(path, fps) as writer:
+        writer.write(rgb_frames(pixels))
     return path
 
 
 @torch.no_grad()
 def sample_mp4(cfg: C.Config, student, new_cache, text: torch.Tensor, vae, path: str | Path) -> Path:
     """Few-step rollout of ``text`` [1, Lt, D] (fixed noise) -> VAE decode -> mp4."""
-    steps = schedule.warp_timesteps(cfg.dmd.denoising_steps, cfg.dmd.shift)
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     gen = torch.Generator(device=text.device).manual_seed(cfg.runtime.seed + 0x5A3)
     latents = sample_video(student, text, cfg.video.latent_frames, steps, generator=gen, cache=new_cache(text.shape[0]))
     vae = vae.to(text.device)

@@ -1,4 +1,4 @@
-"""Loaders and thin adapters for the Wan components we depend on (no Wan model code here, STYLE 9).
+"""Loaders and thin adapters for the Wan components we depend on (no Wan model code here).
 
 - Teacher / critic: diffusers ``WanTransformer3DModel`` (bidirectional Wan2.1, 1.3B or 14B).
 - VAE: diffusers ``AutoencoderKLWan``; latents are normalised with the VAE config's
@@ -10,7 +10,8 @@ Everything loads from local folders; nothing downloads (``local_files_only``). T
 with the same classes (``tiny_*``) serve tests, the demo and benchmarks.
 
 Shape convention at this boundary: our code uses latents [B, F, C, H, W]; diffusers uses
-[B, C, F, H, W]. ``wan_flow`` and the VAE helpers convert.
+[B, C, F, H, W]. ``wan_flow`` and the VAE helpers convert. ``euler_sample`` is the teacher's
+many-step sampler (ODE pairs, validation).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from . import schedule
 from .config import ModelConfig
 
 # Wan's negative prompt (the published default, Chinese as in Wan's own configs).
@@ -95,9 +97,38 @@ def wan_flow(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_l
         p = model.config.patch_size
         per_frame = t[:, :: p[0]]
         t = per_frame.repeat_interleave((h // p[1]) * (w // p[2]), dim=1)  # (B, L)
-    dtype = next(model.parameters()).dtype
+    dtype = model.patch_embedding.weight.dtype  # compute dtype: diffusers keeps some modules (rope, norms) in float32
     out = model(x.transpose(1, 2).to(dtype), t, text.to(dtype), return_dict=False)[0]
     return out.transpose(1, 2)  # (B, F, C, H, W)
+
+
+@torch.no_grad()
+def euler_sample(model, noise: torch.Tensor, text: torch.Tensor, num_steps: int, shift: float,
+                 text_len: int | None = None, negative: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                 keep: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The teacher's many-step sampler: flow-matching Euler from ``noise`` [B, F, C, H, W] (sigma = 1) to
+    sigma = 0 over ``schedule.euler_sigmas(num_steps, shift)``, in float32.
+
+    With ``negative`` [1, Lt, text_dim], classifier-free guidance ``schedule.guide(cond, uncond,
+    guidance_scale)``: the negative prompt runs as the second half of one doubled batch. Returns the
+    final latents and ``{k: latents after k steps}`` for ``k`` in ``keep`` (0 = the noise).
+    """
+    b = noise.shape[0]
+    sigmas = schedule.euler_sigmas(num_steps, shift)  # (num_steps + 1,) float64, 1 -> 0
+    if negative is not None:
+        text = torch.cat([text, negative.to(text).expand(b, -1, -1)])  # (2B, Lt, D): cond, then uncond
+    x = noise.float()
+    kept = {0: x} if 0 in keep else {}
+    for k in range(num_steps):
+        xin = x if negative is None else torch.cat([x, x])
+        t = torch.full((xin.shape[0],), schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[k]), device=x.device)
+        flow = wan_flow(model, xin, t, text, text_len).float()
+        if negative is not None:
+            flow = schedule.guide(flow[:b], flow[b:], guidance_scale)
+        x = schedule.euler_step(x, flow, float(sigmas[k]), float(sigmas[k + 1]))
+        if k + 1 in keep:
+            kept[k + 1] = x
+    return x, kept
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Wan2.1 checkpoint key names: original layout <-> diffusers layout, and layout detection.
 
 The student's parameter names are diffusers' ``WanTransformer3DModel`` names, so every reader maps to
-diffusers names. The original (Wan-AI repository) names differ (DESIGN.md section 3)::
+diffusers names. The original (Wan-AI repository) names differ (docs/design.md, "Wan2.1 geometry")::
 
     original                                  diffusers / student
     self_attn.{q,k,v,o}                       attn1.to_{q,k,v}, attn1.to_out.0

@@ -127,3 +127,13 @@ class Summary:
 
 def write_summary(folder: Path, summary: Summary, name: str = SUMMARY_NAME) -> None:
     atomic_write_text(folder / name, json.dumps(summary.as_dict(), indent=1))
+
+
+def finish_run(folder: Path, kind: str, summary: Summary, summary_name: str = SUMMARY_NAME,
+               extra_rejects: list[dict] = ()) -> dict:
+    """The end of a stage run on one rank: rebuild the folder's index, write and print this run's summary."""
+    index = rebuild_index(folder, kind, extra_rejects)
+    write_summary(folder, summary, summary_name)
+    print(summary.text())
+    print(f"{summary.stage}: index holds {len(index['shards'])} shards, {index['num_samples']} samples")
+    return index

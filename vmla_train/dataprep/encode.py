@@ -23,20 +23,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, resolve_device, torch_dtype
 from ..data import encode_array, expand_shards
 from . import common
 from .video import ClipSpec, DecodePool, Probe, Reject
-
-_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def device_of(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def my_shards(paths: list[str], rank: int, world: int) -> list[tuple[int, str]]:
@@ -78,9 +68,9 @@ class Encoder:
             raise ValueError(f"prep.encode.vae and prep.encode.text_encoder must be local folders "
                              f"(found {e.vae!r}, {e.text_encoder!r})")
         self.cfg = cfg
-        self.device = device_of(e.device)
-        self.vae = wan.load_vae(e.vae, self.device, _DTYPE[e.vae_dtype]).eval()
-        self.tok, self.text = wan.load_text_encoder(e.text_encoder, self.device, _DTYPE[e.text_dtype])
+        self.device = resolve_device(e.device)
+        self.vae = wan.load_vae(e.vae, self.device, torch_dtype(e.vae_dtype)).eval()
+        self.tok, self.text = wan.load_text_encoder(e.text_encoder, self.device, torch_dtype(e.text_dtype))
         if self.vae.config.z_dim != cfg.model.in_channels:
             raise ValueError(f"VAE '{e.vae}' has z_dim={self.vae.config.z_dim}, expected model.in_channels={cfg.model.in_channels}")
         if self.text.config.d_model != cfg.model.text_dim:
@@ -209,8 +199,32 @@ def run(cfg: Config, rank: int | None = None, world: int | None = None, progress
         with DecodePool(e.decode_workers, e.decoder, e.decode_timeout_s, e.decoder_restart_every) as pool:
             for p, final in tqdm(todo, unit="shard", disable=not progress):
                 summary.add(encode_shard(cfg, enc, pool, p, final))
-    index = common.rebuild_index(out, "latents")
-    common.write_summary(out, summary, f"summary-encode-rank{rank}.json")
-    print(summary.text())
-    print(f"encode: index holds {len(index['shards'])} shards, {index['num_samples']} samples")
+    common.finish_run(out, "latents", summary, f"summary-encode-rank{rank}.json")
     return summary
+
+
+def write_negative_embedding(cfg: Config, out: str | Path) -> Path:
+    """``vmla-data negative-embedding OUT``: Wan's negative prompt through the umT5 at ``prep.encode.text_encoder``
+    -> ``OUT``, the safetensors file ``dmd.negative_embedding`` reads (key 'text', [L, text_dim] float32 trimmed to
+    the prompt's L tokens). Written under a temporary name and renamed; an existing OUT is kept (resume)."""
+    from safetensors.torch import save_file
+
+    from .. import wan
+
+    out, e = Path(out), cfg.prep.encode
+    if out.exists():
+        print(f"negative-embedding: {out} exists, kept")
+        return out
+    if not e.text_encoder:
+        raise ValueError("prep.encode.text_encoder must be a local folder with tokenizer/ and text_encoder/ (umT5), found ''")
+    tok, text = wan.load_text_encoder(e.text_encoder, resolve_device(e.device), torch_dtype(e.text_dtype))
+    if text.config.d_model != cfg.model.text_dim:
+        raise ValueError(f"text encoder '{e.text_encoder}' has width {text.config.d_model}, "
+                         f"expected model.text_dim={cfg.model.text_dim}")
+    emb, mask = wan.encode_prompts(tok, text, [wan.WAN_NEGATIVE_PROMPT], cfg.model.text_len)  # (1, Lt, D), (1, Lt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = common.tmp_path(out)
+    save_file({"text": emb[0, : int(mask[0].sum())].float().cpu().contiguous()}, str(tmp))  # (L, D)
+    os.replace(tmp, out)
+    print(f"negative-embedding: wrote {out}")
+    return out

@@ -2,7 +2,7 @@
 
 Prompts come from ``prep.ode.prompts_file`` (one per line) or the captions of training shards
 (``prep.ode.input``), in order, blank ones rejected. Prompt ``i`` starts from noise seeded with
-``prep.ode.seed + i`` and is integrated by the teacher (diffusers Wan via ``wan.wan_flow``) with
+``prep.ode.seed + i`` and is integrated by the teacher (diffusers Wan) with ``wan.euler_sample``:
 flow-matching Euler over ``schedule.euler_sigmas(num_steps, shift)`` and classifier-free guidance
 against ``wan.WAN_NEGATIVE_PROMPT``. Shard ``j`` = ``ode-{j:06d}.tar`` holds prompts
 ``[j S, (j + 1) S)`` (S = ``samples_per_shard``) and goes to rank ``j mod world``; finished shards are
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, resolve_device, torch_dtype
 from ..data import encode_array, expand_shards
 from . import common
-from .encode import _DTYPE, device_of
 
 SHARD_PREFIX = "ode"
 
@@ -67,8 +66,8 @@ class Teacher:
         if not o.teacher or not o.text_encoder:
             raise ValueError(f"prep.ode.teacher and prep.ode.text_encoder must be local folders "
                              f"(found {o.teacher!r}, {o.text_encoder!r})")
-        self.cfg, self.device = cfg, device_of(o.device)
-        self.model = wan.load_wan_transformer(o.teacher, self.device, _DTYPE[o.dtype]).eval()
+        self.cfg, self.device = cfg, resolve_device(o.device)
+        self.model = wan.load_wan_transformer(o.teacher, self.device, torch_dtype(o.dtype)).eval()
         self.tok, self.text = wan.load_text_encoder(o.text_encoder, self.device, torch.float32)
         neg, _ = wan.encode_prompts(self.tok, self.text, [wan.WAN_NEGATIVE_PROMPT], cfg.model.text_len)
         self.negative = neg  # (1, Lt, D)
@@ -85,19 +84,9 @@ class Teacher:
         from .. import schedule, wan
 
         o = self.cfg.prep.ode
-        b = noise.shape[0]
-        sigmas = schedule.euler_sigmas(o.num_steps, o.shift)  # (steps + 1,) float64, 1 -> 0
-        cond = torch.cat([text, self.negative.expand(b, -1, -1)]).to(self.device)  # (2B, Lt, D)
-        x = noise.to(self.device, torch.float32)
-        kept = {0: x} if 0 in o.keep_indices else {}
-        for k in range(o.num_steps):
-            t = torch.full((2 * b,), schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[k]), device=self.device)
-            flow = wan.wan_flow(self.model, torch.cat([x, x]), t, cond, self.cfg.model.text_len).float()
-            v_cond, v_uncond = flow[:b], flow[b:]
-            v = v_uncond + o.guidance_scale * (v_cond - v_uncond)
-            x = schedule.euler_step(x, v, float(sigmas[k]), float(sigmas[k + 1]))
-            if k + 1 in o.keep_indices:
-                kept[k + 1] = x
+        x, kept = wan.euler_sample(self.model, noise.to(self.device), text.to(self.device), o.num_steps, o.shift,
+                                   self.cfg.model.text_len, self.negative, o.guidance_scale, o.keep_indices)
+        sigmas = schedule.euler_sigmas(o.num_steps, o.shift)
         steps = torch.tensor([schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[i]) for i in o.keep_indices], dtype=torch.float32)
         return torch.stack([kept[i] for i in o.keep_indices], 1).cpu(), steps, x.cpu()
 
@@ -176,8 +165,5 @@ def run(cfg: Config, rank: int | None = None, world: int | None = None, progress
         teacher = Teacher(cfg)
         for j, items, final in tqdm(todo, unit="shard", disable=not progress):
             summary.add(write_shard(cfg, teacher, j, items, final))
-    index = common.rebuild_index(out, "ode")
-    common.write_summary(out, summary, f"summary-ode-rank{rank}.json")
-    print(summary.text())
-    print(f"ode-pairs: index holds {len(index['shards'])} shards, {index['num_samples']} samples")
+    common.finish_run(out, "ode", summary, f"summary-ode-rank{rank}.json")
     return summary

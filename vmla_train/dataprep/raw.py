@@ -180,8 +180,5 @@ def run(cfg: Config, progress: bool = True) -> common.Summary:
             summary.add(process_chunk(t))
             bar.update(len(t[1]))
     bar.close()
-    index = common.rebuild_index(out, "raw", pre_rejects)
-    common.write_summary(out, summary)
-    print(summary.text())
-    print(f"raw: index holds {len(index['shards'])} shards, {index['num_samples']} samples")
+    common.finish_run(out, "raw", summary, extra_rejects=pre_rejects)
     return summary

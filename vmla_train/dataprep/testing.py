@@ -4,11 +4,13 @@
 - ``save_tiny_models``: a folder laid out like a diffusers Wan pipeline (``vae/``, ``text_encoder/``,
   ``tokenizer/``, ``transformer/``) holding tiny random models of the config's geometry and a tiny
   word-level tokenizer, so the CLIs run end to end with their real loaders and nothing downloads.
+- ``write_stand_ins``: those models plus OpenVid-format clips and CSV, for a dry run of the whole pipeline
+  (``vmla-data stand-ins``).
 """
 
 from __future__ import annotations
 
-import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,38 +24,28 @@ def make_mp4(num_frames: int, height: int, width: int, fps: int, seed: int = 0, 
     ``faststart`` puts the index (moov) first, so a truncated copy still reports every frame."""
     import tempfile
 
-    import av
+    from .video import Mp4Writer
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     tint = rng.integers(0, 255, size=3)
     noise = rng.integers(-40, 41, size=(height, width, 1), dtype=np.int16) if texture else None
-    tmp = tempfile.NamedTemporaryFile(suffix=".mp4", delete=False) if faststart else None  # faststart rewrites a file
-    target = tmp.name if tmp else io.BytesIO()
-    with av.open(target, mode="w", format="mp4", options={"movflags": "faststart"} if faststart else {}) as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-        opts = {"crf": str(crf), "preset": preset}
-        if gop:
-            opts["g"] = str(gop)
-        s.options = opts
-        for t in range(num_frames):
-            img = np.empty((height, width, 3), np.uint8)
-            img[..., 0] = ((xx + 3 * t) % 256).astype(np.uint8)
-            img[..., 1] = ((yy + 2 * t) % 256).astype(np.uint8)
-            img[..., 2] = tint[2]
-            img[(t * 4) % height: (t * 4) % height + height // 8, : width // 4] = tint
-            if noise is not None:  # the texture pans right 3 px per frame
-                img = np.clip(img.astype(np.int16) + np.roll(noise, 3 * t, axis=1), 0, 255).astype(np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    if tmp is None:
-        return target.getvalue()
-    data = Path(tmp.name).read_bytes()
-    Path(tmp.name).unlink()
-    return data
+    opts = {"crf": str(crf), "preset": preset}
+    if gop:
+        opts["g"] = str(gop)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clip.mp4"
+        with Mp4Writer(path, fps, codec=codec, options=opts, faststart=faststart) as writer:
+            for t in range(num_frames):
+                img = np.empty((height, width, 3), np.uint8)
+                img[..., 0] = ((xx + 3 * t) % 256).astype(np.uint8)
+                img[..., 1] = ((yy + 2 * t) % 256).astype(np.uint8)
+                img[..., 2] = tint[2]
+                img[(t * 4) % height: (t * 4) % height + height // 8, : width // 4] = tint
+                if noise is not None:  # the texture pans right 3 px per frame
+                    img = np.clip(img.astype(np.int16) + np.roll(noise, 3 * t, axis=1), 0, 255).astype(np.uint8)
+                writer.write(img[None])
+        return path.read_bytes()
 
 
 def tiny_tokenizer(vocab_words: int = 200):
@@ -95,3 +87,49 @@ def save_tiny_models(folder: str | Path, model_cfg, seed: int = 0) -> Path:
     wan.tiny_vae(seed).save_pretrained(folder / "vae")
     wan.build_wan_transformer(model_cfg, seed=seed).save_pretrained(folder / "transformer")
     return folder
+
+
+STAND_IN_CAPTIONS = ("a red car on a city street at night", "a dog running in the forest with the camera",
+                     "snow on the mountain under a dark sky", "a bird flying over the ocean at sunset")
+
+
+def write_stand_ins(out: str | Path, cfg, seed: int = 0) -> Path:
+    """``vmla-data stand-ins OUT``: everything the README pipeline reads, tiny and random, for a dry run::
+
+        OUT/wan/                    a Wan2.1 pipeline folder (transformer/, vae/, text_encoder/, tokenizer/)
+                                    of tiny random models at ``cfg.model``'s geometry
+        OUT/openvid/OpenVid-1M.csv  OpenVid-1M rows that pass data_prep/openvid.yaml's filters
+        OUT/openvid/OpenVid_part0.zip  their clips: 6 s at ``cfg.video``'s size and fps
+
+    Written into a temporary sibling and renamed; an existing OUT is never touched."""
+    import csv
+    import shutil
+    import tempfile
+    import zipfile
+
+    from .openvid import COLUMNS
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"stand-ins folder '{out}' exists: give a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_tiny_models(tmp / "wan", cfg.model, seed)
+        v = cfg.video
+        seconds = max(6.0, v.num_frames / v.fps + 1)  # data_prep/openvid.yaml keeps clips of >= 5.1 s
+        frames = int(seconds * v.fps)
+        (tmp / "openvid").mkdir()
+        with zipfile.ZipFile(tmp / "openvid" / "OpenVid_part0.zip", "w") as z, \
+                open(tmp / "openvid" / "OpenVid-1M.csv", "w", newline="") as f:
+            rows = csv.writer(f)
+            rows.writerow(COLUMNS)
+            for i, caption in enumerate(STAND_IN_CAPTIONS):
+                name = f"stand_in_{i}.mp4"
+                z.writestr(f"OpenVid_part0/{name}", make_mp4(frames, v.height, v.width, v.fps, seed=seed + i))
+                rows.writerow([name, caption, 5.0, 2.0, 1.0, "pan_right", frames, float(v.fps), seconds])
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,4 +1,5 @@
-"""Video probing and clip decoding (decord, PyAV), each decode under a timeout in a child process.
+"""Video probing and clip decoding (decord, PyAV), each decode under a timeout in a child process;
+``Mp4Writer``, the one mp4 encoder (generated videos, validation samples, synthetic test clips).
 
 A clip is ``num_frames`` frames at ``fps`` taken from the middle of a source video, resized so that it
 covers ``height x width`` and center-cropped: uint8 [F, H, W, 3]. Indices are clamped to the frames the
@@ -13,10 +14,12 @@ from __future__ import annotations
 import io
 import math
 import multiprocessing as mp
+import os
 import queue
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -301,3 +304,67 @@ class DecodePool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
+class Mp4Writer:
+    """uint8 RGB frames [T, H, W, 3] -> an mp4 at ``path`` (PyAV), written to a temporary name beside it
+    and renamed by ``close`` (``abort`` removes it; as a context manager, whichever fits).
+
+    The codec is ``codec``, else libx264 (mpeg4 where PyAV lacks it); ``crf`` applies to libx264;
+    ``options`` are further encoder options (``preset``, ``g``, ...); ``faststart`` puts the index (moov)
+    first. The first ``write`` fixes the frame size, cropped to even sizes (yuv420p).
+    """
+
+    def __init__(self, path: str | Path, fps: int, crf: int | None = None, codec: str | None = None,
+                 options: dict[str, str] | None = None, faststart: bool = False):
+        import av
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}.mp4")
+        self.container = av.open(str(self.tmp), mode="w", format="mp4",
+                                 options={"movflags": "faststart"} if faststart else {})
+        codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
+        self.stream = self.container.add_stream(codec, rate=fps)
+        self.stream.pix_fmt = "yuv420p"
+        opts = {"crf": str(crf)} if crf is not None and codec == "libx264" else {}
+        opts.update(options or {})
+        if opts:
+            self.stream.options = opts
+        self.frames = 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        import av
+
+        if self.frames == 0:
+            self.stream.width, self.stream.height = rgb.shape[2] - rgb.shape[2] % 2, rgb.shape[1] - rgb.shape[1] % 2
+        if rgb.shape[1:3] != (self.stream.height, self.stream.width):
+            rgb = np.ascontiguousarray(rgb[:, : self.stream.height, : self.stream.width])
+        for frame in rgb:
+            for packet in self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self.container.mux(packet)
+        self.frames += len(rgb)
+
+    def close(self) -> Path:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -4,7 +4,7 @@ Notation: B batch, L query tokens, H heads, G RoPE-key groups (REP = H / G heads
 width, dr RoPE width per group, Lp cached keys (sinks + window, a prefix of the cache), Ln current keys
 (the chunk itself), Lk = Lp + Ln.
 
-What it computes (DESIGN 4, the absorbed path of ``attention.MLASelfAttention``)::
+What it computes (docs/design.md "Latent attention", the absorbed path of ``attention.MLASelfAttention``)::
 
     score[l, h, j] = s_j * (q_lat[l, h] . c_j + q_r[l, h] . rho[j, g(h)]) * scale
     o_lat[l, h]    = softmax_j(score[l, h]) @ c           (V = c: the latent tile is loaded once)
@@ -143,7 +143,7 @@ class SplitPlan:
         return self.o, self.lse
 
 
-def _pieces(dc: int, dr: int) -> tuple[int, int, int]:
+def pieces(dc: int, dr: int) -> tuple[int, int, int]:
     """(D0, D1, DR): dc = D0 + (<= D1) with powers of two >= 16; DR = dr padded."""
     d0 = 1 << (max(dc - 1, 1).bit_length() - 1)  # largest power of two < dc
     d0 = max(d0, 16) if dc > 16 else 16
@@ -368,7 +368,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # Wrapper
 # ----------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -389,7 +389,7 @@ def _tma_ok(q_lat: torch.Tensor, *keys: torch.Tensor) -> bool:
 _ALLOCATOR_SET = False
 
 
-def _check(q_lat, q_r, c_past, c_new, rho, s) -> None:
+def check_operands(q_lat, q_r, c_past, c_new, rho, s) -> None:
     if q_lat.ndim != 4 or q_r.ndim != 4 or q_lat.shape[:3] != q_r.shape[:3]:
         raise ValueError(f"latent attention: q_lat [B, L, H, dc] and q_r [B, L, H, dr] expected, got "
                          f"{tuple(q_lat.shape)} and {tuple(q_r.shape)}")
@@ -416,20 +416,20 @@ def latent_attention(q_lat: torch.Tensor, q_r: torch.Tensor, c_past: torch.Tenso
     cache prefix view) and ``c_new`` [B, Ln, dc]; ``rho`` and ``s`` cover all Lp + Ln keys.
     Returns (o_lat [B, L, H, dc] in q_lat's dtype, lse [B, L, H] float32)."""
     if triton is None:
-        raise RuntimeError("latent attention kernel: Triton is not installed (use attention.impl=absorbed_sdpa)")
-    _check(q_lat, q_r, c_past, c_new, rho, s)
+        raise RuntimeError("latent attention kernel: Triton is not installed (use attention.impl=absorbed)")
+    check_operands(q_lat, q_r, c_past, c_new, rho, s)
     b, l, h, dc = q_lat.shape
     g, dr = rho.shape[2], rho.shape[3]
     lp, ln = c_past.shape[1], c_new.shape[1]
     lk = lp + ln
-    d0, d1, dr_p = _pieces(dc, dr)
+    d0, d1, dr_p = pieces(dc, dr)
     on_gpu = q_lat.is_cuda
     cfg = config or default_config(dc, dr, on_gpu)
     q_lat = q_lat if q_lat.stride(3) == 1 else q_lat.contiguous()
     q_r = q_r if q_r.stride(3) == 1 else q_r.contiguous()
     m_tiles = triton.cdiv(l * (h // g), cfg.block_m)
     plan = SplitPlan.make(cfg, m_tiles * b * g, lk, b, l, h, dc, q_lat.device, q_lat.dtype)
-    use_desc = on_gpu and not _interpreting() and _tma_ok(q_lat, c_past, c_new, rho)
+    use_desc = on_gpu and not interpreting() and _tma_ok(q_lat, c_past, c_new, rho)
     _latent_attention_fwd[(m_tiles, b * g, plan.splits)](
         q_lat, q_r, c_past, c_new, rho, s, plan.o_buf, plan.lse_buf,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_r.stride(0), q_r.stride(1), q_r.stride(2),
@@ -437,7 +437,7 @@ def latent_attention(q_lat: torch.Tensor, q_r: torch.Tensor, c_past: torch.Tenso
         rho.stride(0), rho.stride(1), rho.stride(2), s.stride(0),
         l, lp, ln, plan.keys_per_split, scale * LOG2E,
         H=h, G=g, DC=dc, DRR=dr, D0=d0, D1=d1, DR=dr_p,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=plan.splits, INTERPRET=_interpreting(), USE_DESC=use_desc,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=plan.splits, INTERPRET=interpreting(), USE_DESC=use_desc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return plan.finish()
@@ -473,17 +473,10 @@ def check(inputs: dict, config: TileConfig | None = None) -> tuple[float, float]
     return err(o, o_ref), err(lse, lse_ref)
 
 
-def bench(cfg=None, batch: int = 1, config: TileConfig | None = None) -> float:
-    """Median ms of the kernel alone on a CUDA device (do_bench) for one chunk of ``cfg``'s geometry
-    attending to a full window (default: the VideoMLA 1.3B config: 3-frame chunk, 21-frame window)."""
-    from ..config import Config
-
-    cfg = cfg if cfg is not None else Config()
-    tpf, a = cfg.tokens_per_frame, cfg.attention
-    l = cfg.video.chunk_frames * tpf  # query tokens of one chunk
-    lp = (cfg.cache.window_frames - cfg.video.chunk_frames) * tpf  # cached tokens before it
-    d_n = cfg.model.head_dim if a.qk_nope_head_dim == -1 else a.qk_nope_head_dim
-    x = random_inputs(batch, l, cfg.model.num_heads, a.d_c, a.d_r // a.rope_key_groups, lp, groups=a.rope_key_groups, device="cuda",
-                      seed=0, d_n=d_n)
+def bench(num_queries: int, num_cached: int, heads: int, dc: int, dr: int, groups: int = 1, d_n: int = 128,
+          batch: int = 1, config: TileConfig | None = None) -> float:
+    """Median ms of the kernel alone on a CUDA device (do_bench): ``num_queries`` query tokens (e.g. a chunk)
+    attending to ``num_cached`` cached keys and to themselves; ``dr`` per RoPE-key group."""
+    x = random_inputs(batch, num_queries, heads, dc, dr, num_cached, groups=groups, device="cuda", seed=0, d_n=d_n)
     return triton.testing.do_bench(lambda: latent_attention(**x, config=config), warmup=50, rep=300,
                                    return_mode="median")

@@ -8,7 +8,7 @@ The same function as ``latent_attention.reference`` (notation there), on 8-bit o
   factor at all: the int32 dot times a per-row scale, one FMA with the int->float conversion's offset. A
   per-token scale measured 12 % slower (a per-column vector of 32 registers a thread at 128-key tiles and a
   multiply per score) for the same error on layer activations (6.1e-3 vs 6.3e-3) and less error with a x4
-  sharpened softmax (4.0e-2 vs 5.2e-2; benchmarks/NOTES-kernel.md). int8 beats e4m3 here (the issue 6 probe):
+  sharpened softmax (4.0e-2 vs 5.2e-2; benchmarks/NOTES-kernel.md). int8 beats e4m3 here:
   Gaussian-like rows keep 0.7 % rms error per element in int8 against 2.6 % in e4m3, and logit errors are
   what a sharp softmax amplifies.
 - **Values** ``c_j``: e4m3 with one scale per sequence ``vs = amax / 448`` (e4m3 is a float: its 3 mantissa
@@ -20,18 +20,18 @@ The same function as ``latent_attention.reference`` (notation there), on 8-bit o
 - **Queries** ``[q_lat ; q_r]`` (``q_lat = (g_n W_uk)^T q_c``): int8 with one scale per (token, head) row,
   made in one kernel with the absorption GEMM (``quantize_queries``).
 
-The 8-bit cache (``cache.dtype=fp8``, ``write_cache8``) stores exactly these per token, written once:
-``dc + G dr`` int8 (padded to 16 bytes) + ``dc`` e4m3 = 384 bytes at 160/64 against 448 for the bf16 latent
-cache (-14 %: the latent is stored twice, once inside the key rows) and 6144 for Wan MHA in bf16
-(-93.75 %), plus one key and one value scale per layer and batch row, raised (and the layer requantised) when
-a chunk outgrows them. With a 16-bit cache the model path (``attention.impl=triton_fp8``) quantises each
-layer's prefix once per cache state and keeps that copy until the layer's next write (``KVCache.memo``);
-the benchmark's ``triton_fp8`` variant quantises it once, as a cache write would. The 8-bit cache rotates
-the key rows once, at the frame's **absolute** position. With ``position_scheme=relative`` the window's keys
-sit at ``absolute - shift`` while the sinks sit at their absolute positions, so the kernel already takes two
-rotated query RoPE parts: ``qr_sink`` (scheme positions) for the first ``sink_tokens`` keys of the prefix
-and ``qr`` (absolute positions) for all others; RoPE sees only position differences, so both give the
-scheme's scores exactly (``MLASelfAttention._cached8``).
+Operand formats and quantisers in plain torch: ``quant8`` (``quantize_keys``, ``Latent8``). The 8-bit cache
+(``cache.dtype=8bit``, ``kv_cache.Latent8Layout``) stores exactly these per token, written once: ``dc + G dr``
+int8 (padded to 16 bytes) + ``dc`` e4m3 = 384 bytes at 160/64 against 448 for the bf16 latent cache (-14 %: the
+latent is stored twice, once inside the key rows) and 6144 for Wan MHA in bf16 (-93.75 %), plus one key and one
+value scale per layer and batch row, raised (and the layer requantised) when a chunk outgrows them. With a
+16-bit cache (``attention.impl=fused_8bit``) ``kernels.dispatch`` quantises each layer's prefix once per cache
+state and keeps that copy until the layer's next write (``KVCache.memo``); the benchmark's ``fused_8bit``
+variant quantises it once, as a cache write would. The 8-bit cache rotates the key rows once, at the frame's
+**absolute** position. With ``position_scheme=relative`` the window's keys sit at ``absolute - shift`` while the
+sinks sit at their absolute positions, so the kernel takes two rotated query RoPE parts: ``qr_sink`` (scheme
+positions) for the first ``sink_tokens`` keys of the prefix and ``qr`` (absolute positions) for all others; RoPE
+sees only position differences, so both give the scheme's scores exactly (``dispatch``, the 8-bit cache path).
 
 Kernel layout as the bf16 kernel: the REP heads of a RoPE group folded into M, key tiles fetched by TMA
 (host-made Hopper tensor descriptors; pointer loads in the CPU interpreter), value tiles through pointers
@@ -42,20 +42,15 @@ edges masked in a head and a tail tile), so value tiles load as aligned 16-byte 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .latent_attention import LOG2E, SplitPlan, TileConfig, _interpreting, triton
+from .latent_attention import LOG2E, SplitPlan, TileConfig, interpreting, triton
+from .quant8 import ALIGN, FP8, Latent8, quantize_keys, round_up
 
 if triton is not None:
     import triton.language as tl
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-INT8_MAX = 127.0
 P_RANGE = 256.0  # P's largest entry (p = 1 of the set with the larger value scale) in e4m3 (max 448)
-ALIGN = 16  # bytes: TMA row strides and the padded widths of 8-bit rows
 QUANT_BLOCK_K = 64  # dn piece of the query absorption GEMM: fp32 operands of dn = 256 asked 256 KB of shared memory
 
 
@@ -67,32 +62,6 @@ def pieces8(dc: int, dr: int) -> tuple[int, int, int]:
     """(D0, D1, DR): dc = D0 + (<= D1), powers of two >= 32 (the 8-bit MMA K step); DR = dr padded."""
     d0 = max(32, 1 << (max(dc - 1, 1).bit_length() - 1))
     return d0, _pow2(max(dc - d0, 1)), _pow2(dr)
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
-
-
-@dataclass
-class Latent8:
-    """8-bit keys and values of n tokens (see the module doc): ``k`` [B, n, >= dc + G dr] int8 and ``v`` [B, dc, n]
-    e4m3 (row stride a multiple of 16 bytes and >= n, finite padding: the kernel reads value columns in whole
-    16-byte groups), with one scale per sequence each, ``ks`` and ``vs`` [B] fp32."""
-
-    k: torch.Tensor
-    ks: torch.Tensor
-    v: torch.Tensor
-    vs: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return self.k.shape[1]
-
-    def dequantize(self, key_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key rows [B, n, key_width], c [B, n, dc]) in float32."""
-        krow = self.k[..., :key_width].float() * self.ks[:, None, None]
-        c = self.v.float().transpose(1, 2) * self.vs[:, None, None]
-        return krow, c
 
 
 if triton is not None:
@@ -348,63 +317,16 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 def _need_triton() -> None:
     if triton is None:
-        raise RuntimeError("8-bit latent attention needs Triton (attention.impl=absorbed_sdpa works without it)")
+        raise RuntimeError("8-bit latent attention needs Triton (attention.impl=absorbed works without it)")
 
 
 MAX_DC8 = 256  # widest latent the GPU kernels take: measured, dc = 512 asks 590 KB of shared memory
 
 
-def _check_width(dc: int, device: torch.device) -> None:
+def check_width8(dc: int, device: torch.device) -> None:
     if device.type == "cuda" and dc > MAX_DC8:  # measured: dc = 512 asks 590 KB of shared memory (H100: 227 KB)
         raise ValueError(f"8-bit latent attention on the GPU takes dc <= {MAX_DC8}, got dc={dc} "
-                         "(attention.impl=triton or absorbed_sdpa serve wider latents)")
-
-
-def key_width(dc: int, dr_all: int) -> int:
-    """Stored int8 key-row width: dc + G dr rounded up to 16 bytes (TMA row strides)."""
-    return _round_up(dc + dr_all, ALIGN)
-
-
-def _sequence_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
-    """One scale per sequence of x [B, n, d]: amax / qmax, [B] float32 (1 where x is empty or zero)."""
-    amax = x.abs().amax((1, 2)).float() if x.shape[1] else torch.ones(x.shape[0], device=x.device)
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-
-
-def _to8(x: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x [B, ...] times a per-sequence ``factor`` [B] (1 / scale), in int8 (rounded) or e4m3. The factor
-    keeps |x| within the format's range: no clamp."""
-    y = x.float() * factor.view(-1, *[1] * (x.dim() - 1))
-    return (torch.round(y) if dtype == torch.int8 else y).to(dtype)
-
-
-def quantize_keys(krow: torch.Tensor, c: torch.Tensor) -> Latent8:
-    """Key rows [B, n, dc + G dr] and latents [B, n, dc] -> ``Latent8`` (what an 8-bit cache stores)."""
-    b, n, dc = c.shape
-    ks, vs = _sequence_scale(krow, INT8_MAX), _sequence_scale(c, FP8_MAX)
-    k8 = torch.zeros(b, n, key_width(dc, krow.shape[2] - dc), device=c.device, dtype=torch.int8)
-    k8[..., :krow.shape[2]] = _to8(krow, 1 / ks, torch.int8)
-    # rows padded to 16 bytes with zeros: the kernel reads value columns in whole 16-byte groups
-    vt = torch.zeros(b, dc, _round_up(max(n, 1), ALIGN), device=c.device, dtype=FP8)[:, :, :n]
-    vt.copy_(_to8(c, 1 / vs, FP8).transpose(1, 2))
-    return Latent8(k8, ks, vt, vs)
-
-
-def write_cache8(cache, layer: int, step, krow: torch.Tensor, c: torch.Tensor) -> None:
-    """Store a chunk's key rows [B, L, dc + G dr] and latents [B, L, dc] in an 8-bit ``KVCache``
-    (``cache.dtype=fp8``) with the layer's scales. A chunk that outgrows a scale raises it, and the layer's
-    stored entries are requantised to the new scale first (branch-free, so no device sync: with an unchanged
-    scale the pass multiplies by 1, which is exact in both formats)."""
-    for name, x, qmax in (("k8", krow, INT8_MAX), ("v8", c, FP8_MAX)):
-        scale = cache.scales[name][layer]  # [B]; 0 before the layer's first write
-        new = torch.maximum(scale, _sequence_scale(x, qmax))
-        buf = cache.buffers[name][layer]
-        buf.copy_(_to8(buf, scale / new, buf.dtype))
-        q = _to8(x, 1 / new, buf.dtype)
-        if name == "k8":  # key rows padded to the stored width
-            q = torch.nn.functional.pad(q, (0, buf.shape[-1] - x.shape[-1]))
-        scale.copy_(new)
-        cache.write(layer, step, **{name: q})
+                         "(attention.impl=fused or absorbed serve wider latents)")
 
 
 def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q_r_sink: torch.Tensor | None = None):
@@ -413,7 +335,7 @@ def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q
     _need_triton()
     b, l, h, dn = q_c.shape
     dc, dr = w_uk.shape[2], q_r.shape[3]
-    _check_width(dc, q_c.device)
+    check_width8(dc, q_c.device)
     q_r_sink = q_r if q_r_sink is None else q_r_sink
     q_c, q_r, q_r_sink = (t if t.stride(3) == 1 else t.contiguous() for t in (q_c, q_r, q_r_sink))
     w = w_uk.to(q_c.dtype).contiguous()
@@ -422,7 +344,7 @@ def quantize_queries(q_c: torch.Tensor, w_uk: torch.Tensor, q_r: torch.Tensor, q
     qr8 = torch.empty(b, l, h, dr, device=q_c.device, dtype=torch.int8)
     qs8 = torch.empty_like(qr8)
     sq = torch.empty(b, l, h, device=q_c.device, dtype=torch.float32)
-    bm = 16 if _interpreting() else 64
+    bm = 16 if interpreting() else 64
     dnp = _pow2(dn, 16)
     _quant_queries[(triton.cdiv(l, bm), h, b)](
         q_c, w, q_r, q_r_sink, q8, qr8, qs8, sq, l, q_c.stride(0), q_c.stride(1), q_c.stride(2), w.stride(0), w.stride(1),
@@ -489,9 +411,9 @@ def check_operands8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: 
             raise ValueError(f"8-bit latent attention: {name} keys must be int8 [B={b}, n, >= {dc + groups * dr}] with "
                              f"e4m3 values [B, dc={dc}, n], got k {tuple(lat.k.shape)} {lat.k.dtype}, "
                              f"v {tuple(lat.v.shape)} {lat.v.dtype}")
-        if n and (lat.v.stride(1) % ALIGN or lat.v.stride(1) < _round_up(n, ALIGN)):
+        if n and (lat.v.stride(1) % ALIGN or lat.v.stride(1) < round_up(n, ALIGN)):
             raise ValueError(f"8-bit latent attention: {name} values need a row stride that is a multiple of {ALIGN} "
-                             f"and >= {_round_up(n, ALIGN)} (zero padding), got {lat.v.stride(1)}; build them with "
+                             f"and >= {round_up(n, ALIGN)} (zero padding), got {lat.v.stride(1)}; build them with "
                              "quantize_keys")
     if h % groups or qr8.shape != (b, l, h, dr) or qs8.shape != qr8.shape or sq.shape != (b, l, h):
         raise ValueError(f"8-bit latent attention: queries [B, L, H, dc] / [B, L, H, dr] / scales [B, L, H] with H a "
@@ -517,13 +439,13 @@ def attention8(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: torch
     lp, ln = past.num_tokens, new.num_tokens
     lk = lp + ln
     on_gpu = q8.is_cuda
-    _check_width(dc, q8.device)
+    check_width8(dc, q8.device)
     cfg = config or default_config8(dc, on_gpu)
     d0, d1, dr_p = pieces8(dc, dr)
     vmax = (torch.maximum(past.vs, new.vs) if lp else new.vs).float().contiguous()  # [B]
     m_tiles = triton.cdiv(l * (h // groups), cfg.block_m)
     plan = SplitPlan.make(cfg, m_tiles * b * groups, lk, b, l, h, dc, q8.device, out_dtype, PROGRAMS_PER_SM8)
-    compiled = on_gpu and not _interpreting()
+    compiled = on_gpu and not interpreting()
     if compiled:
         descs = _descriptors(past, dc, groups, dr, d0, d1, dr_p, cfg.block_n) + \
             _descriptors(new, dc, groups, dr, d0, d1, dr_p, cfg.block_n)
@@ -603,26 +525,3 @@ def check8(x: dict, config: TileConfig | None = None, dtype=torch.bfloat16,
                                 x["groups"], x["sink_tokens"])
     err = lambda a, r: float((a.double() - r).norm() / r.norm())  # noqa: E731
     return err(sel(o), o_ref), err(sel(lse), lse_ref)
-
-
-def bench8(cfg=None, batch: int = 1, config: TileConfig | None = None) -> float:
-    """Median ms of the 8-bit kernel alone (operands already quantised) for one chunk of ``cfg``'s geometry
-    attending to a full window with its sinks (default: the VideoMLA 1.3B config)."""
-    from ..config import Config
-
-    cfg = cfg if cfg is not None else Config()
-    tpf, a = cfg.tokens_per_frame, cfg.attention
-    l = cfg.video.chunk_frames * tpf
-    lp = (cfg.cache.window_frames - cfg.video.chunk_frames + cfg.cache.sink_frames) * tpf
-    d_n = cfg.model.head_dim if a.qk_nope_head_dim == -1 else a.qk_nope_head_dim
-    x = random_inputs8(batch, l, cfg.model.num_heads, a.d_c, a.d_r // a.rope_key_groups, lp, a.rope_key_groups,
-                       cfg.cache.sink_frames * tpf, device="cuda", d_n=d_n)
-    dt = torch.bfloat16
-    q_lat = x["q_lat"].to(dt)
-    eye = torch.eye(a.d_c, device="cuda", dtype=dt).expand(q_lat.shape[2], a.d_c, a.d_c)
-    q8, qr8, qs8, sq = quantize_queries(q_lat, eye, x["q_r"].to(dt), x["q_r_sink"].to(dt))
-    past = quantize_keys(x["krow"][:, :lp].to(dt), x["c"][:, :lp].to(dt))
-    new = quantize_keys(x["krow"][:, lp:].to(dt), x["c"][:, lp:].to(dt))
-    fn = lambda: attention8(q8, qr8, qs8, sq, past, new, x["scale"], x["groups"], x["sink_tokens"],  # noqa: E731
-                            config=config)
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")

@@ -16,11 +16,11 @@ lock-step loop:
 - the queries stay in shared memory (the wgmma A operand), so a consumer thread holds only the two
   accumulators, one score tile and P.
 
-Measured on an H100 (benchmarks/latent_attention_ws.py, README "Kernel and generation"): 1.28x the Triton
+Measured on an H100 (benchmarks/latent_attention_ws.py, benchmarks/README.md): 1.28x the Triton
 8-bit kernel and 1.25x cuDNN MHA at the 1.3B chunk geometry, with bit-identical outputs; ``attention.impl=
-triton_fp8`` runs it on Hopper (``attention.kernel8``). ``compile_report`` checks on CPU machines what ptxas
-makes of it (registers, spills, shared memory, the waits). ``latent_attention_ws16`` is the bf16 kernel on
-the same schedule.
+fused_8bit`` runs it on Hopper (``attention.kernel``: ``kernels.dispatch``). ``compile_report`` checks on CPU
+machines what ptxas makes of it (registers, spills, shared memory, the waits). ``latent_attention_ws16`` is the
+bf16 kernel on the same schedule; ``gluon_common`` holds what the two share.
 """
 
 from __future__ import annotations
@@ -29,67 +29,32 @@ import functools
 
 import torch
 
+from .gluon_common import (BLOCK_M, MAX_REGS, SMEM_BYTES, available, compile_sm90, desc_type, gluon,  # noqa: F401
+                           in_clean_process, is_hopper)
 from .latent_attention import LOG2E, SplitPlan, TileConfig, triton
-from .latent_attention_fp8 import (ALIGN, MAX_DC8, P_RANGE, PROGRAMS_PER_SM8, Latent8, _check_width,
-                                   check_operands8, pieces8)
+from .latent_attention_fp8 import MAX_DC8, P_RANGE, PROGRAMS_PER_SM8, check_operands8, check_width8, pieces8
+from .quant8 import ALIGN, Latent8
 
-try:
-    from triton.experimental import gluon
+if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # pragma: no cover - Triton absent or without Gluon
-    gluon = None
 
-WG_ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
-CONSUMERS = 2  # consumer warpgroups per CTA: BLOCK_M = 128 rows
-BLOCK_M = WG_ROWS * CONSUMERS
-# Registers a thread, per warpgroup (setmaxnreg): the producer warp's warpgroup gets the minimum, the consumers
-# the rest of the 64 K register file over 3 warpgroups (65536 / 384 = 170 -> 168 before reallocation).
-PRODUCER_REGS = 24
-CONSUMER_REGS = 240
-MAX_REGS = 168
-
-
-def available() -> bool:
-    return gluon is not None
+    from .gluon_common import (GL_CONSUMER_REGS, GL_CONSUMERS, GL_PRODUCER_REGS, GL_WG_ROWS, epilogue,
+                               query_rows, stage_queries)
 
 
 def supports(device: torch.device, dc: int, dr: int) -> bool:
     """Whether ``attention8_ws`` runs latents of width ``dc`` with ``dr``-wide RoPE keys per group on ``device``:
     Gluon present, a Hopper GPU, TMA-aligned widths, a stage plan that fits shared memory."""
-    return (gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-            and dc % ALIGN == 0 and dr % ALIGN == 0 and dc <= MAX_DC8
+    return (is_hopper(device) and dc % ALIGN == 0 and dr % ALIGN == 0 and dc <= MAX_DC8
             and smem_bytes(dc, dr, 128, default_config_ws(dc, dr).num_stages) <= SMEM_BYTES)
 
 
 if gluon is not None:
 
-    _WG_ROWS = gl.constexpr(WG_ROWS)  # the module constants, as Gluon reads globals
-    _CONSUMERS = gl.constexpr(CONSUMERS)
-    _P_RANGE = gl.constexpr(P_RANGE)
-    _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
-    _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
-
-    @gluon.jit
-    def _rows(first, L, b, g, H: gl.constexpr, G: gl.constexpr, ROWS: gl.constexpr, layout: gl.constexpr):
-        """(row index into [B, L, H] tensors, valid mask) of the ROWS query rows from M row ``first`` (the REP
-        heads of RoPE group g folded into M, as in the Triton kernels)."""
-        REP: gl.constexpr = H // G
-        r = first + gl.arange(0, ROWS, layout=layout)
-        return (b * L + r // REP) * H + g * REP + r % REP, r < L * REP
-
-    @gluon.jit
-    def _stage_queries(ptr, row, rmask, width, COL0: gl.constexpr, COLS: gl.constexpr, layout: gl.constexpr):
-        """Query columns [COL0, COL0 + COLS) of ``row`` (``ptr``'s element type, zero at and past ``width`` and on
-        invalid rows) in shared memory, in the wgmma operand layout."""
-        ROWS: gl.constexpr = row.shape[0]
-        dtype: gl.constexpr = ptr.dtype.element_ty
-        cols = COL0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
-        x = gl.load(ptr + row[:, None] * width + cols[None, :], mask=rmask[:, None] & (cols[None, :] < width), other=0)
-        return gl.allocate_shared_memory(dtype, [ROWS, COLS], gl.NVMMASharedLayout.get_default_for([ROWS, COLS],
-                                                                                                    dtype), x)
+    _P_RANGE = gl.constexpr(P_RANGE)  # as Gluon reads module globals
 
     @gluon.jit
     def _tiles(lo, hi, BLOCK_N: gl.constexpr):
@@ -180,35 +145,6 @@ if gluon is not None:
         return acc0, acc1, m_i, l_i, it
 
     @gluon.jit
-    def _store_rows(o_base, acc, inv, first, L, b, g, COL0: gl.constexpr, DC: gl.constexpr, H: gl.constexpr,
-                    G: gl.constexpr):
-        """o[row, COL0 + j] = acc[:, j] * inv for the columns below DC, in o's element type."""
-        layout: gl.constexpr = acc.type.layout
-        row, rmask = _rows(first, L, b, g, H, G, acc.shape[0], gl.SliceLayout(1, layout))
-        cols = COL0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
-        o = acc * gl.convert_layout(inv, gl.SliceLayout(1, layout))[:, None]
-        gl.store(o_base + row[:, None] * DC + cols[None, :], o.to(o_base.dtype.element_ty),
-                 mask=rmask[:, None] & (cols[None, :] < DC))
-
-    @gluon.jit
-    def _finish(acc0, acc1, m_i, l_i, vnorm, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows,
-                DC: gl.constexpr, D0: gl.constexpr, H: gl.constexpr, G: gl.constexpr, SPLITS: gl.constexpr):
-        """A consumer's epilogue: the LSE and the output normalised by l (and ``vnorm``, the values' factor), or
-        the split's fp32 partials [SPLITS, B*L*H, DC] and [SPLITS, B*L*H]."""
-        has = l_i > 0
-        l_safe = gl.where(has, l_i, 1.0)
-        lse = gl.where(has, (m_i + gl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-        inv = 1.0 / (l_safe * vnorm)
-        o_base = o_ptr
-        lse_base = lse_ptr
-        if SPLITS > 1:
-            o_base = o_ptr + split * n_rows * DC
-            lse_base = lse_ptr + split * n_rows
-        gl.store(lse_base + row, lse, mask=rmask)
-        _store_rows(o_base, acc0, inv, first, L, b, g, 0, DC, H, G)
-        _store_rows(o_base, acc1, inv, first, L, b, g, D0, DC, H, G)
-
-    @gluon.jit
     def _consume(wg: gl.constexpr, smem, descs, scal, H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr,
                  DRR: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  SPLITS: gl.constexpr, HAS1: gl.constexpr, MAGIC: gl.constexpr):
@@ -230,8 +166,8 @@ if gluon is not None:
         pid_m, pid_bg, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
         b = pid_bg // G
         g = pid_bg % G
-        first = pid_m * (_WG_ROWS * _CONSUMERS) + wg * _WG_ROWS
-        row, rmask = _rows(first, L, b, g, H, G, _WG_ROWS, row_layout)
+        first = pid_m * (GL_WG_ROWS * GL_CONSUMERS) + wg * GL_WG_ROWS
+        row, rmask = query_rows(first, L, b, g, H, G, GL_WG_ROWS, row_layout)
         rs = gl.load(sq_ptr + row, mask=rmask, other=1.0) * qk_scale
         vnorm = _P_RANGE / gl.load(vmax_ptr + b)
         fac_p = gl.load(vsp_ptr + b) * vnorm  # P's factor for each key set's values (<= 256)
@@ -240,14 +176,14 @@ if gluon is not None:
         rs_n = rs * gl.load(ksn_ptr + b)
         lf_p = gl.log2(fac_p)
         lf_n = gl.log2(fac_n)
-        q0 = q0_s.slice(wg * _WG_ROWS, _WG_ROWS)
-        q1 = q1_s.slice(wg * _WG_ROWS, _WG_ROWS)
-        qr = qr_s.slice(wg * _WG_ROWS, _WG_ROWS)
-        qs = qs_s.slice(wg * _WG_ROWS, _WG_ROWS)
-        m_i = gl.full([_WG_ROWS], float("-inf"), gl.float32, row_layout)
-        l_i = gl.zeros([_WG_ROWS], gl.float32, row_layout)
-        acc0 = gl.zeros([_WG_ROWS, D0], gl.float32, o0_layout)
-        acc1 = gl.zeros([_WG_ROWS, D1], gl.float32, o1_layout)
+        q0 = q0_s.slice(wg * GL_WG_ROWS, GL_WG_ROWS)
+        q1 = q1_s.slice(wg * GL_WG_ROWS, GL_WG_ROWS)
+        qr = qr_s.slice(wg * GL_WG_ROWS, GL_WG_ROWS)
+        qs = qs_s.slice(wg * GL_WG_ROWS, GL_WG_ROWS)
+        m_i = gl.full([GL_WG_ROWS], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([GL_WG_ROWS], gl.float32, row_layout)
+        acc0 = gl.zeros([GL_WG_ROWS, D0], gl.float32, o0_layout)
+        acc1 = gl.zeros([GL_WG_ROWS, D1], gl.float32, o1_layout)
         lo = split * keys_per_split
         hi = gl.minimum(lo + keys_per_split, Lp + Ln)
         acc0, acc1, m_i, l_i, it = _consume_range(acc0, acc1, m_i, l_i, gl.to_tensor(0), q0, q1, qs, rs_p, smem,
@@ -259,7 +195,7 @@ if gluon is not None:
         acc0, acc1, m_i, l_i, it = _consume_range(acc0, acc1, m_i, l_i, it, q0, q1, qr, rs_n, smem,
                                                   gl.maximum(lo - Lp, 0), gl.maximum(hi - Lp, 0), lf_n, 1.0 / fac_n,
                                                   BLOCK_N, STAGES, HAS1, MAGIC, s_layout, p0_layout, p1_layout)
-        _finish(acc0, acc1, m_i, l_i, vnorm, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows, DC, D0, H,
+        epilogue(acc0, acc1, m_i, l_i, vnorm, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows, DC, D0, H,
                 G, SPLITS)
 
     @gluon.jit
@@ -301,17 +237,17 @@ if gluon is not None:
                  D1: gl.constexpr, DR: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  SPLITS: gl.constexpr, HAS1: gl.constexpr):
         MAGIC: gl.constexpr = (DC + DRR) * 127 * 127 < 4194304  # |int32 dot| < 2^22: exact in the magic add
-        BM: gl.constexpr = _WG_ROWS * _CONSUMERS
+        BM: gl.constexpr = GL_WG_ROWS * GL_CONSUMERS
         pid_m, pid_bg = gl.program_id(0), gl.program_id(1)
         b = pid_bg // G
         g = pid_bg % G
         # the program's query rows into shared memory, once (both consumers read their half as wgmma A)
         ld: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-        row, rmask = _rows(pid_m * BM, L, b, g, H, G, BM, gl.SliceLayout(1, ld))
-        q0_s = _stage_queries(q_ptr, row, rmask, DC, 0, D0, ld)
-        q1_s = _stage_queries(q_ptr, row, rmask, DC, D0, D1, ld)
-        qr_s = _stage_queries(qr_ptr, row, rmask, DRR, 0, DR, ld)
-        qs_s = _stage_queries(qs_ptr, row, rmask, DRR, 0, DR, ld)
+        row, rmask = query_rows(pid_m * BM, L, b, g, H, G, BM, gl.SliceLayout(1, ld))
+        q0_s = stage_queries(q_ptr, row, rmask, DC, 0, D0, ld)
+        q1_s = stage_queries(q_ptr, row, rmask, DC, D0, D1, ld)
+        qr_s = stage_queries(qr_ptr, row, rmask, DRR, 0, DR, ld)
+        qs_s = stage_queries(qs_ptr, row, rmask, DRR, 0, DR, ld)
         # the stage ring and its barriers: ready (TMA bytes landed), empty (both consumers done with it)
         k0_b = gl.allocate_shared_memory(kp0.dtype, [STAGES] + kp0.block_type.shape, kp0.layout)
         k1_b = gl.allocate_shared_memory(kp1.dtype, [STAGES] + kp1.block_type.shape, kp1.layout)
@@ -322,7 +258,7 @@ if gluon is not None:
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=_CONSUMERS)
+            mbarrier.init(empty.index(i), count=GL_CONSUMERS)
         fence_async_shared()  # the query stores and barrier inits before any async-proxy access
         smem = (q0_s, q1_s, qr_s, qs_s, k0_b, k1_b, kr_b, v0_b, v1_b, ready, empty)
         descs = (kp0, kp1, kpr, vp0, vp1, kn0, kn1, knr, vn0, vn1)
@@ -334,15 +270,12 @@ if gluon is not None:
             (_consumer0, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS, HAS1, MAGIC)),
             (_consumer1, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS, HAS1, MAGIC)),
             (_producer, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS, HAS1, MAGIC)),
-        ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
+        ], [4, 1], [GL_CONSUMER_REGS, GL_PRODUCER_REGS])
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-SMEM_BYTES = 227 * 1024  # H100 / H200 shared memory a CTA may use
-
-
 def smem_bytes(dc: int, dr: int, block_n: int, stages: int) -> int:
     """Shared memory of one program: the queries (both consumers' rows) and ``stages`` key/value stages."""
     d0, d1, dr_p = pieces8(dc, dr)
@@ -400,13 +333,13 @@ def attention8_ws(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: to
     GPUs only."""
     if gluon is None:
         raise RuntimeError("the warp-specialised 8-bit kernel needs Triton with Gluon (triton >= 3.5)")
-    if not q8.is_cuda or torch.cuda.get_device_capability(q8.device)[0] != 9:
+    if not is_hopper(q8.device):
         raise RuntimeError("the warp-specialised 8-bit kernel runs on Hopper GPUs (sm_90) only; "
                            "latent_attention_fp8.attention8 serves other devices")
     b, l, h, dc = q8.shape
     dr = qr8.shape[3]
     past = check_operands8(q8, qr8, qs8, sq, past, new, groups, sink_tokens)
-    _check_width(dc, q8.device)
+    check_width8(dc, q8.device)
     lp, ln = past.num_tokens, new.num_tokens
     cfg = config or default_config_ws(dc, dr)
     if cfg.block_m != BLOCK_M or smem_bytes(dc, dr, cfg.block_n, cfg.num_stages) > SMEM_BYTES:
@@ -430,65 +363,6 @@ def attention8_ws(q8: torch.Tensor, qr8: torch.Tensor, qs8: torch.Tensor, sq: to
 # ----------------------------------------------------------------------------------------------
 # Compile report (no GPU needed): what ptxas makes of the kernel for sm_90a
 # ----------------------------------------------------------------------------------------------
-def desc_type(elem: str, block: list, layout) -> str:
-    """A TMA descriptor argument's type in a compile signature."""
-    return f"tensordesc<{elem}[{', '.join(map(str, block))}],{layout!r}>"
-
-
-def compile_sm90(fn, ptrs: dict, descs: dict, const: dict) -> dict:
-    """Compile the Gluon kernel ``fn`` for sm_90a with Triton's bundled ptxas (works on machines without a
-    GPU): pointer, descriptor and constexpr arguments by name (the rest i32, ``qk_scale`` fp32). Returns
-    {"registers", "spill_bytes", "shared_bytes", "ops": SASS opcode counts, "sass": text}."""
-    import collections
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    names = fn.arg_names
-    sig = {n: "constexpr" if n in const else ptrs.get(n) or descs.get(n) or ("fp32" if n == "qk_scale" else "i32")
-           for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=MAX_REGS))
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(k.asm["ptx"])
-        r = subprocess.run([os.path.join(tools, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin],
-                           capture_output=True, text=True, check=True)
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout
-    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr))
-    ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]+)", sass))
-    return dict(registers=regs, spill_bytes=spills, shared_bytes=k.metadata.shared, ops=dict(ops), sass=sass)
-
-
-def in_clean_process(module: str, func: str, **kwargs) -> dict | None:
-    """``module.func(**kwargs)`` in a fresh Python without TRITON_INTERPRET, when this process has it set (Triton
-    then builds its own library functions for the interpreter, and Gluon cannot compile them); None otherwise.
-    ``kwargs`` and the result must be JSON values."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return None
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import json, sys; from {module} import {func}; "
-            f"json.dump({func}(**json.loads(sys.argv[1])), sys.stdout)")
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
-    if r.returncode:
-        raise RuntimeError(f"{module}.{func}({kwargs}) failed in a clean process:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout)
-
-
 def compile_report(dc: int = 160, dr: int = 64, groups: int = 1, heads: int = 12, splits: int = 2,
                    config: TileConfig | None = None) -> dict:
     """Compile the kernel for sm_90a on any machine (``compile_sm90``): registers, spills, shared memory,

@@ -1,6 +1,7 @@
 """Warp-specialised bf16 latent attention for Hopper, in Gluon: the function and operands of
 ``latent_attention.latent_attention`` (queries absorbed into latent space, keys ``[c ; rho]`` scored with a
-per-key scale ``s``, the latent ``c`` reused as the value), the kernel ``attention.kernel16=auto`` runs on Hopper.
+per-key scale ``s``, the latent ``c`` reused as the value), the kernel ``attention.kernel=auto`` runs on Hopper
+(``kernels.dispatch``); ``gluon_common`` holds what it shares with the 8-bit Gluon kernel.
 
 - a producer warp issues the TMA loads of each key tile (the latent in two power-of-two pieces, D0 + D1, the
   RoPE key and the tile's per-key scales) into a stage ring with ``ready`` / ``empty`` mbarriers;
@@ -28,9 +29,9 @@ import functools
 
 import torch
 
-from . import latent_attention_ws as WS
-from .latent_attention import LOG2E, SplitPlan, TileConfig, _check, _pieces, triton
-from .latent_attention_ws import BLOCK_M, MAX_REGS, SMEM_BYTES, gluon
+from .gluon_common import (BLOCK_M, MAX_REGS, SMEM_BYTES, compile_sm90, desc_type, gluon, in_clean_process,
+                           is_hopper)
+from .latent_attention import LOG2E, SplitPlan, TileConfig, check_operands, pieces, triton
 
 PROGRAMS_PER_SM16 = 9  # the split rule's target: the 8-bit Gluon kernel's (one CTA per SM, 2-4 splits measured)
 S_ALIGN = 4  # fp32 per-key scales in 16 bytes: TMA faults on a box whose innermost start is not 16-byte aligned
@@ -41,8 +42,8 @@ if gluon is not None:
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .latent_attention_ws import (_CONSUMER_REGS, _CONSUMERS, _PRODUCER_REGS, _WG_ROWS, _finish, _rows,
-                                      _stage_queries)
+    from .gluon_common import (GL_CONSUMER_REGS, GL_CONSUMERS, GL_PRODUCER_REGS, GL_WG_ROWS, epilogue,
+                               query_rows, stage_queries)
 
     _S_ALIGN = gl.constexpr(S_ALIGN)
 
@@ -187,13 +188,13 @@ if gluon is not None:
         pid_bg, split = gl.program_id(1), gl.program_id(2)
         b = pid_bg // G
         g = pid_bg % G
-        q0 = q0_s.slice(wg * _WG_ROWS, _WG_ROWS)
-        q1 = q1_s.slice(wg * _WG_ROWS, _WG_ROWS)
-        qr = qr_s.slice(wg * _WG_ROWS, _WG_ROWS)
-        m_i = gl.full([_WG_ROWS], float("-inf"), gl.float32, row_layout)
-        l_i = gl.zeros([_WG_ROWS], gl.float32, row_layout)
-        acc0 = gl.zeros([_WG_ROWS, D0], gl.float32, o0_layout)
-        acc1 = gl.zeros([_WG_ROWS, D1], gl.float32, o1_layout)
+        q0 = q0_s.slice(wg * GL_WG_ROWS, GL_WG_ROWS)
+        q1 = q1_s.slice(wg * GL_WG_ROWS, GL_WG_ROWS)
+        qr = qr_s.slice(wg * GL_WG_ROWS, GL_WG_ROWS)
+        m_i = gl.full([GL_WG_ROWS], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([GL_WG_ROWS], gl.float32, row_layout)
+        acc0 = gl.zeros([GL_WG_ROWS, D0], gl.float32, o0_layout)
+        acc1 = gl.zeros([GL_WG_ROWS, D1], gl.float32, o1_layout)
         # split coordinates: the prefix's keys [lo, min(hi, Lp)), then the chunk's [max(lo, Lp), hi)
         lo, hi = _split_range(split, keys_per_split, Lp, Ln)
         hi_p, lo_n = gl.minimum(hi, Lp), gl.maximum(lo, Lp)
@@ -201,12 +202,12 @@ if gluon is not None:
         n = n_p + _n_tiles(lo_n, hi, BLOCK_N)
         if n > 0:  # an empty split (``_split_start``) leaves the state as it is
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            zero = gl.zeros([_WG_ROWS, BLOCK_N], gl.float32, s_layout)
+            zero = gl.zeros([GL_WG_ROWS, BLOCK_N], gl.float32, s_layout)
             acc0, acc1, m_i, l_i = _consume16(acc0, acc1, m_i, l_i, q0, q1, qr, smem, n, n_p, lo, hi_p, lo_n, hi,
                                               qk_scale, cols, zero, BLOCK_N, STAGES, p0_layout, p1_layout)
-        first = gl.program_id(0) * (_WG_ROWS * _CONSUMERS) + wg * _WG_ROWS  # after the loop: no register held
-        row, rmask = _rows(first, L, b, g, H, G, _WG_ROWS, row_layout)
-        _finish(acc0, acc1, m_i, l_i, 1.0, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows, DC, D0, H, G,
+        first = gl.program_id(0) * (GL_WG_ROWS * GL_CONSUMERS) + wg * GL_WG_ROWS  # after the loop: no register held
+        row, rmask = query_rows(first, L, b, g, H, G, GL_WG_ROWS, row_layout)
+        epilogue(acc0, acc1, m_i, l_i, 1.0, o_ptr, lse_ptr, row, rmask, first, L, b, g, split, n_rows, DC, D0, H, G,
                 SPLITS)
 
     @gluon.jit
@@ -243,16 +244,16 @@ if gluon is not None:
                   H: gl.constexpr, G: gl.constexpr, DC: gl.constexpr, DRR: gl.constexpr, D0: gl.constexpr,
                   D1: gl.constexpr, DR: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   SPLITS: gl.constexpr):
-        BM: gl.constexpr = _WG_ROWS * _CONSUMERS
+        BM: gl.constexpr = GL_WG_ROWS * GL_CONSUMERS
         pid_m, pid_bg = gl.program_id(0), gl.program_id(1)
         b = pid_bg // G
         g = pid_bg % G
         # the program's query rows into shared memory, once (both consumers read their half as wgmma A)
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        row, rmask = _rows(pid_m * BM, L, b, g, H, G, BM, gl.SliceLayout(1, ld))
-        q0_s = _stage_queries(q_ptr, row, rmask, DC, 0, D0, ld)
-        q1_s = _stage_queries(q_ptr, row, rmask, DC, D0, D1, ld)
-        qr_s = _stage_queries(qr_ptr, row, rmask, DRR, 0, DR, ld)
+        row, rmask = query_rows(pid_m * BM, L, b, g, H, G, BM, gl.SliceLayout(1, ld))
+        q0_s = stage_queries(q_ptr, row, rmask, DC, 0, D0, ld)
+        q1_s = stage_queries(q_ptr, row, rmask, DC, D0, D1, ld)
+        qr_s = stage_queries(qr_ptr, row, rmask, DRR, 0, DR, ld)
         c0_b = gl.allocate_shared_memory(cp0.dtype, [STAGES] + cp0.block_type.shape, cp0.layout)
         c1_b = gl.allocate_shared_memory(cp1.dtype, [STAGES] + cp1.block_type.shape, cp1.layout)
         r_b = gl.allocate_shared_memory(rd.dtype, [STAGES] + rd.block_type.shape, rd.layout)
@@ -261,7 +262,7 @@ if gluon is not None:
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=_CONSUMERS)
+            mbarrier.init(empty.index(i), count=GL_CONSUMERS)
         fence_async_shared()  # the query stores and barrier inits before any async-proxy access
         smem = (q0_s, q1_s, qr_s, c0_b, c1_b, r_b, s_b, ready, empty)
         descs = (cp0, cp1, cn0, cn1, rd, sd)
@@ -270,7 +271,7 @@ if gluon is not None:
             (_consumer16_0, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS)),
             (_consumer16_1, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS)),
             (_producer16, (smem, descs, scal, H, G, DC, DRR, D0, D1, BLOCK_N, STAGES, SPLITS)),
-        ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
+        ], [4, 1], [GL_CONSUMER_REGS, GL_PRODUCER_REGS])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ MIN_STAGES16 = 2  # a wgmma block reads two stages: tile t's keys and tile t-1's
 def smem_bytes16(dc: int, dr: int, block_n: int, stages: int) -> int:
     """Shared memory of one program: the queries (both consumers' rows) and ``stages`` key tiles (16-bit latent
     and RoPE key, fp32 per-key scale)."""
-    d0, d1, dr_p = _pieces(dc, dr)
+    d0, d1, dr_p = pieces(dc, dr)
     stage = 2 * block_n * (d0 + d1 + dr_p) + 4 * block_n
     return 2 * BLOCK_M * (d0 + d1 + dr_p) + stages * stage + 1024  # + barriers and the compiler's scratch
 
@@ -299,8 +300,8 @@ def default_config_ws16(dc: int, dr: int) -> TileConfig:
 
 def supports16(device: torch.device, dtype: torch.dtype, dc: int, dr: int) -> bool:
     """Whether ``latent_attention_ws16`` runs these widths (``dr`` per RoPE group) and dtype on ``device``."""
-    return (gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-            and dtype in (torch.bfloat16, torch.float16) and dc % ALIGN16 == 0 and dr % ALIGN16 == 0
+    return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and dc % ALIGN16 == 0
+            and dr % ALIGN16 == 0
             and smem_bytes16(dc, dr, 128, MIN_STAGES16) <= SMEM_BYTES)
 
 
@@ -333,7 +334,7 @@ def _latent_descriptors(c: torch.Tensor, d0: int, d1: int, dr_p: int, block_n: i
 
 
 def _scale_descriptor(s: torch.Tensor, lp: int, blocks: tuple) -> tuple[TensorDescriptor, int, int]:
-    """A 1-D TMA descriptor over the per-key scales ``s`` [B, Lp + Ln] (fp32, unit key stride: ``_check``), the
+    """A 1-D TMA descriptor over the per-key scales ``s`` [B, Lp + Ln] (fp32, unit key stride: ``check_operands``), the
     batch pitch and where each entry's chunk scales start. Every tile's first scale must be 16-byte aligned:
     the tiles start at multiples of BLOCK_N in the prefix and of S_ALIGN in the chunk (``_split_start``), so
     the pitch and the chunk's offset must be multiples of S_ALIGN; where they are not (never at the 1.3B
@@ -357,10 +358,10 @@ def latent_attention_ws16(q_lat: torch.Tensor, q_r: torch.Tensor, c_past: torch.
     operands of one dtype)."""
     if gluon is None:
         raise RuntimeError("the warp-specialised latent attention kernel needs Triton with Gluon (triton >= 3.5)")
-    if not q_lat.is_cuda or torch.cuda.get_device_capability(q_lat.device)[0] != 9:
+    if not is_hopper(q_lat.device):
         raise RuntimeError("the warp-specialised latent attention kernel runs on Hopper GPUs (sm_90) only; "
                            "latent_attention.latent_attention serves other devices")
-    _check(q_lat, q_r, c_past, c_new, rho, s)
+    check_operands(q_lat, q_r, c_past, c_new, rho, s)
     b, l, h, dc = q_lat.shape
     g, dr = rho.shape[2], rho.shape[3]
     if any(t.dtype != q_lat.dtype for t in (q_r, c_past, c_new, rho)) or q_lat.dtype not in (torch.bfloat16,
@@ -373,7 +374,7 @@ def latent_attention_ws16(q_lat: torch.Tensor, q_r: torch.Tensor, c_past: torch.
     lp, ln = c_past.shape[1], c_new.shape[1]
     cfg = config or default_config_ws16(dc, dr)
     _check_config16(cfg, dc, dr)
-    d0, d1, dr_p = _pieces(dc, dr)
+    d0, d1, dr_p = pieces(dc, dr)
     q_lat, q_r = q_lat.contiguous(), q_r.contiguous()  # staged by row index (b * L + token) * H + head
     m_tiles = triton.cdiv(l * (h // g), BLOCK_M)
     plan = SplitPlan.make(cfg, m_tiles * b * g, lp + ln, b, l, h, dc, q_lat.device, q_lat.dtype, PROGRAMS_PER_SM16)
@@ -404,18 +405,18 @@ def compile_report16(dc: int = 160, dr: int = 64, groups: int = 1, heads: int = 
                      config: TileConfig | None = None) -> dict:
     """``latent_attention_ws.compile_report`` for this kernel (bf16 operands): sm_90a, no GPU needed."""
     if config is None:
-        isolated = WS.in_clean_process(__name__, "compile_report16", dc=dc, dr=dr, groups=groups, heads=heads,
+        isolated = in_clean_process(__name__, "compile_report16", dc=dc, dr=dr, groups=groups, heads=heads,
                                        splits=splits)
         if isolated is not None:
             return isolated
     cfg = config or default_config_ws16(dc, dr)
     _check_config16(cfg, dc, dr)
-    d0, d1, dr_p = _pieces(dc, dr)
+    d0, d1, dr_p = pieces(dc, dr)
     blocks = _tile_blocks16(torch.bfloat16, d0, d1, dr_p, cfg.block_n)
     names = (("cp0", "cn0"), ("cp1", "cn1"), ("rd",), ("sd",))
-    descs = {name: WS.desc_type("fp32" if el == gl.float32 else "bf16", block, layout)
+    descs = {name: desc_type("fp32" if el == gl.float32 else "bf16", block, layout)
              for group, (el, block, layout) in zip(names, blocks) for name in group}
     ptrs = {"q_ptr": "*bf16", "qr_ptr": "*bf16", "lse_ptr": "*fp32", "o_ptr": "*fp32" if splits > 1 else "*bf16"}
     const = dict(H=heads, G=groups, DC=dc, DRR=dr, D0=d0, D1=d1, DR=dr_p, BLOCK_N=cfg.block_n,
                  STAGES=cfg.num_stages, SPLITS=splits)
-    return WS.compile_sm90(_fwd16_ws, ptrs, descs, const)
+    return compile_sm90(_fwd16_ws, ptrs, descs, const)
