@@ -1,0 +1,271 @@
+"""The world's text encoder and video codec, end to end on CPU: built / trained into a temporary folder,
+loaded back through the Wan loaders every consumer uses (`wan.load_text_encoder` + `encode_prompts`,
+`wan.load_vae` + `vae_encode` / `vae_decode`), deterministic, resumable bit for bit, and learning."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vmla_train import wan
+from vmla_train.world import text
+from vmla_train.world.captions import PromptError, caption, parse_prompt, vocabulary_line
+from vmla_train.world.codec import CodecConfig, train_codec
+from vmla_train.world.scene import sample_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LEN = 64  # token slots per prompt; the longest world caption is about 50 tokens (with </s>)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread makes the
+    codec's many small ops about ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Text encoder
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory) -> Path:
+    return text.build_text_encoder(tmp_path_factory.mktemp("text") / "world", text.world_words())
+
+
+@pytest.fixture(scope="module")
+def text_model(text_dir):
+    return wan.load_text_encoder(text_dir, dtype=torch.float32)
+
+
+def _world_captions(num_scenes: int = 60, per_scene: int = 20) -> list[str]:
+    """Captions of ``num_scenes`` sampled scenes (1-3 objects, every background kind), ``per_scene``
+    paraphrases each."""
+    scenes = [sample_scene(s, 32, 32, 16) for s in range(num_scenes)]
+    return [caption(sc, int(k)) for sc in scenes for k in range(per_scene)]
+
+
+@pytest.mark.timeout(120)
+def test_text_encoder_loads_offline_through_wan(text_dir, text_model, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok, enc = wan.load_text_encoder(text_dir)  # the default (bfloat16) path a consumer takes
+    assert enc.dtype == torch.bfloat16 and not enc.training
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    prompts = ["A small red circle drifts left.", "a blue square bounces up and down", "green"]
+    emb, mask = wan.encode_prompts(*text_model, prompts, MAX_LEN)
+    assert emb.shape == (3, MAX_LEN, text.TINY_TEXT_DIM) and emb.dtype == torch.float32
+    assert enc.config.d_model == text.TINY_TEXT_DIM
+    assert mask.sum(1).tolist() == [8, 8, 2]  # words and punctuation, then </s>
+    assert torch.isfinite(emb).all()
+    assert (emb[~mask] == 0).all() and (emb[mask].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.timeout(120)
+def test_every_world_caption_tokenizes_without_unk(text_model):
+    tok, _ = text_model
+    captions = _world_captions()
+    ids = tok([*captions, vocabulary_line()]).input_ids
+    bad = [(c, tok.convert_ids_to_tokens(i)) for c, i in zip([*captions, "vocabulary_line"], ids)
+           if tok.unk_token_id in i]
+    assert not bad, f"<unk> in {bad[:3]}"
+    assert all(i[-1] == tok.eos_token_id for i in ids)
+    assert max(map(len, ids[:-1])) <= MAX_LEN
+    # the tokenizer reads what the parser reads: case and punctuation do not change the words
+    assert tok("A Red CIRCLE, drifts LEFT.").input_ids == tok("a red circle , drifts left .").input_ids
+
+
+@pytest.mark.timeout(60)
+def test_unknown_word_is_unk_for_the_encoder_and_refused_by_the_parser(text_model):
+    tok, _ = text_model
+    ids = tok("a red zebra drifts left").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["a", "red", "<unk>", "drifts", "left", "</s>"]
+    # the tokenizer never fails (an encoder must embed any string); the world's parser names the word
+    with pytest.raises(PromptError, match="'zebra'"):
+        parse_prompt("a red zebra drifts left")
+
+
+@pytest.mark.timeout(120)
+def test_text_encoder_build_is_seeded_and_refuses_to_overwrite(text_dir, tmp_path):
+    again = text.build_text_encoder(tmp_path / "again", text.world_words())
+    assert _digest(again) == _digest(text_dir)
+    assert set(_digest(again)) >= {"tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+                                   "text_encoder/config.json", "text_encoder/model.safetensors"}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        text.build_text_encoder(again, text.world_words())
+    other = text.build_text_encoder(tmp_path / "other", text.world_words(), seed=1)
+    assert _digest(other)["text_encoder/model.safetensors"] != _digest(text_dir)["text_encoder/model.safetensors"]
+    assert _digest(other)["tokenizer/tokenizer.json"] == _digest(text_dir)["tokenizer/tokenizer.json"]
+    with pytest.raises(ValueError, match="words"):
+        text.build_text_encoder(tmp_path / "empty", [])
+
+
+@pytest.mark.timeout(60)
+def test_embeddings_of_different_prompts_differ(text_model):
+    a, b = "a red circle drifts left and a blue square moves up", "a blue circle drifts left and a red square moves up"
+    emb, mask = wan.encode_prompts(*text_model, [a, b, a, "a green triangle glides down"], MAX_LEN)
+    assert torch.equal(emb[0], emb[2])  # deterministic
+    assert not torch.allclose(emb[0], emb[3], atol=1e-3)
+    # same words, colours swapped between the objects: the nouns' embeddings carry their own adjectives
+    n = int(mask[0].sum())
+    cos = torch.nn.functional.cosine_similarity(emb[0, :n], emb[1, :n], dim=-1)  # (n,)
+    assert cos.min() < 0.95, cos
+
+
+# ----------------------------------------------------------------------------------------------
+# Codec
+# ----------------------------------------------------------------------------------------------
+TINY_CODEC = CodecConfig(base_dim=8)
+
+
+def _train(out: Path, **kw) -> dict:
+    args = dict(height=32, width=32, num_frames=5, steps=3, batch_size=1, device="cpu", codec=TINY_CODEC,
+                warmup_steps=1, log_every=1, num_workers=0, stats_clips=1, eval_clips=1, log=_quiet)
+    return train_codec(out, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def codec_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("codec") / "run"
+    report = _train(out, height=32, width=32, num_frames=9, steps=2, stats_clips=2)
+    assert report["done"] and report["steps"] == 2
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_codec_folder_loads_through_wan_with_latent_statistics(codec_dir):
+    vae = wan.load_vae(codec_dir)
+    z = TINY_CODEC.z_dim
+    assert vae.config.z_dim == z
+    assert len(vae.config.latents_mean) == z and len(vae.config.latents_std) == z
+    assert all(np.isfinite(vae.config.latents_mean)) and all(s > 0 for s in vae.config.latents_std)
+    assert vae.config.latents_std != [1.0] * z  # measured, not the initial unit statistics
+    report = json.loads((codec_dir / "codec.json").read_text())
+    assert report["latents_mean"] == vae.config.latents_mean and report["steps"] == 2
+    assert np.isfinite(report["psnr_heldout_db"]) and report["device"] == "cpu"
+    assert len(report["history"]) == 2
+    # a finished run called again returns its report without training
+    assert _train(codec_dir, height=32, width=32, num_frames=9, steps=2, stats_clips=2) == report
+
+
+@pytest.mark.timeout(180)
+def test_codec_latent_geometry(codec_dir):
+    """Wan's strides: T = 1 + 4k frames -> 1 + k latent frames (the first frame coded alone), 8x8 spatial."""
+    vae = wan.load_vae(codec_dir)
+    s, t = TINY_CODEC.spatial_stride, TINY_CODEC.temporal_stride
+    assert (s, t) == (8, 4)
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 9, 32, 32, generator=g) * 2 - 1  # (B, 3, T, H, W)
+    lat = wan.vae_encode(vae, video)
+    assert lat.shape == (2, 1 + 8 // t, TINY_CODEC.z_dim, 32 // s, 32 // s)  # (B, F, C, h, w)
+    rec = wan.vae_decode(vae, lat)
+    assert rec.shape == video.shape and rec.abs().max() <= 1
+    assert wan.vae_encode(vae, video[:, :, :1]).shape[1] == 1
+    # causal: the first latent frame sees only the first pixel frame; later frames change later latents
+    changed = video.clone()
+    changed[:, :, 1:] = -changed[:, :, 1:]
+    lat2 = wan.vae_encode(vae, changed)
+    assert torch.equal(lat2[:, 0], lat[:, 0]) and not torch.allclose(lat2[:, 1:], lat[:, 1:])
+
+
+@pytest.mark.timeout(240)
+def test_codec_resume_is_bit_identical(tmp_path):
+    whole = _train(tmp_path / "whole")
+    calls = []
+    while True:  # time_limit_s=0: every call trains one step, saves and stops
+        calls.append(_train(tmp_path / "pieces", time_limit_s=0.0))
+        if calls[-1]["done"]:
+            break
+    assert [c["steps"] for c in calls] == [1, 2, 3] and not calls[0]["done"]
+    a = torch.load(tmp_path / "whole" / "codec-train" / "state.pt", weights_only=True)
+    b = torch.load(tmp_path / "pieces" / "codec-train" / "state.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert calls[-1]["latents_mean"] == whole["latents_mean"]
+    assert calls[-1]["psnr_heldout_db"] == whole["psnr_heldout_db"]
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    assert _digest(tmp_path / "whole")[weights] == _digest(tmp_path / "pieces")[weights]
+
+
+@pytest.mark.timeout(240)
+def test_codec_learns(tmp_path):
+    """The same held-out clips before (0 steps) and after a few dozen steps on 32x32, 5-frame clips."""
+    kw = dict(batch_size=2, lr=3e-3, warmup_steps=2, stats_clips=2, eval_clips=4)
+    before = _train(tmp_path / "untrained", steps=0, **kw)
+    after = _train(tmp_path / "trained", steps=30, **kw)
+    assert before["history"] == [] and after["steps"] == 30
+    # about 12 dB -> 15.5 dB on CPU; the same 4 held-out clips, round trip through wan.vae_encode / vae_decode
+    assert after["psnr_heldout_db"] > before["psnr_heldout_db"] + 2.0, (before["psnr_heldout_db"],
+                                                                         after["psnr_heldout_db"])
+    rec = [h["rec"] for h in after["history"]]  # one entry per step, each on new clips (noisy)
+    assert np.mean(rec[-8:]) < 0.85 * np.mean(rec[:8]), rec
+
+
+@pytest.mark.timeout(60)
+def test_codec_refuses_bad_settings(codec_dir, tmp_path):
+    with pytest.raises(ValueError, match="num_frames = 1 \\+ 4k"):
+        _train(tmp_path / "a", num_frames=8)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _train(tmp_path / "a", height=20)
+    with pytest.raises(ValueError, match="other settings"):  # resuming with another learning rate
+        _train(codec_dir, height=32, width=32, num_frames=9, steps=4, stats_clips=2, lr=1e-4)
+    (tmp_path / "foreign" / "vae").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not made by train_codec"):
+        _train(tmp_path / "foreign")
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/world_codec.py
+# ----------------------------------------------------------------------------------------------
+SCRIPT = ROOT / "benchmarks" / "world_codec.py"
+
+
+@pytest.mark.timeout(120)
+def test_world_codec_benchmark_help():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    assert "--time-limit" in out.stdout and "--results" in out.stdout
+
+
+@pytest.mark.timeout(180)
+def test_world_codec_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OUT", raising=False)  # write_result also copies into $OUT when it is set
+    spec = importlib.util.spec_from_file_location("world_codec_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results_before = sorted((ROOT / "benchmarks" / "results").glob("world_codec-*"))
+    args = ["--steps", "3", "--height", "32", "--width", "32", "--frames", "9", "--base-dim", "8", "--batch", "1",
+            "--stats-clips", "1", "--eval-clips", "1", "--log-every", "1", "--device", "cpu",
+            "--out", str(tmp_path / "run"), "--results", str(tmp_path / "results")]
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "held-out PSNR" in printed
+    result = json.loads((tmp_path / "results" / "world_codec-cpu.json").read_text())
+    assert result["steps"] == 3 and result["done"] and len(result["history"]) == 3
+    assert (tmp_path / "run" / "vae" / "config.json").is_file()
+    assert sorted((ROOT / "benchmarks" / "results").glob("world_codec-*")) == results_before
+    # a bad geometry is one line on stderr and exit status 2
+    assert bench.main([*args[:7], "8", *args[8:]]) == 2
+    assert "num_frames" in capsys.readouterr().err
