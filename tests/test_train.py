@@ -140,6 +140,41 @@ def test_pretrain_objective_and_learning_on_a_fixed_batch():
     assert after < 0.8 * before and after < 0.9 * zero, (before, after, zero)
 
 
+@pytest.mark.timeout(60)
+def test_pretrain_text_dropout_feeds_the_negative_prompt(tmp_path):
+    """train.text_dropout: a dropped sample's text is the negative prompt's embedding (zero-padded), the others
+    keep theirs; the draw comes from the step's generator; the key needs pretrain and a negative embedding file."""
+    from safetensors.torch import save_file
+
+    base = C.load(ROOT / "configs/pretrain-debug.yaml")
+    m = base.model
+    neg_file = tmp_path / "negative.safetensors"
+    save_file({"text": torch.randn(1, m.text_len - 2, m.text_dim)}, str(neg_file))
+    cfg = C.load(ROOT / "configs/pretrain-debug.yaml", ["train.text_dropout=0.5", f"dmd.negative_embedding={neg_file}",
+                                                       "data.batch_size=8", "train.global_batch_size=8"])
+    module = DistillationModule.from_config(cfg)
+    loader = data.build_loader(cfg, "latents", 0, 1)
+    batch = next(loader)
+    loader.close()
+    seen = []
+    forward = module.student.forward
+    module.student.forward = lambda x, t, text, **kw: seen.append(text) or forward(x, t, text, **kw)
+    with torch.no_grad():
+        module.pretrain_loss(batch, keyed_generator(torch.device("cpu"), 3))
+    g = keyed_generator(torch.device("cpu"), 3)  # the same draws in the same order: t, noise, then the drop mask
+    schedule.sample_training_t((8,), cfg.schedule.shift, generator=g)
+    torch.randn(batch.latents.shape, generator=g)
+    drop = torch.rand(8, generator=g) < 0.5
+    assert 0 < int(drop.sum()) < 8
+    neg = torch.zeros_like(batch.text[:1])
+    neg[:, : m.text_len - 2] = module.neg_text
+    for i, text in enumerate(seen[0]):
+        torch.testing.assert_close(text, neg[0] if drop[i] else batch.text[i], rtol=0, atol=0)
+    for bad in (["train.text_dropout=0.1"], ["train.text_dropout=1.0", f"dmd.negative_embedding={neg_file}"]):
+        with pytest.raises(C.ConfigError, match="train.text_dropout"):
+            C.load(ROOT / "configs/pretrain-debug.yaml", bad)
+
+
 @pytest.mark.timeout(90)
 def test_pretrain_exports_to_a_diffusers_teacher(tmp_path):
     """pretrain run -> `vmla-train export` -> `vmla-convert --to diffusers` -> `wan.load_wan_transformer`:

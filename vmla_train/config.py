@@ -45,6 +45,16 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "video": dict(num_frames=33, height=64, width=96),
         "cache": dict(window_frames=6, sink_frames=1, dtype="float32"),
     },
+    # The procedural world (docs/world.md) at its real geometry: 81 frames of 64x64 at 16 fps -> 21 latent
+    # frames of 8x8 -> 16 tokens per frame (patch 1x2x2); heads of 64 (RoPE pairs 12/10/10 per t/h/w axis).
+    # text_dim = the world text encoder's width (world.text.build_text_encoder's default d_model); 64 text slots
+    # hold the longest world caption (about 50 tokens with </s>). MLA: a latent of 64 + a RoPE key of 32 per
+    # token, 96 cached values against MHA's 512.
+    "world": {
+        "model": dict(dim=256, num_heads=4, num_layers=8, ffn_dim=1024, text_dim=32, text_len=64, freq_dim=256),
+        "attention": dict(d_c=64, d_r=32),
+        "video": dict(num_frames=81, height=64, width=64, fps=16),
+    },
 }
 
 
@@ -246,6 +256,7 @@ class TrainConfig:
     teacher_size: str = ""  # named size of teacher/critic (MODEL_SIZES); "" = model.name
     gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
     rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
+    text_dropout: float = 0.0  # pretrain: probability a sample's text becomes dmd.negative_embedding (learns the unconditional score CFG needs)
     # Faults: non-finite steps are skipped on every rank; too many in a row stop the run.
     max_consecutive_skips: int = 3  # consecutive non-finite (NaN/Inf loss or gradient) steps before the run stops
 
@@ -260,6 +271,8 @@ class TrainConfig:
             _fail("train.teacher_size", f"'' or one of {sorted(MODEL_SIZES)}", self.teacher_size)
         if self.rollout_frames < 0:
             _fail("train.rollout_frames", ">= 0", self.rollout_frames)
+        if not 0.0 <= self.text_dropout < 1.0:
+            _fail("train.text_dropout", "a probability in [0, 1)", self.text_dropout)
 
 
 @dataclass
@@ -649,6 +662,11 @@ class Config:
         if self.train.stage == Stage.pretrain and a.kind != AttentionKind.mha:
             _fail("attention.kind", "mha with train.stage=pretrain (the teacher exports to diffusers layout, Wan's "
                   "attention)", a.kind.value)
+        if self.train.text_dropout > 0 and (self.train.stage != Stage.pretrain or not self.dmd.negative_embedding):
+            _fail("train.text_dropout", "0 unless train.stage=pretrain with a dmd.negative_embedding file (the text "
+                  "a dropped sample sees; `vmla-data negative-embedding` writes it)",
+                  f"{self.train.text_dropout} with stage={self.train.stage.value}, "
+                  f"negative_embedding={self.dmd.negative_embedding!r}")
 
     # Derived geometry -------------------------------------------------------------------------
     @property

@@ -74,7 +74,8 @@ class DistillationModule(L.LightningModule):
         self.cfg = cfg
         self.student, self.teacher, self.critic = student, teacher, critic
         self.new_cache = student.new_cache  # bound to the raw student (engines forward attributes too)
-        self.neg_text = recipe.negative_text(cfg) if critic is not None else None  # [1, Lt, text_dim]
+        uses_neg = critic is not None or cfg.train.text_dropout > 0
+        self.neg_text = recipe.negative_text(cfg) if uses_neg else None  # [1, Lt, text_dim]
         self.rollout_dtype = next(student.parameters()).dtype
         self.snapshot_cache = cfg.train.gradient_checkpointing
         self.vae = None  # loaded on the first sample video
@@ -157,13 +158,20 @@ class DistillationModule(L.LightningModule):
 
     def pretrain_loss(self, batch, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Bidirectional flow matching on real latents with one shifted timestep per sample (Wan's own
-        pretraining objective: the teacher's training). No mask: every frame attends to every frame."""
-        x0 = batch.latents  # (B, F, C, H, W)
+        pretraining objective: the teacher's training). No mask: every frame attends to every frame.
+        With ``train.text_dropout`` p, each sample's text is the negative prompt's embedding with
+        probability p, so the teacher also learns the prediction classifier-free guidance contrasts with."""
+        x0, text = batch.latents, batch.text  # (B, F, C, H, W), (B, Lt, D)
         t = schedule.sample_training_t((x0.shape[0],), self.cfg.schedule.shift, generator=gen,
                                        device=gen.device).float()  # (B,)
         noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.dtype)
         x_t = schedule.add_noise(x0, noise, t)
-        flow = self.student(x_t, t, batch.text, mask=None)
+        if self.cfg.train.text_dropout > 0:
+            drop = torch.rand(x0.shape[0], generator=gen, device=gen.device) < self.cfg.train.text_dropout  # (B,)
+            neg = torch.zeros_like(text[:1])
+            neg[:, : self.neg_text.shape[1]] = self.neg_text.to(text)  # zero-padded to the batch's text length
+            text = torch.where(drop.to(text.device)[:, None, None], neg, text)
+        flow = self.student(x_t, t, text, mask=None)
         loss = losses.flow_matching_loss(flow, x0, noise)
         return loss, {"loss/pretrain": loss.detach()}
 

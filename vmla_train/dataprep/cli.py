@@ -85,8 +85,8 @@ def _world(out: str, args: list[str]) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"world: done. Next: vmla-data raw prep.raw.csv=[{out}/{CSV_NAME}] prep.raw.videos=[{out}/{VIDEOS}] "
-          f"prep.raw.output=RAW_FOLDER")
+    print(f"world: done. Next: vmla-data raw data_prep/world.yaml prep.raw.csv=[{out}/{CSV_NAME}] "
+          f"prep.raw.videos=[{out}/{VIDEOS}] prep.raw.output=RAW_FOLDER  (data_prep/world.yaml keeps every world clip)")
     return 0
 
 

@@ -1,0 +1,449 @@
+"""``vmla-world``: score world videos after generation, and sample the bidirectional world teacher.
+
+    vmla-world eval VIDEO_DIR_OR_FILES... (--prompts FILE | --scenes scenes.jsonl) [--world FOLDER] [--out report.json]
+    vmla-world sample-teacher --teacher T --vae V --text-encoder E --prompts FILE --out DIR [--world FOLDER] ...
+
+**Evaluating** (``evaluate_videos``). Every mp4 is decoded whole at its own frame rate and size with the
+project's reader (``dataprep.video.decode_pyav``: uint8 [T, H, W, 3]) and scored by
+``metrics.evaluate_many`` against its target: a ``PromptSpec`` parsed from a prompt (``--prompts``, one
+per line) or the exact ``Scene`` of a ``scenes.jsonl`` record (``--scenes``). Videos pair with targets
+by name when they can: a scene record's ``video`` field, or ``vmla-generate``'s ``<prompt>-<index>.mp4``
+naming (``generate.video_name``). Otherwise they pair in order (a folder's mp4s sorted by name, files in
+the order given) with the first targets.
+
+**Reference and floor** (``reference_from_world``). The held-out scenes of a world folder
+(``scenes-heldout.jsonl``) are rendered directly at the evaluated videos' length and measured the same
+way: their mean metrics are the ground truth's (what a perfect model scores on those scenes, the numbers
+to compare with) and their features are the reference for the Fréchet distance. The reference is split
+in two halves A (first) and B: the videos' distance is to A, and the *floor* is the distance of B to A,
+real data against real data at the same reference. The Fréchet distance of a finite sample is biased
+upwards, more so for fewer videos, so compare a model with the floor at about as many videos as B has.
+
+**Teacher sampling** (``sample_teacher``): noise [F, C, h, w] seeded ``seed + i`` for prompt ``i`` (as
+``vmla-data ode-pairs`` seeds it), ``wan.euler_sample`` (the teacher's flow-matching Euler sampler with
+classifier-free guidance against ``negative_prompt``, shared with ``ode-pairs``), then ``wan.vae_decode``
+-> uint8 [T, H, W, 3] with T = 1 + t_stride (F - 1), H = s_stride h, W = s_stride w.
+
+Exit status: 0 done, 2 bad input (one line naming the file, key or word). Outputs are never overwritten:
+an existing report or mp4 is refused before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import metrics
+from .captions import PromptError, parse_prompt
+from .openvid import HELDOUT_SCENES, MANIFEST, read_scenes
+from .scene import PromptSpec, Scene
+
+TABLE = (  # report key, label, better
+    ("adherence", "adherence", "1"),
+    ("motion_error", "motion error", "0"),
+    ("physics_error", "physics error", "0"),
+    ("identity", "identity", "1"),
+    ("background", "background change", "0"),
+    ("drift_score", "drift", "0"),
+)
+DEFAULT_CRF = 10  # libx264 quality of sampled videos: the world data's own (metrics are unchanged by it)
+
+
+class InputError(ValueError):
+    """Bad user input: the message is one line naming the file, key or word."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading videos and targets
+# ----------------------------------------------------------------------------------------------
+def read_video(path: str | Path) -> tuple[np.ndarray, float]:
+    """Every frame of an mp4 at its own rate and size: (uint8 [T, H, W, 3], fps)."""
+    from ..dataprep.video import ClipSpec, Reject, decode_pyav, probe
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+        pr = probe(data, decode_first=False)
+        frames = decode_pyav(data, ClipSpec(pr.frames, pr.fps, pr.height, pr.width), pr)
+    except (OSError, Reject) as e:
+        raise InputError(f"video '{p}': {e}") from None
+    return frames, pr.fps
+
+
+def video_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    """A folder -> its ``*.mp4`` sorted by name; files stay in the order given."""
+    out: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(item.glob("*.mp4"))
+            if not found:
+                raise InputError(f"video folder '{item}' holds no .mp4 files")
+            out += found
+        elif item.is_file():
+            out.append(item)
+        else:
+            raise InputError(f"video '{item}' does not exist")
+    return out
+
+
+def read_prompt_targets(path: str | Path) -> list[tuple[str, PromptSpec]]:
+    """(prompt, spec) per non-blank line; a prompt the world cannot stage is ``InputError`` 'FILE:LINE: why'."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"prompt file '{p}' does not exist")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append((line.strip(), parse_prompt(line)))
+            except PromptError as e:
+                raise InputError(f"{p}:{n}: {e}") from None
+    if not out:
+        raise InputError(f"prompt file '{p}' has no prompts (one per line)")
+    return out
+
+
+def read_scene_targets(path: str | Path) -> list[tuple[str | None, Scene]]:
+    """(video file name or None, scene) per record of a ``scenes.jsonl`` / ``scenes-heldout.jsonl``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"scene file '{p}' does not exist")
+    try:
+        scenes = [s for _, s in read_scenes(p)]
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    names = [json.loads(line).get("video") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not scenes:
+        raise InputError(f"scene file '{p}' has no records")
+    return list(zip(names, scenes))
+
+
+def _stem(name: str) -> str:
+    """``<prompt>-<index>.mp4`` -> ``<prompt>`` (the name ``generate.video_name`` gives)."""
+    base = name[:-4] if name.endswith(".mp4") else name
+    head, _, tail = base.rpartition("-")
+    return head if head and tail.isdigit() else base
+
+
+def pair(videos: list[Path], names: list[str | None], targets: list, what: str) -> list:
+    """The target of every video: by file name where every video has one (``names[i]`` is the file name
+    target ``i`` is known by), else in order with the first ``len(videos)`` targets."""
+    index: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n is not None:
+            index.setdefault(n, i)
+    keys = [v.name if v.name in index else _stem(v.name) for v in videos]
+    if index and all(k in index for k in keys):
+        return [targets[index[k]] for k in keys]
+    if len(videos) > len(targets):
+        raise InputError(f"{len(videos)} videos but {len(targets)} targets in {what}, and the file names do not "
+                         "name them: give as many targets as videos")
+    return targets[: len(videos)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: rendered held-out ground truth
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """Ground truth of a world folder's held-out scenes, rendered and measured."""
+
+    folder: str
+    num_frames: int  # rendered frames per clip
+    features: np.ndarray  # float [M, D], one row per clip (``metrics.FEATURES``)
+    metrics: dict  # ``metrics.evaluate_many`` of the clips against their own scenes (means, curves, drift)
+
+    def halves(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A, B): the first and second half of the features, [M // 2, D] and [M - M // 2, D]."""
+        m = len(self.features) // 2
+        return self.features[:m], self.features[m:]
+
+    def floor(self) -> float:
+        """Fréchet distance of half B to half A: held-out real data against itself."""
+        a, b = self.halves()
+        return metrics.frechet_distance(b, a)
+
+
+def reference_from_world(folder: str | Path, n: int | None = None, num_frames: int | None = None) -> Reference:
+    """Render the first ``n`` (default all) held-out scenes of world folder ``folder`` for ``num_frames``
+    frames (default the folder's clip length) and measure them against their scenes. Needs n >= 4 (two
+    halves of at least two clips each for the floor)."""
+    from .render import render
+
+    f = Path(folder)
+    path = f / HELDOUT_SCENES
+    if not path.is_file():
+        raise InputError(f"world folder '{f}' has no {HELDOUT_SCENES} (written by `vmla-data world`)")
+    if num_frames is None:
+        try:
+            num_frames = int(json.loads((f / MANIFEST).read_text())["settings"]["num_frames"])
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"world folder '{f}': {MANIFEST} unreadable ({type(e).__name__}); pass num_frames") from None
+    try:
+        scenes = [s for _, s in read_scenes(path)][:n]
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if len(scenes) < 4:
+        raise InputError(f"'{path}' gives {len(scenes)} held-out scenes; the reference needs at least 4 "
+                         "(write the world folder with num_heldout >= 4)")
+    result = metrics.evaluate_many((render(s, num_frames), s) for s in scenes)
+    return Reference(str(f), num_frames, np.asarray(result.pop("features")), result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+def evaluate_videos(videos: Sequence[str | Path], targets: Sequence[PromptSpec | Scene], fps: float | None = None,
+                    reference_features: np.ndarray | None = None, **kwargs) -> dict:
+    """Score mp4s against their targets (``targets[i]`` for ``videos[i]``): ``metrics.evaluate_many``'s
+    dict (means, curves, drift, per-video ``features``), plus ``videos`` (the paths) and, given
+    ``reference_features`` [M, D] and at least two videos, ``frechet_distance`` to them.
+
+    ``fps``: the frame rate the metrics assume (px / frame <-> frame heights / s); default each video's
+    own. A scene target must have the video's height and width. ``kwargs`` go to ``metrics.evaluate``."""
+    if len(videos) != len(targets):
+        raise InputError(f"evaluate_videos: {len(videos)} videos but {len(targets)} targets")
+    if not videos:
+        raise InputError("evaluate_videos: no videos")
+    items = []
+    for path, target in zip(videos, targets):
+        frames, rate = read_video(path)
+        if isinstance(target, Scene) and frames.shape[1:3] != (target.height, target.width):
+            raise InputError(f"video '{path}' is {frames.shape[1]}x{frames.shape[2]} (HxW), its scene is "
+                             f"{target.height}x{target.width}: evaluate videos of the world's geometry")
+        items.append((frames, target, fps or rate))
+    rates = {r for *_, r in items}
+    if len(rates) > 1:
+        raise InputError(f"videos have different frame rates {sorted(rates)}: pass fps to evaluate them together")
+    out = metrics.evaluate_many(((f, t) for f, t, _ in items), fps=rates.pop(), reference=reference_features,
+                                **kwargs)
+    out["videos"] = [str(p) for p in videos]
+    out["num_frames"] = int(items[0][0].shape[0])
+    return out
+
+
+def report_table(result: dict, reference: Reference | None = None) -> str:
+    """One plain-text table: each metric of the videos beside the held-out ground truth's, and the
+    Fréchet distance beside its floor."""
+    gt = reference.metrics if reference is not None else {}
+    rows = [("metric", "videos", "held-out", "better")]
+    for key, label, better in TABLE:
+        rows.append((label, f"{result[key]:.3f}", f"{gt[key]:.3f}" if key in gt else "-", better))
+    if "frechet_distance" in result:
+        rows.append(("Fréchet distance", f"{result['frechet_distance']:.2f}", f"{result['frechet_floor']:.2f} (floor)",
+                     "floor"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _refuse_existing(*paths: Path) -> None:
+    for p in paths:
+        if p.exists():
+            raise InputError(f"'{p}' exists: refusing to overwrite it (give a new path or remove it)")
+
+
+def _evaluate_and_report(videos: list[Path], targets: list, fps: float | None, world: str | None,
+                         num_reference: int | None, out: Path | None, source: dict) -> dict:
+    """Score ``videos`` (against the world's held-out reference when ``world`` is given), print the
+    table, write ``out`` (JSON) when given."""
+    first, _ = read_video(videos[0])
+    reference = reference_from_world(world, num_reference, len(first)) if world else None
+    ref_a = reference.halves()[0] if reference is not None else None
+    result = evaluate_videos(videos, targets, fps, ref_a)
+    if reference is not None and "frechet_distance" in result:
+        result["frechet_floor"] = reference.floor()
+    print(f"vmla-world eval: {len(videos)} videos of {result['num_frames']} frames"
+          + (f"; reference: {len(reference.features)} held-out scenes of {reference.folder} "
+             f"(distance to the first half; floor = second half to the first)" if reference else ""))
+    print(report_table(result, reference))
+    report = {**source, **result}
+    if reference is not None:
+        report["reference"] = {"folder": reference.folder, "num_clips": len(reference.features),
+                               "num_frames": reference.num_frames, "metrics": reference.metrics,
+                               "features": reference.features.tolist()}
+    if out is not None:
+        from ..config import atomic_write_text
+
+        atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {out}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher sampling
+# ----------------------------------------------------------------------------------------------
+def _world_text_len() -> int:
+    from ..config import MODEL_SIZES
+
+    return MODEL_SIZES["world"]["model"]["text_len"]
+
+
+def sample_teacher(teacher_folder: str | Path, vae_folder: str | Path, text_encoder_folder: str | Path,
+                   prompts: Sequence[str], num_frames: int = 81, steps: int = 48, guidance: float = 5.0,
+                   seed: int = 0, device: str = "auto", height: int = 64, width: int = 64, shift: float = 5.0,
+                   text_len: int | None = None, negative_prompt: str | None = None, batch_size: int = 4,
+                   dtype=None) -> list[np.ndarray]:
+    """Many-step sampling of the bidirectional teacher (a diffusers ``WanTransformer3DModel`` folder):
+    one uint8 video [num_frames, height, width, 3] per prompt.
+
+    ``num_frames`` = 1 + t_stride k and ``height``, ``width`` multiples of the codec's spatial stride times
+    the teacher's patch size. ``guidance`` > 1 mixes ``schedule.guide(cond, uncond, guidance)`` against
+    ``negative_prompt`` (default Wan's, as ``vmla-data ode-pairs``); 1 runs the prompt alone. ``text_len``:
+    the teacher's text slots (default the world model size's). ``dtype``: the teacher's compute dtype
+    (default float32 on CPU, bfloat16 on CUDA)."""
+    import torch
+
+    from .. import wan
+    from ..config import resolve_device
+    from ..generate import rgb_frames
+
+    dev = resolve_device(device)
+    dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    text_len = text_len or _world_text_len()
+    model = wan.load_wan_transformer(teacher_folder, dev, dtype).eval()
+    vae = wan.load_vae(vae_folder, dev, torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    tok, enc = wan.load_text_encoder(text_encoder_folder, dev, torch.float32)
+    s, ts = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
+    p = model.config.patch_size  # (t, h, w)
+    if (num_frames - 1) % ts or num_frames < 1:
+        raise InputError(f"num_frames={num_frames}: expected 1 + {ts} k (the codec's causal first frame)")
+    if height % (s * p[1]) or width % (s * p[2]):
+        raise InputError(f"height x width = {height}x{width}: expected multiples of {s * p[1]}x{s * p[2]} "
+                         "(codec stride x teacher patch)")
+    shape = (1 + (num_frames - 1) // ts, model.config.in_channels, height // s, width // s)  # [F, C, h, w]
+    negative = None
+    if guidance != 1.0:
+        negative, _ = wan.encode_prompts(tok, enc, [negative_prompt or wan.WAN_NEGATIVE_PROMPT], text_len)
+    videos = []
+    for lo in range(0, len(prompts), batch_size):
+        batch = list(prompts[lo: lo + batch_size])
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + lo + i))
+                             for i in range(len(batch))])  # [B, F, C, h, w]
+        text, _ = wan.encode_prompts(tok, enc, batch, text_len)  # [B, text_len, D]
+        x, _ = wan.euler_sample(model, noise.to(dev), text, steps, shift, text_len, negative, guidance)
+        pixels = wan.vae_decode(vae, x)  # [B, 3, T, H, W] in [-1, 1]
+        videos += [rgb_frames(v) for v in pixels]
+    return videos
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmla-world", description="evaluate world videos; sample the world teacher")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("eval", help="score mp4s against prompts or scenes; Fréchet distance to a world's held-out clips")
+    e.add_argument("videos", nargs="+", help="folder(s) of .mp4 files (sorted by name) and/or .mp4 files")
+    t = e.add_mutually_exclusive_group(required=True)
+    t.add_argument("--prompts", help="text file, one prompt per line (targets from the prompt's words)")
+    t.add_argument("--scenes", help="scenes.jsonl / scenes-heldout.jsonl (exact targets)")
+    e.add_argument("--out", type=Path, default=None, help="report JSON (must not exist)")
+    s = sub.add_parser("sample-teacher", help="many-step Euler samples of the teacher -> mp4s + eval")
+    for q in (e, s):
+        q.add_argument("--world", help="world folder: held-out scenes for the reference (sample-teacher: also "
+                                       "the default geometry)")
+        q.add_argument("--num-reference", type=int, default=None, help="held-out scenes to render (default all)")
+        q.add_argument("--fps", type=float, default=None, help="frame rate (eval: default the videos' own)")
+    s.add_argument("--teacher", required=True, help="diffusers WanTransformer3DModel folder")
+    s.add_argument("--vae", required=True, help="AutoencoderKLWan folder (the world codec)")
+    s.add_argument("--text-encoder", required=True, help="folder with tokenizer/ and text_encoder/")
+    s.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    s.add_argument("--out", type=Path, required=True, help="folder for the mp4s and report.json (existing files are refused)")
+    s.add_argument("--frames", type=int, default=None, help="pixel frames, 1 + 4k (default: the world's, else 81)")
+    s.add_argument("--height", type=int, default=None, help="px (default: the world's, else 64)")
+    s.add_argument("--width", type=int, default=None, help="px (default: the world's, else 64)")
+    s.add_argument("--steps", type=int, default=48, help="Euler steps")
+    s.add_argument("--guidance", type=float, default=5.0, help="CFG weight (1 = off)")
+    s.add_argument("--shift", type=float, default=5.0, help="flow-matching shift of the Euler sigmas")
+    s.add_argument("--seed", type=int, default=0, help="prompt i starts from noise seeded seed + i")
+    s.add_argument("--text-len", type=int, default=None, help="teacher text slots (default: the world size's)")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--device", default="auto")
+    return p
+
+
+def _world_settings(world: str | None) -> dict:
+    if not world:
+        return {}
+    path = Path(world) / MANIFEST
+    try:
+        return json.loads(path.read_text())["settings"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"world folder '{world}': {MANIFEST} unreadable ({type(e).__name__}): give a folder "
+                         "written by `vmla-data world`") from None
+
+
+def _eval(args) -> int:
+    if args.out is not None:
+        _refuse_existing(args.out)
+    videos = video_paths(args.videos)
+    if args.prompts:
+        rows = read_prompt_targets(args.prompts)
+        from ..generate import video_name
+
+        names = [_stem(video_name(text, 0)) for text, _ in rows]
+        targets = pair(videos, names, [spec for _, spec in rows], args.prompts)
+        source = {"prompts": args.prompts}
+    else:
+        rows = read_scene_targets(args.scenes)
+        targets = pair(videos, [n for n, _ in rows], [s for _, s in rows], args.scenes)
+        source = {"scenes": args.scenes}
+    _evaluate_and_report(videos, targets, args.fps, args.world, args.num_reference, args.out, source)
+    return 0
+
+
+def _sample(args) -> int:
+    from ..dataprep.video import Mp4Writer
+    from ..generate import video_name
+
+    rows = read_prompt_targets(args.prompts)  # every prompt parses before any model loads
+    w = _world_settings(args.world)
+    frames, height, width = (args.frames or w.get("num_frames", 81), args.height or w.get("height", 64),
+                             args.width or w.get("width", 64))
+    fps = args.fps or w.get("fps", 16)
+    seen: dict[str, int] = {}
+    paths = []
+    for text, _ in rows:
+        paths.append(args.out / video_name(text, seen.get(text, 0)))
+        seen[text] = seen.get(text, 0) + 1
+    report = args.out / "report.json"
+    _refuse_existing(report, *paths)
+    for key, folder in (("--teacher", args.teacher), ("--vae", args.vae), ("--text-encoder", args.text_encoder)):
+        if not Path(folder).is_dir():
+            raise InputError(f"{key} '{folder}' is not a folder")
+    print(f"vmla-world sample-teacher: {len(rows)} prompts, {frames} frames of {height}x{width} at {fps:g} fps, "
+          f"{args.steps} Euler steps, guidance {args.guidance:g} -> {args.out}")
+    videos = sample_teacher(args.teacher, args.vae, args.text_encoder, [t for t, _ in rows], frames, args.steps,
+                            args.guidance, args.seed, args.device, height, width, args.shift, args.text_len,
+                            batch_size=args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path, video in zip(paths, videos):
+        with Mp4Writer(path, int(round(fps)), crf=DEFAULT_CRF) as writer:
+            writer.write(video)
+    settings = {"teacher": str(args.teacher), "steps": args.steps, "guidance": args.guidance, "shift": args.shift,
+                "seed": args.seed, "num_frames": frames, "height": height, "width": width}
+    _evaluate_and_report(paths, [spec for _, spec in rows], fps, args.world, args.num_reference, report,
+                         {"prompts": args.prompts, "sampling": settings})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _eval(args) if args.command == "eval" else _sample(args)
+    except (InputError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
