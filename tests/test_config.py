@@ -50,8 +50,8 @@ def test_kv_accounting_default_videomla():
     [
         ("attention.dc=3", ["unknown config key 'attention.dc'", "nearest valid key: 'attention.d_c'"]),
         ("modle.dim=3", ["unknown config key 'modle'", "'model'"]),
-        ("attention.d_c=abc", ["'attention.d_c'", "wrong type", "int"]),
-        ("attention.kind=gqa", ["'attention.kind'", "wrong type"]),
+        ("attention.d_c=abc", ["'attention.d_c'", "expected an integer, found 'abc'"]),
+        ("attention.kind=gqa", ["'attention.kind'", "expected one of mha, mla, found 'gqa'"]),
         ("cache.window_frames=2", ["'cache.window_frames'", "chunk"]),
         ("video.chunk_frames=4", ["'video.chunk_frames'", "divisor"]),
         ("attention.d_c=4096", ["'attention.d_c'", "model.dim=1536"]),

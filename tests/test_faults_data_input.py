@@ -90,7 +90,7 @@ def test_no_readable_sample_is_an_error_naming_the_shard(tmp_path):
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("overrides, key", [
     (["train.num_stepz=3"], "unknown config key 'train.num_stepz' (nearest valid key: 'train.num_steps')"),
-    (["train.num_steps=many"], "config key 'train.num_steps': wrong type, expected int"),
+    (["train.num_steps=many"], "config key 'train.num_steps': expected an integer, found 'many'"),
     (["cache.window_frames=2"], "config key 'cache.window_frames': expected >= video.chunk_frames=3"),
     (["attention.d_c=4096"], "config key 'attention.d_c': expected 1..model.dim=48"),
     (["strategy.name=ddp", "strategy.devices=2", "train.global_batch_size=3"],

@@ -57,7 +57,7 @@ def test_generate_cli_writes_mp4s(tiny_setup):
             "generate.samples_per_prompt=2", "generate.batch_size=2", "generate.guidance_scale=2.0",
             "schedule.denoising_steps=[1000,500]", "runtime.progress=false"]
     assert G.main(args) == 0
-    files = sorted(p.name for p in (tmp / "out").iterdir())
+    files = sorted(p.name for p in (tmp / "out").glob("*.mp4"))
     assert files == ["a dog cat runs-0.mp4", "a dog cat runs-1.mp4"]
     with av.open(str(tmp / "out" / files[0])) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]

@@ -91,7 +91,7 @@ def rank_study(ckpt: str | Path, out: str | Path, config_paths: Sequence[str | P
         "layers": rows,
     }
     with student_io.AtomicDir(out, overwrite=True) as tmp:
-        (tmp / "rank.json").write_text(json.dumps(result, indent=1))
+        (tmp / "rank.json").write_text(json.dumps(result, indent=1, allow_nan=False))
         (tmp / "rank.csv").write_text(_csv(rows))
         plot_rank_study(result, tmp / "rank.png")
     log(f"wrote {out}/rank.csv, rank.json, rank.png")

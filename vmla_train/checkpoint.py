@@ -30,7 +30,6 @@ The loop's side (every rank, through Fabric) is at the end: ``resume_candidates`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -45,13 +44,13 @@ from safetensors.torch import load_file, save_file
 
 from . import config as C
 from . import parallel
-from .config import atomic_write_text
+from .config import atomic_write_text, honour_umask, json_finite
 from .state import TrainState
-from .student_io import CheckpointError, save_student
+# the manifest code is shared with student folders (student_io); read_manifest and sha256_of are used from here too
+from .student_io import (MANIFEST, STUDENT, CheckpointError, check_output, read_manifest, save_student,  # noqa: F401
+                         sha256_of, verify_manifest, write_manifest)
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: per-file size + SHA-256 in the manifest
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -98,33 +97,10 @@ def clean_incomplete(run_dir: str | Path) -> list[Path]:
     return stale
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify(folder: Path) -> None:
-    """Raise ``CheckpointError`` naming the file when ``folder`` does not match its manifest."""
-    try:
-        manifest = read_manifest(folder)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{folder}': unreadable {MANIFEST} ({e})") from None
-    sums = manifest.get("sha256")
-    if sums is None:  # format 1: names only
-        sums = {f: None for f in manifest.get("files", [])}
-    for name, digest in sums.items():
-        f = folder / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint '{folder}': file '{name}' listed in {MANIFEST} is missing")
-        size = manifest.get("sizes", {}).get(name)
-        if size is not None and f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint '{folder}': file '{name}' has {f.stat().st_size} bytes, the manifest "
-                                  f"says {size} (truncated or overwritten)")
-        if digest is not None and sha256_of(f) != digest:
-            raise CheckpointError(f"checkpoint '{folder}': file '{name}' fails its SHA-256 check (corrupted)")
+    """Raise ``CheckpointError`` naming the file when ``folder`` does not match its manifest (missing file,
+    size, SHA-256 where recorded)."""
+    verify_manifest(folder, "checkpoint")
 
 
 def engine_path(folder: Path, name: str, sharded: bool) -> Path:
@@ -167,7 +143,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 def save_rank_files(folder: Path, rank: int, loader_state: dict) -> None:
     torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
-    atomic_write_text(folder / f"loader-rank{rank}.json", json.dumps(loader_state, indent=1))
+    atomic_write_text(folder / f"loader-rank{rank}.json", json.dumps(loader_state, indent=1, allow_nan=False))
 
 
 def load_rank_files(folder: Path, rank: int) -> tuple[dict, dict]:
@@ -193,15 +169,12 @@ def finalize(run_dir: str | Path, step: int, train_state: dict, config_yaml: str
     """Rank 0, after every rank wrote its files: state + config + manifest (last), rename, prune.
     ``checksums``: SHA-256 per file (reads everything back once; off for very large engines)."""
     tmp, final = tmp_dir(run_dir, step), step_dir(run_dir, step)
-    atomic_write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
+    atomic_write_text(tmp / "train_state.json", json.dumps(json_finite(train_state), indent=1, allow_nan=False))
     atomic_write_text(tmp / "config.yaml", config_yaml)
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "stage": train_state.get("stage"),
-                "strategy": train_state.get("strategy"), "world_size": train_state.get("world_size"),
-                "wandb_run_id": train_state.get("wandb_run_id"), "files": files,
-                "sizes": {f: (tmp / f).stat().st_size for f in files},
-                "sha256": {f: sha256_of(tmp / f) if checksums else None for f in files}}
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    write_manifest(tmp, checksums, kind="checkpoint", producer="vmla-train fit", step=step, stage=train_state.get("stage"),
+                   strategy=train_state.get("strategy"), world_size=train_state.get("world_size"),
+                   wandb_run_id=train_state.get("wandb_run_id"))
+    honour_umask(tmp)  # mkdtemp and safetensors create 0700 / 0600: teammates must read checkpoints
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -221,10 +194,6 @@ def prepare(run_dir: str | Path, step: int) -> Path:
 
 def read_train_state(folder: Path) -> dict:
     return json.loads((folder / "train_state.json").read_text())
-
-
-def read_manifest(folder: Path) -> dict:
-    return json.loads((folder / MANIFEST).read_text())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,9 +322,18 @@ def _restore(state: TrainState, folder: Path, saved: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Export: a plain student folder from a training checkpoint (ZeRO shards consolidated)
 # ----------------------------------------------------------------------------------------------
+EXPORT_PRODUCER = "vmla-train export"
+
+
 def export_student(run_dir: str | Path, out: str | Path, use_ema: bool = False, overwrite: bool = False) -> Path:
-    """The latest complete checkpoint of ``run_dir`` (or the ``step-*`` folder given) -> a student folder."""
-    folder = latest_checkpoint(run_dir) if not str(run_dir).rstrip("/").split("/")[-1].startswith("step-") else Path(run_dir)
+    """The latest complete checkpoint of ``run_dir`` (or the ``step-*`` folder given) -> a student folder.
+    ``overwrite`` replaces only a previous export (its manifest says so), never the run folder, a folder
+    holding it or one inside it (``student_io.check_output``: ``OutputError``, checked before any loading)."""
+    is_step = Path(run_dir).name.startswith("step-")
+    run_folder = Path(run_dir).parent.parent if is_step and Path(run_dir).parent.name == "checkpoints" else Path(run_dir)
+    sources = (run_folder, Path(run_dir))
+    check_output(out, overwrite, STUDENT, EXPORT_PRODUCER, sources)
+    folder = latest_checkpoint(run_dir) if not is_step else Path(run_dir)
     if folder is None or not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"'{run_dir}' holds no complete checkpoint (checkpoints/step-*/manifest.json)")
     verify(folder)  # CheckpointError naming a missing, truncated or corrupted file
@@ -374,5 +352,5 @@ def export_student(run_dir: str | Path, out: str | Path, use_ema: bool = False, 
         raise FileNotFoundError(f"checkpoint '{folder}': no student.ckpt and no DeepSpeed student/ folder "
                                 "(FSDP sharded checkpoints: consolidate with lightning's fsdp tools first)")
     state = {k.removeprefix("_forward_module.").removeprefix("module."): v.float().contiguous() for k, v in state.items()}
-    return save_student(state, cfg, out, overwrite=overwrite,
-                        extra_files={"export.json": json.dumps({"from": str(folder), "ema": use_ema}, indent=1)})
+    return save_student(state, cfg, out, overwrite=overwrite, producer=EXPORT_PRODUCER, sources=sources,
+                        extra_files={"export.json": json.dumps({"from": str(folder), "ema": use_ema}, indent=1, allow_nan=False)})

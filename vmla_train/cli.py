@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="run folder (or one checkpoints/step-N folder)")
     e.add_argument("out", help="output student folder (model.safetensors + config.yaml)")
     e.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw student")
-    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier export (its manifest says so); never a run or source folder")
     return p
 
 
@@ -171,10 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             _destroy_process_group()
     elif args.command == "fit":
-        from .train import fit
+        from .train import fit, print_summary
 
         try:
-            fit(cfg)  # checks the batch geometry against the world size before any process group starts
+            t0 = time.perf_counter()
+            out = fit(cfg)  # checks the batch geometry against the world size before any process group starts
+            print_summary(cfg, out, time.perf_counter() - t0, "fit")
         except C.ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

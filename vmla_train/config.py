@@ -16,6 +16,7 @@ import difflib
 import json
 import os
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -378,7 +379,7 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept
     resume: bool = True  # resume from the run folder's latest complete checkpoint
     on_write_error: str = "stop"  # a failed checkpoint write (e.g. disk full): stop (raise) | continue training
-    checksums: bool = True  # SHA-256 of every file in the manifest, verified at resume (sizes are always checked)
+    checksums: bool = True  # SHA-256 of every file in the manifest, verified at resume and when a student folder loads (sizes are always checked)
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 1 or self.keep_last < 1:
@@ -582,14 +583,14 @@ class GenerateConfig:
     """vmla-generate: long rollouts with sliding window + sinks, streamed VAE decoding, mp4 out."""
 
     seconds: float = 60.0  # video length; latent frames = seconds * video.fps / vae_stride[0], whole chunks
-    samples_per_prompt: int = 1  # videos per prompt (file index 0..n-1, seed = runtime.seed + index)
+    samples_per_prompt: int = 1  # videos per prompt (file index 0..n-1; each file's seed is in manifest.json)
     batch_size: int = 1  # videos generated together (one prompt's samples are batched)
     guidance_scale: float = 1.0  # CFG weight w in uncond + w (cond - uncond); 1 = off (DMD students have it distilled in)
     negative_prompt: str = ""  # CFG negative prompt; empty = Wan's default negative prompt
     text_encoder: str = ""  # local folder with tokenizer/ and text_encoder/ (umT5), or empty with embeddings
     embeddings: str = ""  # safetensors with 'prompt_embeds' [N, Lt, text_dim] (+ 'negative_embeds') instead
     vae: str = ""  # local AutoencoderKLWan folder (or a pipeline folder with vae/)
-    out_dir: str = "samples"  # where the mp4 files go (VBench naming: '<prompt>-<index>.mp4')
+    out_dir: str = "samples"  # where the mp4 files go ('<prompt>-<index>.mp4' as VBench; manifest.json maps files to prompts)
     crf: int = 18  # x264 quality (lower = better)
 
     def __post_init__(self) -> None:
@@ -768,6 +769,98 @@ def _quoted(msg: str) -> str:
     return parts[1] if len(parts) > 2 else msg
 
 
+# Lists of a fixed length, named in the message a wrong value gets (their __post_init__ checks the length).
+_LIST_LENGTHS = {"model.patch_size": 3, "video.vae_stride": 3, "optim.betas": 2, "convert.calib_latent_shape": 3}
+_SCALAR_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+                 str: ("a string", "strings")}
+
+
+def _expected(hint: Any, key: str) -> str:
+    """What a schema field of type ``hint`` at ``key`` takes, in words: 'a section (model.name=..., ...)',
+    'one of mha, mla', 'a list of 3 integers', 'an integer'."""
+    if dataclasses.is_dataclass(hint):
+        shown = ", ".join(f"{key}.{f.name}=..." for f in dataclasses.fields(hint)[:2])
+        return f"a section ({shown}, ...)"
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of " + ", ".join(m.name for m in hint)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        n = _LIST_LENGTHS.get(key)
+        return f"a list of {f'{n} ' if n else ''}{_SCALAR_WORDS[item][1]}"
+    return _SCALAR_WORDS[hint][0]
+
+
+def _found(value: Any, container_expected: bool) -> str:
+    """A user value in words for an error line: an empty value, a list or mapping, a scalar ('the scalar 3'
+    where a section or list was expected)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    if value is None:
+        return "an empty value"
+    if isinstance(value, Enum):
+        value = value.value
+    return f"the scalar {value!r}" if container_expected and not isinstance(value, (dict, list)) else repr(value)
+
+
+def _hint_at(key: str) -> Any:
+    """The schema type at a dotted key ('model.patch_size[1]' -> int), or None where the key is not in it."""
+    hint: Any = Config
+    for part in key.replace("[", ".[").split("."):
+        if part.startswith("["):
+            args = typing.get_args(hint) if typing.get_origin(hint) is list else ()
+            hint = args[0] if args else None
+        elif dataclasses.is_dataclass(hint):
+            hint = typing.get_type_hints(hint).get(part)
+        else:
+            return None
+        if hint is None:
+            return None
+    return hint
+
+
+def _type_error(key: str, value: Any) -> ConfigError:
+    """'config key K: expected <the schema type of K in words>, found <value>' for a value of the wrong type."""
+    hint = _hint_at(key)
+    if hint is None:  # not a schema key (not expected: unknown keys are reported before any merge)
+        return ConfigError(f"config key '{key}': the schema has no such key, found {_found(value, False)}")
+    container = dataclasses.is_dataclass(hint) or typing.get_origin(hint) is list
+    return ConfigError(f"config key '{key}': expected {_expected(hint, key)}, found {_found(value, container)}")
+
+
+def _check_shapes(node: Any, cls: type, prefix: str, schema: DictConfig) -> None:
+    """Check one user layer (plain dicts and lists) against the schema dataclass ``cls`` before any merge:
+    unknown keys, a scalar or list where a section goes (and the reverse), a scalar where a list goes, an
+    empty value, an enum value outside its names. OmegaConf's merge raises nothing readable for these
+    (no message, or a TypeError without the key). Scalar conversions ('abc' for an int) are left to the merge.
+    Renamed keys and values are left to ``_check_renamed``, which names the new spelling."""
+    hints = typing.get_type_hints(cls)
+    for k, value in node.items():
+        key = f"{prefix}{k}"
+        if key in RENAMED_KEYS:
+            continue
+        if k not in hints:
+            raise ConfigError(f"unknown config key '{key}'{_nearest(key, schema)}")
+        hint = hints[k]
+        if isinstance(value, str) and value.startswith("${"):  # an interpolation, resolved by the merge
+            continue
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise _type_error(key, value)
+            _check_shapes(value, hint, key + ".", schema)
+        elif typing.get_origin(hint) is list:
+            if not isinstance(value, list):
+                raise _type_error(key, value)
+            for i, item in enumerate(value):
+                if item is None or isinstance(item, (dict, list)):
+                    raise _type_error(f"{key}[{i}]", item)
+        elif value is None or isinstance(value, (dict, list)):
+            raise _type_error(key, value)
+        elif isinstance(hint, type) and issubclass(hint, Enum) and not isinstance(value, hint):
+            if value not in hint.__members__ and value not in {m.value for m in hint} \
+                    and value not in RENAMED_VALUES.get(key, {}):
+                raise _type_error(key, value)
+
+
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     """``["a.b=1", "c=[1,2]"]`` -> DictConfig; values are parsed as YAML scalars/lists."""
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
@@ -802,31 +895,30 @@ def load(paths: str | Path | Sequence[str | Path] | None = None, overrides: Sequ
 
 
 def from_layers(layers: Sequence[DictConfig | dict]) -> Config:
+    """Merge user layers (YAML files, overrides; later wins) over the schema and the named size, then validate."""
     schema = OmegaConf.structured(Config)
-    merged_user = OmegaConf.merge(*[OmegaConf.create(l) if isinstance(l, dict) else l for l in layers]) if layers else OmegaConf.create()
+    layers = [OmegaConf.create(l) if isinstance(l, dict) else l for l in layers]
+    for layer in layers:
+        _check_shapes(OmegaConf.to_container(layer, resolve=False), Config, "", schema)
+    merged_user = OmegaConf.merge(*layers) if layers else OmegaConf.create()
     _check_renamed(merged_user)
     name = OmegaConf.select(merged_user, "model.name", default="wan-1.3b")
     if name not in MODEL_SIZES:
         raise ConfigError(f"config key 'model.name': expected one of {sorted(MODEL_SIZES)}, found {name!r}")
     cfg = schema
     try:
-        cfg = OmegaConf.merge(cfg, MODEL_SIZES[name])
-        for layer in layers:
-            cfg = OmegaConf.merge(cfg, layer)
+        cfg = OmegaConf.merge(cfg, MODEL_SIZES[name], merged_user)  # the layers' last word on each key
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = _key_of(e) or _quoted(str(e))
         raise ConfigError(f"unknown config key '{key}'{_nearest(key, schema)}") from None
-    except ValidationError as e:
-        key = _key_of(e)
-        node = OmegaConf.select(schema, key) if key else None
-        expected = type(node).__name__ if node is not None and not isinstance(node, (DictConfig, ListConfig)) else "the schema type"
-        raise ConfigError(f"config key '{key}': wrong type, expected {expected} (schema default {node!r}); {e.msg.splitlines()[0]}") from None
+    except ValidationError as e:  # a scalar that does not convert ('abc' for an int)
+        raise _type_error(_key_of(e), getattr(e, "value", None)) from None
     try:
         return OmegaConf.to_object(cfg)  # runs every __post_init__
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config key '{_key_of(e)}': {e.msg.splitlines()[0]}") from None
+        raise ConfigError(f"config key '{_key_of(e)}': {(e.msg or type(e).__name__).splitlines()[0]}") from None
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -871,10 +963,60 @@ def save(cfg: Config, path: str | Path) -> None:
     atomic_write_text(Path(path), to_yaml(cfg))
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux ``/proc``; elsewhere set-and-restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything under it) the permissions a plain ``open`` / ``mkdir``
+    would have: 0o666 for files (plus any execute bits they had) and 0o777 for folders, minus the umask.
+    ``tempfile.mkstemp`` / ``mkdtemp`` and safetensors' ``save_file`` create 0600 / 0700, which teammates on a
+    shared cluster cannot read; every atomic write calls this on its temporary before the rename."""
+    mask = current_umask()
+    path = Path(path)
+    todo = [path]
+    while todo:
+        p = todo.pop()
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+            todo.extend(p.iterdir())
+        else:
+            os.chmod(p, (0o666 | (p.stat().st_mode & 0o111)) & ~mask)
+
+
+def json_finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) made ``None``, through dicts, lists and tuples: for values
+    that may legitimately be missing (an empty CSV score, a skipped step's NaN loss) before ``json.dumps(...,
+    allow_nan=False)`` (bare ``NaN`` / ``Infinity`` are not JSON; strict readers reject the whole file)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_finite(v) for v in obj]
+    return obj
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder + rename: readers see the old
+    file or the new one, never a part. The file gets the permissions of any file the user creates (umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

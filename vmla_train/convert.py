@@ -5,7 +5,9 @@
 
 SRC is read tensor by tensor (``safetensors.safe_open``, memory-mapped) and converted block by block;
 OUT is written shard by shard into a temporary folder that is renamed at the end, so the 14B model never
-sits in memory twice and a failure leaves no OUT.
+sits in memory twice and a failure leaves OUT as it was. OUT gets a ``manifest.json`` last (sizes, SHA-256,
+kind and producer); ``--overwrite`` replaces only a folder whose manifest marks it as this command's output,
+and never SRC, a folder holding SRC, one inside SRC or a training run folder (``student_io.check_output``).
 
 Notation (one layer, docs/design.md and attention.py): D width, H heads of Dh, G RoPE-key groups of r = H/G
 heads, dn content q/k width per head, dr RoPE width per group, dc latent width. Wan's key is
@@ -637,6 +639,11 @@ def layer_errors(wan: dict[str, torch.Tensor], res: LayerResult, cfg: C.Config, 
 # ----------------------------------------------------------------------------------------------
 # The conversion driver
 # ----------------------------------------------------------------------------------------------
+CONVERT_PRODUCER = "vmla-convert"  # the manifest's producer of a student folder written here
+DIFFUSERS = "diffusers"  # the manifest's kind of a diffusers transformer folder
+DIFFUSERS_PRODUCER = "vmla-convert --to diffusers"
+
+
 def convert(src: str | Path, out: str | Path, config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (),
             overwrite: bool = False, log=print) -> dict:
     """Convert a Wan2.1-T2V checkpoint (or an ``mha`` student) into a student folder; returns the report."""
@@ -650,8 +657,7 @@ def convert(src: str | Path, out: str | Path, config_paths: Sequence[str | Path]
     if kind == C.AttentionKind.mla:
         mla_layout(cfg)  # fail early on an impossible RoPE split
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"output folder '{out}' already exists (choose another or remove it)")
+    student_io.check_output(out, overwrite, student_io.STUDENT, CONVERT_PRODUCER, [src])  # before the slow part
     calib = Calibration(source, _mha(cfg), C.resolve_device(cfg.runtime.device))
     gen = torch.Generator().manual_seed(cc.seed)
     like = source.get("blocks.0.attn1.to_q.weight").dtype
@@ -660,7 +666,7 @@ def convert(src: str | Path, out: str | Path, config_paths: Sequence[str | Path]
     layers = []
     desc = f"{kind.value}" + (f" d_c={a.d_c} d_r={a.d_r} groups={a.rope_key_groups} init={cc.init}" if kind == C.AttentionKind.mla else "")
     log(f"converting {source.folder} ({source.layout} layout, {len(source.files)} file(s)) -> {out}: {desc}")
-    with student_io.AtomicDir(out, overwrite) as tmp:
+    with student_io.AtomicDir(out, overwrite, student_io.STUDENT, CONVERT_PRODUCER, [src], cfg.checkpoint.checksums) as tmp:
         writer = student_io.ShardWriter(tmp, int(cc.max_shard_gb * (1 << 30)))
         for name, tensor in source.top().items():
             writer.add(name, tensor.to(out_dtype(tensor)))
@@ -686,7 +692,7 @@ def convert(src: str | Path, out: str | Path, config_paths: Sequence[str | Path]
         files = writer.close()
         report = _report(source, cfg, layers, files, time.perf_counter() - t0)
         (tmp / "config.yaml").write_text(C.to_yaml(cfg))
-        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     log(f"wrote {out} ({len(files)} weight file(s), {report['seconds']:.1f} s); mean attention-output error "
         f"{report['summary']['attn_out_rel_err_mean']:.4f}; KV values/token/layer {report['kv_values_per_token']}")
     return report
@@ -735,6 +741,7 @@ def export_diffusers(src: str | Path, out: str | Path, config_paths: Sequence[st
     """Write a diffusers ``WanTransformer3DModel`` folder (config.json + safetensors), streamed."""
     from . import wan
 
+    student_io.check_output(out, overwrite, DIFFUSERS, DIFFUSERS_PRODUCER, [src])
     source = WanSource(src)
     if source.layout == wan_keys.STUDENT:
         raise ConversionError(f"'{source.folder}' is an MLA student: only mha students (Wan attention) export to diffusers layout")
@@ -742,7 +749,7 @@ def export_diffusers(src: str | Path, out: str | Path, config_paths: Sequence[st
     check_source(source, cfg)
     js = {"_class_name": "WanTransformer3DModel", **wan.wan_transformer_kwargs(cfg.model)}
     js["patch_size"] = list(js["patch_size"])
-    with student_io.AtomicDir(out, overwrite) as tmp:
+    with student_io.AtomicDir(out, overwrite, DIFFUSERS, DIFFUSERS_PRODUCER, [src], cfg.checkpoint.checksums) as tmp:
         writer = student_io.ShardWriter(tmp, int(cfg.convert.max_shard_gb * (1 << 30)))
         for name in source.names():
             writer.add(name, source.get(name))
@@ -755,9 +762,9 @@ def export_diffusers(src: str | Path, out: str | Path, config_paths: Sequence[st
         if index.is_file():
             data = json.loads(index.read_text())
             data["weight_map"] = {k: v.replace("model-", "diffusion_pytorch_model-") for k, v in data["weight_map"].items()}
-            (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(data, indent=1))
+            (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(data, indent=1, allow_nan=False))
             index.unlink()
-        (tmp / "config.json").write_text(json.dumps(js, indent=1))
+        (tmp / "config.json").write_text(json.dumps(js, indent=1, allow_nan=False))
     log(f"wrote diffusers folder {out} from {source.folder} ({source.layout} layout)")
     return Path(out)
 
@@ -771,11 +778,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert a Wan2.1-T2V checkpoint (original or diffusers layout) into a student folder "
                     "(attention.kind=mha|mla, convert.init=spectral|random), or export to diffusers layout.")
     p.add_argument("src", help="Wan2.1-T2V checkpoint folder / pipeline folder / .safetensors file, or a student folder")
-    p.add_argument("out", help="output folder (written atomically; must not exist unless --overwrite)")
+    p.add_argument("out", help="output folder (written atomically, with a manifest.json; must not exist unless --overwrite)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. attention.d_c=160 convert.init=random")
     p.add_argument("--config", action="append", default=[], help="student config YAML (repeatable; e.g. configs/videomla-1.3b.yaml)")
     p.add_argument("--to", choices=("student", "diffusers"), default="student", help="output format (default: student)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT atomically if it is a previous output of this command (its manifest.json says "
+                        "so); never SRC, a folder holding SRC, one inside SRC or a training run folder")
     return p
 
 

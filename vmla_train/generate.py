@@ -9,14 +9,28 @@ decoder (diffusers' own causal feature cache, carried across chunks: frames equa
 and memory stays flat) -> frames are encoded into ``<out_dir>/<prompt>-<index>.mp4`` (VBench naming),
 written to a temporary file and renamed when complete.
 
-Latent frames = seconds * video.fps / vae_stride[0], rounded down to whole chunks (60 s at 16 fps with
-Wan's 4x temporal stride = 240). Classifier-free guidance (guidance_scale > 1) runs the negative prompt
+Outputs (``video_names``, ``manifest.json``). Every file of a run has its own name: ``<prompt>-<index>.mp4``
+where the prompt fits a file name as it is; a prompt cut at 200 bytes, or one whose cleaned name
+(separators and control characters -> spaces) another prompt of the run shares, gets ``~<8 hex digits of
+the SHA-256 of the full prompt>`` after its text; a prompt listed again continues its indices (the second
+of two identical lines with 2 samples each writes ``-2`` and ``-3``). ``<out_dir>/manifest.json`` maps
+every file to its full prompt, index and noise seed; it is rewritten atomically after every batch and
+keeps the entries of earlier runs into the same folder. An mp4 that exists already is refused before
+anything loads (no resuming: remove it or choose another ``out_dir``); partial files that killed runs
+left behind (``Mp4Writer.remove_stale``) are removed at the start.
+
+Latent frames = seconds * video.fps / vae_stride[0], rounded up to whole chunks (60 s at 16 fps with
+Wan's 4x temporal stride = 240); the video has 1 + vae_stride[0] (latent frames - 1) frames, which the
+command prints before it starts. Classifier-free guidance (guidance_scale > 1) runs the negative prompt
 as a second batch half with its own cache; the flows are mixed before the x0 step.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
 import re
 import sys
 import time
@@ -29,22 +43,117 @@ from torch import nn
 
 from . import config as C
 from . import schedule, wan
+from .config import atomic_write_text
 from .dataprep.video import Mp4Writer
 from .rollout import sample_video
 
 
 def latent_frames_for(cfg: C.Config) -> int:
-    """Latent frames for ``generate.seconds``: whole chunks, at least one."""
+    """Latent frames for ``generate.seconds``: seconds * fps / vae_stride[0], rounded up to whole chunks."""
     v = cfg.video
-    frames = int(cfg.generate.seconds * v.fps / v.vae_stride[0])
-    return max(v.chunk_frames, frames - frames % v.chunk_frames)
+    frames = math.ceil(round(cfg.generate.seconds * v.fps / v.vae_stride[0], 6))  # round: 2.25*16/4 is 9, not 9.0000001
+    return v.chunk_frames * max(1, math.ceil(frames / v.chunk_frames))
 
 
-def video_name(prompt: str, index: int, max_bytes: int = 200) -> str:
-    """VBench-style file name ``<prompt>-<index>.mp4`` (path separators and control characters removed)."""
-    clean = re.sub(r"[/\\\x00-\x1f]", " ", prompt).strip()
-    clean = clean.encode()[:max_bytes].decode(errors="ignore").rstrip() or "prompt"
-    return f"{clean}-{index}.mp4"
+def video_frames_for(cfg: C.Config, latent_frames: int) -> int:
+    """Frames of the decoded video: the Wan VAE turns F latent frames into 1 + vae_stride[0] (F - 1)."""
+    return 1 + cfg.video.vae_stride[0] * (latent_frames - 1)
+
+
+MANIFEST_NAME = "manifest.json"  # in out_dir: file name -> prompt, index, seed
+NAME_MAX_BYTES = 200  # prompt bytes in a file name (the name stays under the usual 255-byte limit)
+HASH_CHARS = 8  # hex digits of the SHA-256 of the full prompt that tell cut or clashing prompts apart
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:HASH_CHARS]
+
+
+def _clean(prompt: str) -> str:
+    """Path separators and control characters -> spaces, ends stripped."""
+    return re.sub(r"[/\\\x00-\x1f]", " ", prompt).strip()
+
+
+def video_stem(prompt: str, max_bytes: int = NAME_MAX_BYTES, tag: bool = False) -> str:
+    """The ``<prompt>`` part of a file name: the cleaned prompt, cut to ``max_bytes`` UTF-8 bytes; a cut
+    prompt (or any with ``tag``) ends in ``~<prompt_hash of the full prompt>``."""
+    raw = _clean(prompt).encode()
+    stem = raw[:max_bytes].decode(errors="ignore").rstrip() or "prompt"
+    return f"{stem}~{prompt_hash(prompt)}" if tag or len(raw) > max_bytes else stem
+
+
+def video_name(prompt: str, index: int, max_bytes: int = NAME_MAX_BYTES, tag: bool = False) -> str:
+    """VBench-style file name ``<prompt>-<index>.mp4`` (``video_stem``)."""
+    return f"{video_stem(prompt, max_bytes, tag)}-{index}.mp4"
+
+
+def video_names(prompts: Sequence[str], samples_per_prompt: int) -> list[list[str]]:
+    """File names [len(prompts)][samples_per_prompt], all different. A prompt keeps its plain VBench name
+    unless it is cut (``video_stem`` tags it) or its cleaned name equals another prompt's, when those of
+    the clashing prompts that were changed by cleaning (or are empty) are tagged; the k-th repeat of a
+    prompt takes indices k * samples_per_prompt + 0 .. samples_per_prompt - 1."""
+    distinct = list(dict.fromkeys(prompts))
+    by_stem: dict[str, list[str]] = {}
+    for p in distinct:
+        by_stem.setdefault(video_stem(p), []).append(p)
+    tagged = {p for group in by_stem.values() if len(group) > 1 for p in group if _clean(p) != p or not _clean(p)}
+    stems = {p: video_stem(p, tag=p in tagged) for p in distinct}
+    owner: dict[str, str] = {}
+    for p, st in stems.items():  # still equal: two prompts with one hash, or a prompt spelling a tagged name
+        if st in owner:
+            raise ValueError(f"prompts {owner[st]!r} and {p!r} get the same file name '{st}-0.mp4': reword one of them")
+        owner[st] = p
+    repeats: dict[str, int] = {}
+    names = []
+    for p in prompts:
+        first = repeats.get(p, 0) * samples_per_prompt
+        repeats[p] = repeats.get(p, 0) + 1
+        names.append([f"{stems[p]}-{first + k}.mp4" for k in range(samples_per_prompt)])
+    return names
+
+
+def refuse_existing(out_dir: Path, names: Sequence[Sequence[str]]) -> None:
+    """``FileExistsError`` naming the first planned mp4 that exists: outputs are never replaced."""
+    for row in names:
+        for n in row:
+            if (out_dir / n).exists():
+                raise FileExistsError(f"'{out_dir / n}' exists: refusing to overwrite it "
+                                      "(remove it or choose another generate.out_dir)")
+
+
+def read_manifest(path: Path) -> dict[str, dict]:
+    """The ``videos`` table of a ``manifest.json`` (empty when the file does not exist); ``ValueError``
+    naming the file when it is not one."""
+    if not path.exists():
+        return {}
+    try:
+        videos = json.loads(path.read_text(encoding="utf-8"))["videos"]
+        if not isinstance(videos, dict) or not all(isinstance(e, dict) and isinstance(e.get("prompt"), str)
+                                                   for e in videos.values()):
+            raise ValueError("entries without a 'prompt'")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"'{path}' is not a vmla-generate manifest ({type(e).__name__}: {e}): "
+                         "remove it or choose another folder") from None
+    return videos
+
+
+def write_manifest(path: Path, videos: dict[str, dict]) -> None:
+    """Atomic write: ``{"videos": {file name: {"prompt", "index", "seed", "batch_row", "batch_size"}}}``."""
+    text = json.dumps({"videos": dict(sorted(videos.items()))}, indent=1, ensure_ascii=False, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def manifest_prompts(videos: Sequence[Path]) -> dict[Path, str]:
+    """Full prompt of every video that the ``manifest.json`` beside it lists (others are left out)."""
+    out: dict[Path, str] = {}
+    tables: dict[Path, dict[str, dict]] = {}
+    for v in map(Path, videos):
+        if v.parent not in tables:
+            tables[v.parent] = read_manifest(v.parent / MANIFEST_NAME)
+        entry = tables[v.parent].get(v.name)
+        if entry is not None:
+            out[v] = entry["prompt"]
+    return out
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -180,7 +289,9 @@ class TextSource:
 # ----------------------------------------------------------------------------------------------
 def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: TextSource, vae,
              out_dir: Path, progress: bool = True) -> list[Path]:
-    """Every prompt x sample -> one mp4 in ``out_dir``. Returns the written paths."""
+    """Every prompt x sample -> one mp4 in ``out_dir`` named by ``video_names`` and listed in its
+    ``manifest.json``. Refuses (``FileExistsError``) when one of the files exists; first removes partial
+    files of killed runs. Returns the written paths."""
     from tqdm import tqdm
 
     g = cfg.generate
@@ -188,7 +299,13 @@ def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: Te
     frames = latent_frames_for(cfg)
     chunks = frames // cfg.video.chunk_frames
     steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
+    names = video_names(prompts, g.samples_per_prompt)
+    refuse_existing(out_dir, names)
+    manifest_path = out_dir / MANIFEST_NAME
+    manifest = read_manifest(manifest_path)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in Mp4Writer.remove_stale(out_dir):
+        print(f"vmla-generate: removed '{stale}', a partial file of a killed run", file=sys.stderr)
     model: nn.Module = student
     if g.guidance_scale != 1.0:
         model = GuidedStudent(student, text.negative(), g.guidance_scale)
@@ -198,8 +315,9 @@ def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: Te
         for first in range(0, g.samples_per_prompt, g.batch_size):
             idx = list(range(first, min(first + g.batch_size, g.samples_per_prompt)))
             b = len(idx)
-            gen = torch.Generator(device=dev).manual_seed(cfg.runtime.seed + 1_000_003 * p_idx + first)
-            paths = [out_dir / video_name(prompt, k) for k in idx]
+            seed = cfg.runtime.seed + 1_000_003 * p_idx + first
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            paths = [out_dir / names[p_idx][k] for k in idx]
             writers = [Mp4Writer(p, cfg.video.fps, g.crf) for p in paths]
             bar = tqdm(total=chunks, unit="chunk", disable=not progress, desc=f"{prompt[:40]!r} x{b}")
             t0 = time.perf_counter()
@@ -225,8 +343,22 @@ def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: Te
                 decoder.close()
             for w in writers:
                 w.close()
+            offset = prompts[:p_idx].count(prompt) * g.samples_per_prompt  # a repeated prompt continues its indices
+            for r, (path, k) in enumerate(zip(paths, idx)):
+                manifest[path.name] = {"prompt": prompt, "index": offset + k, "seed": seed, "batch_row": r,
+                                       "batch_size": b}
+            write_manifest(manifest_path, manifest)
             written += paths
     return written
+
+
+def length_line(cfg: C.Config) -> str:
+    """What will be written per video, e.g. '3 latent frames = 9 video frames = 0.56 s at 16 fps (asked for
+    0.01 s; whole chunks of 3 latent frames)'."""
+    latent = latent_frames_for(cfg)
+    video = video_frames_for(cfg, latent)
+    return (f"{latent} latent frames = {video} video frames = {video / cfg.video.fps:.2f} s at {cfg.video.fps} fps "
+            f"(asked for {cfg.generate.seconds:g} s; whole chunks of {cfg.video.chunk_frames} latent frames)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -244,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.checkpoint, args.overrides)
         prompts = read_prompts(args.prompts)
-    except (C.ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        out_dir = Path(cfg.generate.out_dir)
+        refuse_existing(out_dir, video_names(prompts, cfg.generate.samples_per_prompt))
+        read_manifest(out_dir / MANIFEST_NAME)
+    except (C.ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not cfg.generate.vae:
@@ -253,15 +388,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = C.resolve_device(cfg.runtime.device)
     dtype = C.torch_dtype(cfg.runtime.dtype)
     torch.manual_seed(cfg.runtime.seed)
-    student, cfg = load_student(args.checkpoint, args.overrides, device=dev, dtype=dtype)
+    try:
+        student, cfg = load_student(args.checkpoint, args.overrides, device=dev, dtype=dtype)
+    except CheckpointError as e:  # a missing, truncated or altered weight file: named in the message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     student.eval()
     vae = wan.load_vae(cfg.generate.vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
     text = TextSource(cfg, prompts, dev)
-    frames = latent_frames_for(cfg)
-    print(f"vmla-generate: {len(prompts)} prompt(s) x {cfg.generate.samples_per_prompt}, {frames} latent frames "
-          f"({cfg.generate.seconds:g} s at {cfg.video.fps} fps), window {cfg.cache.window_frames} + "
-          f"{cfg.cache.sink_frames} sinks, attention {cfg.attention.kind.value}/{cfg.attention.impl.value}, on {dev}")
-    paths = generate(student, cfg, prompts, text, vae, Path(cfg.generate.out_dir), progress=cfg.runtime.progress)
+    print(f"vmla-generate: {len(prompts)} prompt(s) x {cfg.generate.samples_per_prompt} -> {out_dir}, "
+          f"{length_line(cfg)}, window {cfg.cache.window_frames} + {cfg.cache.sink_frames} sinks, "
+          f"attention {cfg.attention.kind.value}/{cfg.attention.impl.value}, on {dev}")
+    paths = generate(student, cfg, prompts, text, vae, out_dir, progress=cfg.runtime.progress)
     for p in paths:
         print(p)
     return 0

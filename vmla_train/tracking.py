@@ -114,7 +114,7 @@ class RunLog:
         """One iteration's metrics (already reduced over ranks)."""
         if self.rank0:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.write(json.dumps(C.json_finite({"step": step, **metrics}), allow_nan=False) + "\n")  # a skipped step's NaN loss: null
         if step % self.cfg.logging.every_n_steps == 0:
             self.metrics(metrics, step)
         self.bar.update(1)

@@ -196,19 +196,33 @@ def run_training_demo(cfg: C.Config) -> dict:
     """`make demo`: the tiny self_forcing stage from scratch, then a summary of what it wrote."""
     t0 = time.perf_counter()
     out = fit(cfg)
-    if out["rank"] == 0:
-        run_dir = Path(cfg.runtime.run_dir)
-        c = out["counters"]
-        wandb_dirs = sorted(str(p) for p in (run_dir / "wandb").glob("*run-*")) if (run_dir / "wandb").is_dir() else []
-        print(f"demo: {c.step} iterations ({c.student_steps} student / {c.critic_steps} critic steps) of "
-              f"{cfg.train.stage.value} in {time.perf_counter() - t0:.1f} s")
-        print(f"  checkpoint   {out['checkpoint']}")
-        for f in out["samples"]:
-            print(f"  sample video {f}")
-        for d in wandb_dirs:
-            print(f"  W&B run      {d}  (upload: wandb sync --append {d})")
-        print(f"  export with  vmla-train export {run_dir} OUT_FOLDER")
+    print_summary(cfg, out, time.perf_counter() - t0, "demo")
     return out
+
+
+def print_summary(cfg: C.Config, out: dict, seconds: float, label: str) -> None:
+    """Rank 0 prints what a finished ``fit`` (its return value ``out``) did and wrote: iterations and
+    optimizer steps, the losses of the last logged iteration, the checkpoint, sample videos, the W&B run
+    folders and the command that exports the student."""
+    if out["rank"] != 0:
+        return
+    run_dir = Path(cfg.runtime.run_dir)
+    c = out["counters"]
+    wandb_dirs = sorted(str(p) for p in (run_dir / "wandb").glob("*run-*")) if (run_dir / "wandb").is_dir() else []
+    print(f"{label}: {c.step} iterations ({c.student_steps} student / {c.critic_steps} critic steps) of "
+          f"{cfg.train.stage.value} in {seconds:.1f} s")
+    last = max((step for step, _, _ in c.losses), default=None)  # counters.losses: [iteration, key, value] rows
+    if last is not None:
+        losses = ", ".join(f"{k.removeprefix('loss/')} {v:.4g}" for step, k, v in c.losses if step == last)
+        print(f"  losses       {losses}  (iteration {last})")
+    print(f"  checkpoint   {out['checkpoint']}")
+    for f in out["samples"]:
+        print(f"  sample video {f}")
+    for d in wandb_dirs:
+        print(f"  W&B run      {d}  (upload: wandb sync --append {d})")
+    if not wandb_dirs:
+        print(f"  W&B run      none (logging.wandb_mode={cfg.logging.wandb_mode})")
+    print(f"  export with  vmla-train export {run_dir} OUT_FOLDER")
 
 
 # ----------------------------------------------------------------------------------------------

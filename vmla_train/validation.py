@@ -87,7 +87,7 @@ def validate(cfg: C.Config, student, new_cache, teacher, texts: torch.Tensor, ru
     path = Path(run_dir) / "validation.json"
     history = json.loads(path.read_text()) if path.is_file() else []
     history.append({"step": step, **out})
-    C.atomic_write_text(path, json.dumps(history, indent=1))
+    C.atomic_write_text(path, json.dumps(C.json_finite(history), indent=1, allow_nan=False))  # a diverged run: null
     return out
 
 

@@ -55,7 +55,7 @@ def tmp_path(final: Path) -> Path:
 def finish_shard(final: Path, num_samples: int, rejects: list[dict], extra: dict | None = None) -> None:
     """Sidecar first, then rename the finished temp tar to its final name (the completion marker)."""
     sidecar = {"shard": final.name, "num_samples": num_samples, "rejects": rejects, **(extra or {})}
-    atomic_write_text(final.with_suffix(".json"), json.dumps(sidecar, indent=1))
+    atomic_write_text(final.with_suffix(".json"), json.dumps(sidecar, indent=1, allow_nan=False))
     tmp = tmp_path(final)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -76,8 +76,8 @@ def rebuild_index(folder: Path, kind: str, extra_rejects: list[dict] = ()) -> di
         shards[s["shard"]] = int(s["num_samples"])
         rejects.extend(s.get("rejects", []))
     index = {"kind": kind, "num_samples": sum(shards.values()), "shards": shards}
-    atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=1))
-    atomic_write_text(folder / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=1, allow_nan=False))
+    atomic_write_text(folder / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rejects))
     return index
 
 
@@ -126,7 +126,7 @@ class Summary:
 
 
 def write_summary(folder: Path, summary: Summary, name: str = SUMMARY_NAME) -> None:
-    atomic_write_text(folder / name, json.dumps(summary.as_dict(), indent=1))
+    atomic_write_text(folder / name, json.dumps(summary.as_dict(), indent=1, allow_nan=False))
 
 
 def finish_run(folder: Path, kind: str, summary: Summary, summary_name: str = SUMMARY_NAME,

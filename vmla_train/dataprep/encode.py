@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import Config, resolve_device, torch_dtype
+from ..config import Config, honour_umask, json_finite, resolve_device, torch_dtype
 from ..data import encode_array, expand_shards
 from . import common
 from .video import ClipSpec, DecodePool, Probe, Reject
@@ -144,7 +144,7 @@ def encode_shard(cfg: Config, enc: Encoder, pool: DecodePool, src: str, final: P
                             clip=dict(num_frames=v.num_frames, fps=v.fps, height=v.height, width=v.width))
                 sample = {"__key__": k, "latents.npy": encode_array(z, e.latent_dtype),
                           "text.npy": encode_array(t, e.latent_dtype), "txt": cap,
-                          "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+                          "json": json.dumps(json_finite(meta), ensure_ascii=False, allow_nan=False).encode("utf-8")}
                 writer.write(sample)
                 summary.bytes_out += sum(len(x) for x in (sample["latents.npy"], sample["text.npy"], sample["json"]))
                 summary.kept += 1
@@ -225,6 +225,7 @@ def write_negative_embedding(cfg: Config, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = common.tmp_path(out)
     save_file({"text": emb[0, : int(mask[0].sum())].float().cpu().contiguous()}, str(tmp))  # (L, D)
+    honour_umask(tmp)  # save_file makes 0600
     os.replace(tmp, out)
     print(f"negative-embedding: wrote {out}")
     return out

@@ -125,7 +125,7 @@ def write_shard(cfg: Config, teacher: Teacher, j: int, prompts: list[tuple[int, 
                           "trajectory.npy": encode_array(traj[b], o.latent_dtype),
                           "clean.npy": encode_array(clean[b], o.latent_dtype),
                           "text.npy": encode_array(text[b, :n_tok].cpu(), o.latent_dtype), "txt": p,
-                          "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+                          "json": json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")}
                 writer.write(sample)
                 summary.bytes_out += sum(len(x) for k, x in sample.items() if k.endswith("npy"))
                 summary.kept += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import math
 import os
 import re
 import zipfile
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from ..config import RawShardsConfig
 from .video import Reject
 
 COLUMNS = ("video", "caption", "aesthetic score", "motion score", "temporal consistency score", "camera motion",
@@ -100,26 +102,38 @@ def read_csvs(paths: list[str]) -> Iterator[Row | Reject]:
                 yield Row(video=video, caption=values.get("caption", ""), values=values, source=where)
 
 
-def csv_filter_reason(row: Row, c) -> str | None:
-    """The first filter (RawShardsConfig ``c``) the row's CSV values fail, or None."""
+def csv_filter_reason(row: Row, c) -> Reject | None:
+    """The first filter (RawShardsConfig ``c``) the row's CSV values fail, as a Reject (reason, detail), or None.
+
+    A filter is on when its threshold is set: ``min_*`` > 0, or for fps also ``max_fps`` below its default (which
+    keeps any rate). A filter that is on needs a finite number in its column: an empty, NaN or infinite value is
+    rejected as ``missing <column>`` (``NaN < lo`` is false, so it would otherwise pass). A filter that is off lets
+    an empty or NaN value through (the world CSVs leave OpenVid's scores empty; ``json_finite`` writes NaN as null)
+    and still rejects a number below its threshold (a negative score at ``min_* = 0``), as before."""
     v = row.values
+    fps_on = c.min_fps > 0 or c.max_fps < RawShardsConfig.max_fps  # the default keeps any rate
     checks = (
-        ("aesthetic score", c.min_aesthetic, "low aesthetic score"),
-        ("motion score", c.min_motion, "low motion score"),
-        ("temporal consistency score", c.min_temporal, "low temporal consistency"),
-        ("seconds", c.min_seconds, "too short"),
-        ("fps", c.min_fps, "fps out of range"),
+        ("aesthetic score", "min_aesthetic", c.min_aesthetic, c.min_aesthetic > 0, "low aesthetic score"),
+        ("motion score", "min_motion", c.min_motion, c.min_motion > 0, "low motion score"),
+        ("temporal consistency score", "min_temporal", c.min_temporal, c.min_temporal > 0, "low temporal consistency"),
+        ("seconds", "min_seconds", c.min_seconds, c.min_seconds > 0, "too short"),
+        ("fps", "min_fps", c.min_fps, fps_on, "fps out of range"),
     )
-    for col, lo, reason in checks:
+    for col, key, lo, on, reason in checks:
         x = v.get(col, "")
+        if on and not (isinstance(x, float) and math.isfinite(x)):
+            shown = "no column" if col not in v else repr(x if isinstance(x, float) else str(x))
+            return Reject(f"missing {col}", f"csv {row.source}: '{col}' is {shown}; the filter prep.raw.{key} "
+                                            "needs a finite number")
         if isinstance(x, float) and x < lo:
-            return reason
+            return Reject(reason, f"csv {row.source}: '{col}' = {x:g} < prep.raw.{key} = {lo:g}")
     fps = v.get("fps", "")
     if isinstance(fps, float) and fps > c.max_fps:
-        return "fps out of range"
+        return Reject("fps out of range", f"csv {row.source}: 'fps' = {fps:g} > prep.raw.max_fps = {c.max_fps:g}")
     n = len(row.caption.strip())
     if n < c.min_caption_chars or n > c.max_caption_chars:
-        return "caption length"
+        return Reject("caption length", f"csv {row.source}: caption of {n} characters, outside prep.raw."
+                                        f"min/max_caption_chars = {c.min_caption_chars}..{c.max_caption_chars}")
     return None
 
 

@@ -6,7 +6,7 @@ Worker processes handle whole chunks: read each clip's bytes (folder or zip memb
 it (PyAV: frames, fps, size, first frame decodes), apply the probe filters and write samples
 
     <key>.mp4    the original bytes        <key>.txt   the caption
-    <key>.json   every CSV column + {"probe": {frames, fps, width, height, seconds, codec}, "source": ...}
+    <key>.json   every CSV column (a NaN one as null) + {"probe": {frames, fps, width, height, seconds, codec}, "source": ...}
 
 Keys are the clip's file stem with dots replaced. Chunks whose first shard exists are skipped, so a
 re-run resumes; the assignment of rows to chunks is a function of the CSVs and the filters only.
@@ -19,7 +19,7 @@ import json
 import multiprocessing as mp
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, json_finite
 from . import common
 from .openvid import ClipReader, Location, Row, csv_filter_reason, index_clips, read_csvs, sample_key
 from .video import Reject, probe
@@ -86,7 +86,7 @@ def process_chunk(args: tuple) -> dict:
         meta = dict(row.values)
         meta.update(probe=pr.as_dict(), source=row.source, location=loc)
         sample = {"__key__": sample_key(row.video), "mp4": data, "txt": row.caption.strip(),
-                  "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+                  "json": json.dumps(json_finite(meta), ensure_ascii=False, allow_nan=False).encode("utf-8")}
         nbytes = len(data) + len(sample["json"]) + len(sample["txt"].encode()) + 3 * 1024
         if writer is not None and size + nbytes > maxsize:
             close_part()
@@ -146,10 +146,10 @@ def run(cfg: Config, progress: bool = True) -> common.Summary:
             (summary.filtered if item.reason == "duplicate" else summary.failed)[item.reason] += 1
             pre_rejects.append(common.reject_record(item))
             continue
-        reason = csv_filter_reason(item, c)
-        if reason:
-            summary.filtered[reason] += 1
-            pre_rejects.append({"reason": reason, "detail": "csv values", "video": item.video, "row": item.source})
+        failed = csv_filter_reason(item, c)
+        if failed is not None:
+            summary.filtered[failed.reason] += 1
+            pre_rejects.append(common.reject_record(failed, video=item.video, row=item.source))
             continue
         key = sample_key(item.video)
         if key in keys:  # "a.b.mp4" and "a_b.mp4" share the key "a_b": WebDataset would merge them

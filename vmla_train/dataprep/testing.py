@@ -107,6 +107,7 @@ def write_stand_ins(out: str | Path, cfg, seed: int = 0) -> Path:
     import tempfile
     import zipfile
 
+    from ..config import honour_umask
     from .openvid import COLUMNS
 
     out = Path(out)
@@ -128,6 +129,7 @@ def write_stand_ins(out: str | Path, cfg, seed: int = 0) -> Path:
                 name = f"stand_in_{i}.mp4"
                 z.writestr(f"OpenVid_part0/{name}", make_mp4(frames, v.height, v.width, v.fps, seed=seed + i))
                 rows.writerow([name, caption, 5.0, 2.0, 1.0, "pan_right", frames, float(v.fps), seconds])
+        honour_umask(tmp)  # mkdtemp makes 0700, safetensors 0600
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

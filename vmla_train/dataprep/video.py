@@ -11,11 +11,14 @@ child processes that are killed on a timeout and replaced every ``restart_every`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import multiprocessing as mp
 import os
 import queue
+import re
+import socket
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -309,21 +312,39 @@ class DecodePool:
 # ----------------------------------------------------------------------------------------------
 # Encoding
 # ----------------------------------------------------------------------------------------------
+def _host_tag() -> str:
+    """8 hex digits naming this machine in temporary file names (folders may be shared between hosts)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class Mp4Writer:
     """uint8 RGB frames [T, H, W, 3] -> an mp4 at ``path`` (PyAV), written to a temporary name beside it
-    and renamed by ``close`` (``abort`` removes it; as a context manager, whichever fits).
+    (``.<name>.tmp-<host tag>-<pid>.mp4``) and renamed by ``close`` (``abort`` removes it; as a context
+    manager, whichever fits). ``remove_stale`` deletes the temporary files of writers killed before either.
 
     The codec is ``codec``, else libx264 (mpeg4 where PyAV lacks it); ``crf`` applies to libx264;
     ``options`` are further encoder options (``preset``, ``g``, ...); ``faststart`` puts the index (moov)
     first. The first ``write`` fixes the frame size, cropped to even sizes (yuv420p).
     """
 
+    TMP_RE = re.compile(r"^\..+\.tmp-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)\.mp4$")  # no host: older writers
+
     def __init__(self, path: str | Path, fps: int, crf: int | None = None, codec: str | None = None,
                  options: dict[str, str] | None = None, faststart: bool = False):
         import av
 
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}.mp4")
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{_host_tag()}-{os.getpid()}.mp4")
         self.container = av.open(str(self.tmp), mode="w", format="mp4",
                                  options={"movflags": "faststart"} if faststart else {})
         codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
@@ -334,6 +355,21 @@ class Mp4Writer:
         if opts:
             self.stream.options = opts
         self.frames = 0
+
+    @classmethod
+    def remove_stale(cls, folder: str | Path) -> list[Path]:
+        """Delete the temporary files in ``folder`` whose writer process is gone: written on this host
+        (or untagged) by a pid that no longer runs. Live writers' files, here or on other hosts, stay.
+        Returns what was removed."""
+        folder, host, stale = Path(folder), _host_tag(), []
+        if not folder.is_dir():
+            return stale
+        for p in folder.iterdir():
+            m = cls.TMP_RE.match(p.name)
+            if m and m["host"] in (None, host) and not _pid_alive(int(m["pid"])) and p.is_file():
+                p.unlink(missing_ok=True)
+                stale.append(p)
+        return sorted(stale)
 
     def write(self, rgb: np.ndarray) -> None:
         import av

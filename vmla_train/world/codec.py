@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import rng_state, set_rng_state
-from ..config import ModelConfig, atomic_write_text
+from ..config import ModelConfig, atomic_write_text, honour_umask, json_finite
 
 TRAIN, STATS, EVAL = 0, 1, 2  # clip streams: training, latent statistics, held-out PSNR
 
@@ -285,6 +285,7 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
     vae.register_to_config(latents_mean=mean, latents_std=std)
     with tempfile.TemporaryDirectory(dir=out, prefix=".vae-") as tmp:
         vae.save_pretrained(Path(tmp) / "vae")
+        honour_umask(Path(tmp) / "vae")  # safetensors writes 0600
         if vae_dir.exists():
             shutil.rmtree(vae_dir)  # ours (state_path exists): a re-run with more steps
         os.replace(Path(tmp) / "vae", vae_dir)
@@ -295,6 +296,6 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
                   device=_device_name(device), date=datetime.date.today().isoformat(),
                   params=sum(p.numel() for p in vae.parameters()), latents_mean=mean, latents_std=std,
                   settings=settings, history=history)
-    atomic_write_text(report_path, json.dumps(report, indent=1))
+    atomic_write_text(report_path, json.dumps(json_finite(report), indent=1, allow_nan=False))  # a perfect PSNR: null
     log(f"held-out PSNR {value:.2f} dB over {eval_clips} clips; model in {vae_dir}; report {report_path}")
     return report

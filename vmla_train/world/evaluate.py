@@ -7,8 +7,9 @@
 project's reader (``dataprep.video.decode_pyav``: uint8 [T, H, W, 3]) and scored by
 ``metrics.evaluate_many`` against its target: a ``PromptSpec`` parsed from a prompt (``--prompts``, one
 per line) or the exact ``Scene`` of a ``scenes.jsonl`` record (``--scenes``). Videos pair with targets
-by name when they can: a scene record's ``video`` field, or ``vmla-generate``'s ``<prompt>-<index>.mp4``
-naming (``generate.video_name``). Otherwise they pair in order (a folder's mp4s sorted by name, files in
+by name when they can: a scene record's ``video`` field, the full prompt that ``vmla-generate``'s
+``manifest.json`` beside the videos gives each file, or its ``<prompt>-<index>.mp4`` naming
+(``generate.video_name``). Otherwise they pair in order (a folder's mp4s sorted by name, files in
 the order given) with the first targets.
 
 **Reference and floor** (``reference_from_world``). The held-out scenes of a world folder
@@ -147,6 +148,24 @@ def pair(videos: list[Path], names: list[str | None], targets: list, what: str) 
     return targets[: len(videos)]
 
 
+def pair_prompts(videos: list[Path], rows: list[tuple[str, PromptSpec]], what: str) -> list[PromptSpec]:
+    """The prompt target of every video: by the full prompt ``vmla-generate``'s ``manifest.json`` beside
+    the videos gives each file when it lists them all, else by ``pair`` on the ``<prompt>-<index>.mp4`` names."""
+    from ..generate import manifest_prompts, video_names
+
+    try:
+        prompt_of = manifest_prompts(videos)  # file -> full prompt
+        names = [_stem(row[0]) for row in video_names([text for text, _ in rows], 1)]  # the names generate gives
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    row_of: dict[str, int] = {}
+    for i, (text, _) in enumerate(rows):
+        row_of.setdefault(text, i)
+    if all(prompt_of.get(v) in row_of for v in videos):
+        return [rows[row_of[prompt_of[v]]][1] for v in videos]
+    return pair(videos, names, [spec for _, spec in rows], what)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference: rendered held-out ground truth
 # ----------------------------------------------------------------------------------------------
@@ -271,9 +290,9 @@ def _evaluate_and_report(videos: list[Path], targets: list, fps: float | None, w
                                "num_frames": reference.num_frames, "metrics": reference.metrics,
                                "features": reference.features.tolist()}
     if out is not None:
-        from ..config import atomic_write_text
+        from ..config import atomic_write_text, json_finite
 
-        atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(out, json.dumps(json_finite(report), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
         print(f"wrote {out}")
     return report
 
@@ -388,10 +407,7 @@ def _eval(args) -> int:
     videos = video_paths(args.videos)
     if args.prompts:
         rows = read_prompt_targets(args.prompts)
-        from ..generate import video_name
-
-        names = [_stem(video_name(text, 0)) for text, _ in rows]
-        targets = pair(videos, names, [spec for _, spec in rows], args.prompts)
+        targets = pair_prompts(videos, rows, args.prompts)
         source = {"prompts": args.prompts}
     else:
         rows = read_scene_targets(args.scenes)
@@ -403,18 +419,17 @@ def _eval(args) -> int:
 
 def _sample(args) -> int:
     from ..dataprep.video import Mp4Writer
-    from ..generate import video_name
+    from ..generate import video_names
 
     rows = read_prompt_targets(args.prompts)  # every prompt parses before any model loads
     w = _world_settings(args.world)
     frames, height, width = (args.frames or w.get("num_frames", 81), args.height or w.get("height", 64),
                              args.width or w.get("width", 64))
     fps = args.fps or w.get("fps", 16)
-    seen: dict[str, int] = {}
-    paths = []
-    for text, _ in rows:
-        paths.append(args.out / video_name(text, seen.get(text, 0)))
-        seen[text] = seen.get(text, 0) + 1
+    try:
+        paths = [args.out / row[0] for row in video_names([t for t, _ in rows], 1)]  # one distinct name per prompt
+    except ValueError as e:
+        raise InputError(str(e)) from None
     report = args.out / "report.json"
     _refuse_existing(report, *paths)
     for key, folder in (("--teacher", args.teacher), ("--vae", args.vae), ("--text-encoder", args.text_encoder)):

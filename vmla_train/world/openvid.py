@@ -155,11 +155,11 @@ def _check_folder(out: Path, settings: dict) -> bool:
 
 def _write_manifest(out: Path, cfg: WorldDataConfig, complete: bool, **extra) -> None:
     body = {"settings": cfg.settings(), "complete": complete, "csv": CSV_NAME, "videos": VIDEOS, **extra}
-    atomic_write_text(out / MANIFEST, json.dumps(body, indent=1) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(body, indent=1, allow_nan=False) + "\n")
 
 
 def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
 
 
 def write_world_dataset(out_dir: str | Path, num_clips: int = 1000, seed: int = 0, split: int = 0, height: int = 64,

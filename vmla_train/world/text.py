@@ -31,7 +31,7 @@ from typing import Iterable
 
 import torch
 
-from ..config import MODEL_SIZES
+from ..config import MODEL_SIZES, honour_umask
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 (T5's order)
 TINY_TEXT_DIM = MODEL_SIZES["tiny"]["model"]["text_dim"]
@@ -134,8 +134,9 @@ def build_text_encoder(out_dir: str | Path, words: Iterable[str], d_model: int =
         cfg_path = Path(tmp) / "tokenizer" / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # any transformers version resolves this name
-        cfg_path.write_text(json.dumps(cfg, indent=1))
+        cfg_path.write_text(json.dumps(cfg, indent=1, allow_nan=False))
         encoder.save_pretrained(Path(tmp) / "text_encoder")
+        honour_umask(Path(tmp))  # safetensors writes 0600
         for t in targets:
             if t.exists():
                 shutil.rmtree(t)
