@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(args, teacher_size: str) -> dict:
     overrides = [f"strategy.name={args.strategy}", f"strategy.zero_stage={args.zero_stage}", f"strategy.devices={args.gpus}",
                  "data.source=synthetic", "data.num_workers=0", "data.batch_size=1", f"train.global_batch_size={args.gpus}",
-                 "logging.wandb_mode=disabled",
+                 "logging.wandb_mode=disabled", "train.allow_random_roles=true",  # random teacher/critic: timing only
                  f"runtime.run_dir={args.out_dir}/run", f"strategy.accelerator={'cuda' if args.device == 'cuda' else 'cpu'}"]
     if teacher_size:
         overrides.append(f"train.teacher_size={teacher_size}")

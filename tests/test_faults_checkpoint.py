@@ -160,7 +160,8 @@ def test_pickled_object_is_refused_even_with_a_matching_manifest(three_checkpoin
 def test_config_that_does_not_fit_names_file_and_key(three_checkpoints, tmp_path):
     run, newest, previous = _copy(three_checkpoints, tmp_path)
     with pytest.raises(CheckpointError) as e:
-        _fit(run, "train.num_steps=5", "attention.d_c=16")
+        # (without the opt-in the change is refused before loading: tests/test_resume_config.py)
+        _fit(run, "train.num_steps=5", "attention.d_c=16", "checkpoint.allow_config_change=true")
     msg = str(e.value)
     for folder in (newest, previous, ckpt.step_dir(run, 2)):  # every candidate tried, each reason given
         assert f"checkpoint '{folder}' does not load" in msg

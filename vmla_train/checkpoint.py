@@ -24,6 +24,11 @@ SHA-256) before anything is loaded; ``usable_checkpoints`` lists the complete on
 ``resume`` falls back to the next one when a folder fails verification or loading. ``clean_incomplete``
 removes temp folders and manifest-less step folders left by a crash.
 
+Config changes at resume: ``resume`` compares the resolved config with the one each checkpoint holds, prints
+every changed key (old -> new) and refuses (``ConfigError``) changes of keys outside ``FREE_KEYS`` unless
+``checkpoint.allow_config_change=true``; ``record_config`` keeps the run folder's history of resolved configs
+(``config.yaml`` = the first, ``config-resume-<step>.yaml`` per resume that changed something).
+
 The loop's side (every rank, through Fabric) is at the end: ``resume_candidates``, ``save`` and
 ``resume`` of a ``state.TrainState``, and ``export_student`` (a plain student folder from a checkpoint).
 """
@@ -44,6 +49,8 @@ from safetensors.torch import load_file, save_file
 
 from . import config as C
 from . import parallel
+from omegaconf import OmegaConf
+
 from .config import atomic_write_text, honour_umask, json_finite
 from .state import TrainState
 # the manifest code is shared with student folders (student_io); read_manifest and sha256_of are used from here too
@@ -197,6 +204,113 @@ def read_train_state(folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Config changes at resume
+# ----------------------------------------------------------------------------------------------
+# Keys that may differ from the checkpoint's config without changing what the run trains: its length, where
+# and how fast it runs, what it logs, validates and saves (a trailing '.' covers a section). Every other key
+# (model, attention, cache, video, schedule, optim, dmd, the rest of train/data/runtime/strategy, prep) changes
+# the meaning of the run and needs checkpoint.allow_config_change=true. Listed in docs/fault-tolerance.md.
+FREE_KEYS = ("train.num_steps", "train.max_consecutive_skips", "train.gradient_checkpointing", "train.allow_random_roles",
+             "runtime.progress", "runtime.run_dir", "runtime.device",
+             "data.num_workers", "data.prefetch_factor", "data.max_open_shards", "strategy.offload",
+             "logging.", "checkpoint.", "validation.", "debug.", "demo.", "convert.", "generate.")
+RUN_CONFIG = "config.yaml"
+
+
+def is_free_key(key: str) -> bool:
+    """Whether dotted ``key`` may change at resume without ``checkpoint.allow_config_change``."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in FREE_KEYS)
+
+
+def _flat(cfg: C.Config) -> dict[str, Any]:
+    """The resolved config as {dotted key: value}; lists are one value (``schedule.denoising_steps``)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
+    return out
+
+
+def config_changes(old: C.Config, new: C.Config) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key whose resolved value differs, in schema order."""
+    a, b = _flat(old), _flat(new)
+    return [(k, a.get(k), b.get(k)) for k in b if a.get(k) != b.get(k)] + [(k, a[k], None) for k in a if k not in b]
+
+
+def saved_config(folder: Path) -> C.Config:
+    """The resolved config a checkpoint holds (``folder/config.yaml``); ``ConfigError`` naming the folder when it
+    does not load under this version's schema."""
+    try:
+        return C.load(folder / RUN_CONFIG)
+    except C.ConfigError as e:
+        raise C.ConfigError(f"checkpoint '{folder}': its {RUN_CONFIG} does not load ({e}); pass "
+                            f"checkpoint.allow_config_change=true to resume without comparing configs") from None
+
+
+def check_config(fabric, cfg: C.Config, folder: Path) -> list[tuple[str, Any, Any]]:
+    """Compare ``cfg`` with the config of checkpoint ``folder`` before it is loaded: rank 0 prints one line per
+    changed key (old -> new); a change of a key outside ``FREE_KEYS`` raises ``ConfigError`` (one line naming
+    the keys) unless ``checkpoint.allow_config_change``. Every rank reads the same files, so every rank
+    raises together. Returns the changes."""
+    try:
+        old = saved_config(folder)
+    except C.ConfigError:
+        if not cfg.checkpoint.allow_config_change:
+            raise
+        fabric.print(f"warning: checkpoint '{folder}': {RUN_CONFIG} does not load; resuming without comparing "
+                     "configs (checkpoint.allow_config_change=true)")
+        return []
+    changes = config_changes(old, cfg)
+    for key, a, b in changes:
+        fabric.print(f"config change at resume from {folder.name}: {key}: {_shown(a)} -> {_shown(b)}")
+    bound = [key for key, _, _ in changes if not is_free_key(key)]
+    if bound and not cfg.checkpoint.allow_config_change:
+        raise C.ConfigError(
+            f"resuming '{folder}' would change keys that alter the meaning of the run: {', '.join(bound)} (keep the "
+            f"checkpoint's values, train in a new runtime.run_dir, or pass checkpoint.allow_config_change=true)")
+    if bound:
+        fabric.print(f"warning: resuming with {', '.join(bound)} changed (checkpoint.allow_config_change=true)")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    return "<absent>" if value is None else json.dumps(value)
+
+
+def record_config(run_dir: str | Path, cfg: C.Config, resumed: Path | None) -> Path | None:
+    """Rank 0, after ``resume``: keep the run folder's history of resolved configs (atomic writes).
+    A fresh start (nothing resumed) writes ``config.yaml``; a resume never rewrites it (one from before it
+    existed gets the checkpoint's config) and writes ``config-resume-<step>.yaml`` when ``cfg`` differs from
+    the checkpoint's config (``-2``, ``-3``... when a different one of that step is already there). Returns
+    the file written, or None."""
+    run_dir = Path(run_dir)
+    first, text = run_dir / RUN_CONFIG, C.to_yaml(cfg)
+    if resumed is None:
+        atomic_write_text(first, text)
+        return first
+    if not first.is_file():
+        atomic_write_text(first, (resumed / RUN_CONFIG).read_text())
+    try:
+        if not config_changes(saved_config(resumed), cfg):
+            return None
+    except C.ConfigError:  # unreadable old config, resumed with allow_config_change: record the new one
+        pass
+    step, n = read_train_state(resumed)["step"], 1
+    path = run_dir / f"config-resume-{step:08d}.yaml"
+    while path.is_file() and path.read_text() != text:
+        n += 1
+        path = run_dir / f"config-resume-{step:08d}-{n}.yaml"
+    atomic_write_text(path, text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop's side: resume candidates, save and resume a TrainState (every rank, through Fabric)
 # ----------------------------------------------------------------------------------------------
 class CheckpointWriteError(RuntimeError):
@@ -272,6 +386,8 @@ def save(state: TrainState, reason: str) -> Path | None:
 def resume(state: TrainState, candidates: list[Path]) -> Path | None:
     """Restore ``state`` from the newest of ``candidates`` that verifies (rank 0: files, sizes, SHA-256
     against the manifest) and loads on every rank; otherwise log why and fall back to the next older one.
+    Before loading, ``check_config`` prints the keys changed since that checkpoint and raises ``ConfigError``
+    for a change that alters the run (no fallback: an older checkpoint would not make it right).
     None without candidates; ``CheckpointError`` naming every folder and reason when none is usable."""
     fabric = state.fabric
     reasons = []
@@ -284,6 +400,7 @@ def resume(state: TrainState, candidates: list[Path]) -> Path | None:
                 error = str(e)
         bad = parallel.any_rank(fabric, bool(error))
         if not bad:
+            check_config(fabric, state.cfg, folder)  # ConfigError (no fallback) for a change that alters the run
             try:
                 _restore(state, folder, read_train_state(folder))
             except Exception as e:  # any failure to load (unpickling refused, shape mismatch, ...): fall back

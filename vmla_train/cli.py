@@ -15,6 +15,7 @@ import atexit
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from . import config as C
@@ -138,8 +139,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_fit_inputs(cfg: C.Config) -> None:
+    """What ``fit`` reads, checked before any process group or model exists: the device, the data source
+    (shard files and their kind, the prompts file) and the Wan folders the stage loads (teacher, critic,
+    sample VAE, text encoder). Raises ``ConfigError`` / ``CheckpointError`` / ``FileNotFoundError`` naming
+    the config key, what was expected and what was found."""
+    from . import data, wan
+
+    C.resolve_device(cfg.runtime.device, "runtime.device")
+    kind = data.STAGE_KINDS[cfg.train.stage.value]
+    d = cfg.data
+    if d.source == C.DataSource.shards and d.shards:
+        data.check_shards(d.shards, kind)
+    elif d.source == C.DataSource.prompts_file and d.prompts_file:
+        data.build_loader(cfg, kind).close()  # reads the prompt file, checks data.text_encoder's folder
+    sf = cfg.train.stage == C.Stage.self_forcing
+    if cfg.train.teacher_path and (sf or cfg.validation.every_n_steps > 0):
+        wan.transformer_folder(cfg.train.teacher_path, key="train.teacher_path")
+    if cfg.train.critic_path and sf:
+        wan.transformer_folder(cfg.train.critic_path, key="train.critic_path")
+    if cfg.logging.vae_path:
+        wan.vae_folder(cfg.logging.vae_path, key="logging.vae_path")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; returns the exit status (0 done, 2 bad input: one line on stderr). A reader that
+    closes the output early (``vmla-train info ... | head -1``) ends the command quietly with status 1."""
+    try:
+        rc = _run(_parser().parse_args(argv))
+        sys.stdout.flush()  # buffered output meets a closed pipe here, not in interpreter teardown
+        return rc
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is still buffered for a closed
+    pipe neither fails nor prints 'Exception ignored'."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured, replaced)
+        pass
+
+
+def _error(e: BaseException) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "config-reference":
         print(config_reference_markdown())
         return 0
@@ -150,15 +201,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             out = export_student(args.run_dir, args.out, use_ema=args.ema, overwrite=args.overwrite)
         except (FileNotFoundError, CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _error(e)
         print(f"exported student folder {out}")
         return 0
+    config = Path(args.config)
+    if config.is_dir():
+        inside = " ('" + str(config / "config.yaml") + "' is there)" if (config / "config.yaml").is_file() else ""
+        return _error(C.ConfigError(f"config file '{config}' is a folder; expected a YAML file such as "
+                                    f"configs/adapt.yaml{inside}"))
     try:
         cfg = C.load(args.config, args.overrides)
+        if args.command in ("demo", "demo-rollout"):
+            C.resolve_device(cfg.runtime.device, "runtime.device")
+        if args.command == "demo":
+            C.check_role_files(cfg)  # the demo's random roles are opted in (train.allow_random_roles)
     except C.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     if args.command == "info":
         print_info(cfg)
     elif args.command == "demo-rollout":
@@ -171,15 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             _destroy_process_group()
     elif args.command == "fit":
+        from .student_io import CheckpointError
         from .train import fit, print_summary
 
+        try:
+            check_fit_inputs(cfg)
+        except (C.ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # ValueError: build_loader's input checks
+            return _error(e)
         try:
             t0 = time.perf_counter()
             out = fit(cfg)  # checks the batch geometry against the world size before any process group starts
             print_summary(cfg, out, time.perf_counter() - t0, "fit")
         except C.ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _error(e)
         finally:
             _destroy_process_group()
     return 0

@@ -252,12 +252,16 @@ class TrainConfig:
     num_steps: int = 1000  # training iterations (our counter drives every schedule; self_forcing: a critic step each)
     global_batch_size: int = 1  # samples per student step over all ranks (= data.batch_size * world * accumulation)
     student_path: str = ""  # student folder (model.safetensors + config.yaml); "" = random init from this config
-    teacher_path: str = ""  # diffusers Wan folder of the teacher; "" = random weights (tests, benchmarks)
-    critic_path: str = ""  # diffusers Wan folder the critic starts from; "" = a copy of the teacher
+    teacher_path: str = ""  # diffusers Wan folder of the teacher (self_forcing, validation); "" there = an error, or random weights with train.allow_random_roles
+    critic_path: str = ""  # diffusers Wan folder the critic starts from; "" = a copy of the teacher (needed when train.teacher_size differs from the student's)
     teacher_size: str = ""  # named size of teacher/critic (MODEL_SIZES); "" = model.name
     gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
     rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
     text_dropout: float = 0.0  # pretrain: probability a sample's text becomes dmd.negative_embedding (learns the unconditional score CFG needs)
+    # Dry runs only. A file a run needs (train.teacher_path; train.critic_path when the teacher's geometry differs;
+    # dmd.negative_embedding; logging.vae_path) left empty is an error (exit 2) unless this is true: then a seeded
+    # random stand-in is built instead (random weights, embedding or VAE). The *-debug configs and the demo set it.
+    allow_random_roles: bool = False  # dry runs (tests, benchmarks, debug configs, the demo): a needed teacher / critic / negative prompt / sample VAE with no path is built random instead of refused; never in a real run
     # Faults: non-finite steps are skipped on every rank; too many in a row stop the run.
     max_consecutive_skips: int = 3  # consecutive non-finite (NaN/Inf loss or gradient) steps before the run stops
 
@@ -306,7 +310,7 @@ class DMDConfig:
     critic_steps_per_student_step: int = 5  # critic:student update ratio (student steps at iterations 0, N, 2N, ...)
     ema_decay: float = 0.99  # EMA of the student weights (0 = no EMA)
     ema_start_step: int = 200  # first iteration (train step) whose student update feeds the EMA
-    negative_embedding: str = ""  # safetensors with key 'text' [Lt, text_dim] of Wan's negative prompt; "" = fixed random
+    negative_embedding: str = ""  # safetensors with key 'text' [Lt, text_dim] of Wan's negative prompt; "" = an error when guidance_scale != 1, or fixed random with train.allow_random_roles
 
     def __post_init__(self) -> None:
         if not 0 <= self.t_min < self.t_max <= 1000:
@@ -351,7 +355,7 @@ class LoggingConfig:
     wandb_project: str = "vmla-train"  # W&B project
     wandb_entity: str = ""  # W&B entity ("" = default)
     sample_every_n_steps: int = 0  # decode and log a sample video every N iterations and at the end (0 = never)
-    vae_path: str = ""  # diffusers Wan VAE folder for sample videos; "" = tiny random VAE (tests, demo)
+    vae_path: str = ""  # diffusers Wan VAE folder for sample videos; "" with samples on = an error, or a tiny random VAE with train.allow_random_roles
     rank_every_n_steps: int = 0  # latent rank occupation every N steps (0 = off)
 
     def __post_init__(self) -> None:
@@ -380,6 +384,7 @@ class CheckpointConfig:
     resume: bool = True  # resume from the run folder's latest complete checkpoint
     on_write_error: str = "stop"  # a failed checkpoint write (e.g. disk full): stop (raise) | continue training
     checksums: bool = True  # SHA-256 of every file in the manifest, verified at resume and when a student folder loads (sizes are always checked)
+    allow_config_change: bool = False  # resume although keys that change the run's meaning differ from the checkpoint's config (every key but train.num_steps/max_consecutive_skips/gradient_checkpointing/allow_random_roles, runtime.progress/run_dir/device, data.num_workers/prefetch_factor/max_open_shards, strategy.offload, logging.*, checkpoint.*, validation.*, debug.*, and the sections fit does not read: demo.*, convert.*, generate.*; see docs/fault-tolerance.md)
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 1 or self.keep_last < 1:
@@ -713,6 +718,53 @@ def _check_mla(m: ModelConfig, a: AttentionConfig) -> None:
 
 def _fail(key: str, expected: str, found: Any) -> None:
     raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
+
+
+# Files a training run needs: without them a role would be random weights, a random embedding or a random VAE.
+RANDOM_ROLES_KEY = "train.allow_random_roles"
+
+
+def missing_role_files(cfg: Config) -> list[tuple[str, str]]:
+    """(key, what to give) for every file `vmla-train fit` of ``cfg`` needs and has no path for; empty when
+    ``train.allow_random_roles`` permits random stand-ins (dry runs).
+
+    - ``train.teacher_path``: self_forcing (the real score) and validation (the reference) read the teacher;
+    - ``train.critic_path``: self_forcing, only when the teacher's geometry (``train.teacher_size``) is not the
+      student's; otherwise the critic starts as a copy of the teacher;
+    - ``dmd.negative_embedding``: self_forcing with guidance (``dmd.guidance_scale`` != 1: the unconditional
+      score; at 1 its weight is 0);
+    - ``logging.vae_path``: sample videos (``logging.sample_every_n_steps`` > 0) are decoded by it.
+    """
+    if cfg.train.allow_random_roles:
+        return []
+    t, sf = cfg.train, cfg.train.stage == Stage.self_forcing
+    missing = []
+    if not t.teacher_path and (sf or cfg.validation.every_n_steps > 0):
+        who = "train.stage=self_forcing" if sf else f"validation.every_n_steps={cfg.validation.every_n_steps}"
+        missing.append(("train.teacher_path", f"{who} needs the teacher: give its diffusers Wan folder"))
+    if sf and not t.critic_path and cfg.teacher_model != cfg.model:
+        missing.append(("train.critic_path", f"the critic has the student's geometry ({cfg.model.name}), not the "
+                        f"teacher's ({cfg.teacher_model.name}): give a diffusers Wan folder of {cfg.model.name}"))
+    if sf and not cfg.dmd.negative_embedding and cfg.dmd.guidance_scale != 1.0:
+        missing.append(("dmd.negative_embedding", f"dmd.guidance_scale={cfg.dmd.guidance_scale} needs Wan's negative "
+                        "prompt embedded: give the file `vmla-data negative-embedding` writes"))
+    if cfg.logging.sample_every_n_steps > 0 and not cfg.logging.vae_path:
+        missing.append(("logging.vae_path", f"logging.sample_every_n_steps={cfg.logging.sample_every_n_steps} decodes "
+                        "sample videos: give a diffusers Wan VAE folder (or logging.sample_every_n_steps=0)"))
+    return missing
+
+
+def random_roles_error(missing: list[tuple[str, str]]) -> ConfigError:
+    """One line naming each missing key, what to give, and the dry-run opt-in."""
+    return ConfigError("; ".join(f"config key '{key}' is empty: {what}" for key, what in missing)
+                       + f" (or {RANDOM_ROLES_KEY}=true for a dry run on random stand-ins)")
+
+
+def check_role_files(cfg: Config) -> None:
+    """Refuse a training config whose roles would silently be random (``missing_role_files``), before any work."""
+    missing = missing_role_files(cfg)
+    if missing:
+        raise random_roles_error(missing)
 
 
 # Renamed keys and values: an old spelling fails with one line naming the new one (the CLIs exit 2).
@@ -1071,13 +1123,28 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, key: str | None = None):
     """A ``device`` config value -> torch.device: ``auto`` = this process's GPU when CUDA is available
-    (``cuda:LOCAL_RANK`` under a launcher that sets it, else ``cuda``), otherwise the CPU."""
+    (``cuda:LOCAL_RANK`` under a launcher that sets it, else ``cuda``), otherwise the CPU. ``ConfigError``
+    naming ``key`` (the config key the name came from, when given) for a name torch does not know or a CUDA
+    device this process cannot see."""
     import torch
 
     if name != "auto":
-        return torch.device(name)
+        what, fix = (f"config key '{key}'", f"set {key}=auto or {key}=cpu") if key else (f"device {name!r}", "set it to auto or cpu")
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"{what}: expected auto, cpu, cuda or cuda:N, found {name!r}") from None
+        if dev.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ConfigError(f"{what}: {name!r} but this machine has no usable CUDA GPU "
+                                  f"(torch.cuda.is_available() is False): {fix}")
+            if dev.index is not None and dev.index >= count:
+                raise ConfigError(f"{what}: {name!r} but only {count} CUDA device(s) are visible "
+                                  f"(cuda:0..cuda:{count - 1})")
+        return dev
     if not torch.cuda.is_available():
         return torch.device("cpu")
     rank = os.environ.get("LOCAL_RANK")

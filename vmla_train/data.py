@@ -50,9 +50,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import Config, DataSource, torch_dtype
+from .config import Config, ConfigError, DataSource, torch_dtype
 
 KINDS = ("latents", "prompts", "ode")
+STAGE_KINDS = {"pretrain": "latents", "adapt": "latents", "ode_init": "ode", "self_forcing": "prompts"}  # loader per train.stage
+SHARD_KINDS = {"latents": ("latents",), "ode": ("ode",), "prompts": ("latents", "ode")}  # index.json kinds each loader reads
+PRODUCERS = {"raw": "vmla-data raw", "latents": "vmla-data encode", "ode": "vmla-data ode-pairs"}  # who writes each kind
 INDEX_NAME = "index.json"  # per-folder shard index: {"kind": ..., "shards": {"name.tar": num_samples}}
 STATE_VERSION = 1
 log = logging.getLogger(__name__)
@@ -190,6 +193,61 @@ def scan_tar(path: str) -> "OrderedDict[str, dict[str, tuple[int, int]]]":
     return samples
 
 
+def _first_sample_members(path: str) -> tuple[str, list[str]] | None:
+    """(key, member extensions) of the first sample of a tar, reading headers only until the second key
+    starts; None when the file is not a readable tar (the bad-sample path reports that when it is read)."""
+    key, exts = None, []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                match = _MEMBER_RE.match(m.name) if m.isfile() else None
+                if not match:
+                    continue
+                if key is not None and match.group(1) != key:
+                    break
+                key = match.group(1)
+                exts.append(match.group(2))
+    except (tarfile.TarError, OSError):
+        return None
+    return (key, exts) if key is not None else None
+
+
+def check_shards(pattern: str | Sequence[str], kind: str, key: str = "data.shards") -> list[str]:
+    """The shard paths of ``pattern`` (``expand_shards``) after checking, before any sample is read, that
+    they are files and hold samples of the ``kind`` loader: each folder's ``index.json`` kind, else the
+    first sample's members. ``FileNotFoundError`` / ``ConfigError`` naming ``key``, what was found and what
+    to give instead."""
+    paths = expand_shards(pattern)
+    if not paths:
+        raise FileNotFoundError(f"config key '{key}': {pattern!r} matches no files (a shard pattern like "
+                                f"'/data/latents/latents-{{000000..000099}}.tar' or '/data/latents/*.tar')")
+    for p in paths:
+        if os.path.isdir(p):
+            raise ConfigError(f"config key '{key}': '{p}' is a folder; give its shard files, "
+                              f"e.g. {key}='{os.path.join(p, '*.tar')}'")
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"config key '{key}': shard '{p}' does not exist")
+    need = _ShardSource._EXTS[kind]
+    wanted = " or ".join(f"{k} shards (written by `{PRODUCERS[k]}`)" for k in SHARD_KINDS[kind])
+    stages = "/".join(st for st, k in STAGE_KINDS.items() if k == kind)
+    unknown = []
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+        found = read_index(folder).get("kind")
+        if found is None:
+            unknown.append(folder)
+        elif found not in SHARD_KINDS[kind]:
+            raise ConfigError(f"config key '{key}': '{folder}' holds {found} shards ({INDEX_NAME} kind {found!r}, "
+                              f"written by `{PRODUCERS.get(found, '?')}`), but the {kind} loader (train.stage "
+                              f"{stages}) reads {wanted}")
+    if unknown:  # no index kind: the first sample of the first such shard tells
+        first = next(p for p in paths if os.path.dirname(os.path.abspath(p)) in unknown)
+        peek = _first_sample_members(first)
+        if peek is not None and not set(need) <= set(peek[1]):
+            raise ConfigError(f"config key '{key}': shard '{first}' sample '{peek[0]}' has members {sorted(peek[1])}, "
+                              f"but the {kind} loader (train.stage {stages}) needs {list(need)}: give {wanted}")
+    return paths
+
+
 def shard_counts(paths: Sequence[str]) -> list[int]:
     """Samples per shard, from each folder's index.json where it lists the shard, else by scanning."""
     indexes: dict[str, dict] = {}
@@ -320,9 +378,7 @@ class _ShardSource(_Source):
 
     def __init__(self, cfg: Config, kind: str):
         self.cfg, self.kind = cfg, kind
-        self.paths = expand_shards(cfg.data.shards)
-        if not self.paths:
-            raise FileNotFoundError(f"data.shards={cfg.data.shards!r} matches no files")
+        self.paths = check_shards(cfg.data.shards, kind)
         counts = shard_counts(self.paths)
         self.cum = np.cumsum(counts).tolist()
         if not self.cum or self.cum[-1] == 0:
@@ -367,6 +423,9 @@ class _PromptsFileSource(_Source):
 
     def __init__(self, cfg: Config):
         path = Path(cfg.data.prompts_file)
+        if path.is_dir():
+            raise ConfigError(f"config key 'data.prompts_file': '{path}' is a folder; expected a text file, "
+                              "one prompt per line")
         if not path.is_file():
             raise FileNotFoundError(f"data.prompts_file '{path}' does not exist")
         self.prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -647,8 +706,11 @@ def build_loader(cfg: Config, kind: str, rank: int = 0, world_size: int = 1) -> 
         if kind != "prompts":
             raise ValueError(f"data.source=prompts_file gives prompts only, but the '{kind}' loader was asked for")
         source = _PromptsFileSource(cfg)
+        from .wan import text_encoder_folders
+
+        text_encoder_folders(d.text_encoder, key="data.text_encoder")  # a wrong folder fails here, not at the first batch
     return StatefulLoader(cfg, kind, source, rank, world_size)
 
 
-__all__ = ["KINDS", "LatentBatch", "OdeBatch", "PromptBatch", "StatefulLoader", "build_loader", "decode_array",
+__all__ = ["KINDS", "STAGE_KINDS", "LatentBatch", "OdeBatch", "PromptBatch", "StatefulLoader", "build_loader", "check_shards", "decode_array",
            "encode_array", "expand_shards", "read_index", "scan_tar", "shard_counts"]

@@ -90,7 +90,9 @@ class DistillationModule(L.LightningModule):
     def from_config(cls, cfg: C.Config) -> DistillationModule:
         """The roles ``train.stage`` needs, seeded identically on every rank (the engines start equal):
         the student; the teacher for self_forcing or validation; the critic for self_forcing.
-        ``train.gradient_checkpointing`` wraps the trainable models' blocks from outside."""
+        ``train.gradient_checkpointing`` wraps the trainable models' blocks from outside. A file the run needs
+        and lacks (``config.missing_role_files``) is a ``ConfigError`` before any model is built."""
+        C.check_role_files(cfg)
         sf = cfg.train.stage == C.Stage.self_forcing
         student = recipe.build_student(cfg)
         teacher = recipe.build_teacher(cfg) if sf or cfg.validation.every_n_steps > 0 else None

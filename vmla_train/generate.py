@@ -157,7 +157,10 @@ def manifest_prompts(videos: Sequence[Path]) -> dict[Path, str]:
 
 
 def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file, stripped; ``ValueError`` / ``FileNotFoundError`` naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"prompt file '{p}' is a folder; expected a text file, one prompt per line")
     if not p.is_file():
         raise FileNotFoundError(f"prompt file '{p}' does not exist")
     prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
@@ -369,23 +372,55 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def refuse_run_folder(folder: Path) -> None:
+    """``CheckpointError`` when ``folder`` is a training run folder (or one of its checkpoints) rather than
+    an exported student folder, saying how to export it."""
+    from .student_io import RUN_FOLDER_MARKS, CheckpointError
+
+    run = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    if any((run / mark).exists() for mark in RUN_FOLDER_MARKS):
+        raise CheckpointError(f"'{folder}' is a training run folder, not a student folder: export it first with "
+                              f"`vmla-train export {run} OUT` (add --ema for the EMA weights), then generate from OUT")
+
+
+def check_inputs(cfg: C.Config) -> torch.device:
+    """The device and the files generation reads besides the student, checked before anything loads:
+    ``generate.vae`` (an AutoencoderKLWan folder), ``generate.text_encoder`` (umT5) or ``generate.embeddings``
+    (a safetensors file). Returns the device; raises naming the key."""
+    from .student_io import CheckpointError
+
+    g = cfg.generate
+    dev = C.resolve_device(cfg.runtime.device, "runtime.device")
+    if not g.vae:
+        raise C.ConfigError("config key 'generate.vae': expected a local AutoencoderKLWan folder, found ''")
+    wan.vae_folder(g.vae, key="generate.vae")
+    if g.text_encoder:
+        wan.text_encoder_folders(g.text_encoder, key="generate.text_encoder")
+    elif g.embeddings:
+        if not Path(g.embeddings).is_file():
+            raise CheckpointError(f"generate.embeddings '{g.embeddings}': expected a safetensors file, found "
+                                  f"{wan.describe_folder(g.embeddings)}")
+    else:
+        raise C.ConfigError("config keys 'generate.text_encoder' and 'generate.embeddings': set one (a umT5 "
+                            "folder or a safetensors file of prompt embeddings), found both ''")
+    return dev
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .student_io import CheckpointError, load_config, load_student
 
     try:
+        refuse_run_folder(Path(args.checkpoint))
         cfg = load_config(args.checkpoint, args.overrides)
         prompts = read_prompts(args.prompts)
         out_dir = Path(cfg.generate.out_dir)
         refuse_existing(out_dir, video_names(prompts, cfg.generate.samples_per_prompt))
         read_manifest(out_dir / MANIFEST_NAME)
+        dev = check_inputs(cfg)
     except (C.ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not cfg.generate.vae:
-        print("error: config key 'generate.vae': expected a local AutoencoderKLWan folder, found ''", file=sys.stderr)
-        return 2
-    dev = C.resolve_device(cfg.runtime.device)
     dtype = C.torch_dtype(cfg.runtime.dtype)
     torch.manual_seed(cfg.runtime.seed)
     try:
@@ -394,8 +429,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     student.eval()
-    vae = wan.load_vae(cfg.generate.vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    text = TextSource(cfg, prompts, dev)
+    try:
+        vae = wan.load_vae(cfg.generate.vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
+        text = TextSource(cfg, prompts, dev)  # an embeddings file with the wrong tensors or count is named here
+    except (CheckpointError, KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
     print(f"vmla-generate: {len(prompts)} prompt(s) x {cfg.generate.samples_per_prompt} -> {out_dir}, "
           f"{length_line(cfg)}, window {cfg.cache.window_frames} + {cfg.cache.sink_frames} sinks, "
           f"attention {cfg.attention.kind.value}/{cfg.attention.impl.value}, on {dev}")

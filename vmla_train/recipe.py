@@ -2,7 +2,9 @@
 
 Pure PyTorch (no Lightning). ``distill.DistillationModule`` holds the roles and their losses; the loop
 (``train.fit``) sets the student and the critic up as engines. Every role is seeded from
-``runtime.seed``, so every rank builds identical weights.
+``runtime.seed``, so every rank builds identical weights. A role with no file is built random only under
+``train.allow_random_roles`` (dry runs: tests, benchmarks, the debug configs, the demo); otherwise it is a
+``ConfigError`` naming the empty key (``config.missing_role_files`` checks a whole run up front).
 """
 
 from __future__ import annotations
@@ -32,11 +34,20 @@ def build_student(cfg: C.Config) -> nn.Module:
     return WanStudent(cfg)
 
 
+def _refuse_random(cfg: C.Config, key: str, what: str) -> None:
+    """A role about to be built random: a ConfigError naming ``key`` unless ``train.allow_random_roles``."""
+    if not cfg.train.allow_random_roles:
+        raise C.random_roles_error([(key, what)])
+
+
 def build_teacher(cfg: C.Config, device: torch.device | str = "cpu") -> nn.Module:
-    """Frozen real score: diffusers ``WanTransformer3DModel`` from ``train.teacher_path`` or random (seeded)."""
+    """Frozen real score: diffusers ``WanTransformer3DModel`` from ``train.teacher_path``, or random (seeded)
+    with ``train.allow_random_roles`` (dry runs); refused otherwise."""
     if cfg.train.teacher_path:
         teacher = wan.load_wan_transformer(cfg.train.teacher_path, device=device, dtype=torch.float32)
     else:
+        _refuse_random(cfg, "train.teacher_path", "the teacher (real score) would be random weights: give its "
+                       "diffusers Wan folder")
         teacher = wan.build_wan_transformer(cfg.teacher_model, seed=cfg.runtime.seed + 1, device=device)
     teacher.requires_grad_(False)
     return teacher.eval()
@@ -44,12 +55,15 @@ def build_teacher(cfg: C.Config, device: torch.device | str = "cpu") -> nn.Modul
 
 def build_critic(cfg: C.Config, teacher: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """Trainable fake score of the student's geometry: from ``train.critic_path`` (a 1.3B Wan), else a copy
-    of the teacher when it has the student's geometry, else random (seeded; tests and benchmarks)."""
+    of the teacher when it has the student's geometry, else random (seeded) with ``train.allow_random_roles``
+    (dry runs); refused otherwise."""
     if cfg.train.critic_path:
         critic = wan.load_wan_transformer(cfg.train.critic_path, device=device, dtype=torch.float32)
     elif cfg.teacher_model == cfg.model:
         critic = copy.deepcopy(teacher)
     else:
+        _refuse_random(cfg, "train.critic_path", f"the critic has the student's geometry ({cfg.model.name}), not the "
+                       f"teacher's ({cfg.teacher_model.name}): give a diffusers Wan folder of {cfg.model.name}")
         critic = wan.build_wan_transformer(cfg.model, seed=cfg.runtime.seed + 2, device=device)
     critic.requires_grad_(True)
     return critic.train()
@@ -57,7 +71,9 @@ def build_critic(cfg: C.Config, teacher: nn.Module, device: torch.device | str =
 
 def negative_text(cfg: C.Config) -> torch.Tensor:
     """Embedding [1, Lt, text_dim] of Wan's negative prompt (``wan.WAN_NEGATIVE_PROMPT``), precomputed in
-    ``dmd.negative_embedding`` (safetensors key 'text'); without one a fixed random embedding (synthetic)."""
+    ``dmd.negative_embedding`` (safetensors key 'text'). Without one, a fixed random embedding where it cannot
+    matter (``dmd.guidance_scale`` = 1 weighs the unconditional score 0) or with ``train.allow_random_roles``
+    (dry runs); refused otherwise."""
     m = cfg.model
     if cfg.dmd.negative_embedding:
         from safetensors.torch import load_file
@@ -71,6 +87,9 @@ def negative_text(cfg: C.Config) -> torch.Tensor:
         if t.shape[-1] != m.text_dim or t.shape[1] > m.text_len:
             raise ValueError(f"dmd.negative_embedding: shape {tuple(t.shape)}, expected [1, <= {m.text_len}, {m.text_dim}]")
         return t
+    if cfg.dmd.guidance_scale != 1.0 or cfg.train.text_dropout > 0:
+        _refuse_random(cfg, "dmd.negative_embedding", "the unconditional score would read a random embedding: give "
+                       "the file `vmla-data negative-embedding` writes")
     g = torch.Generator().manual_seed(cfg.runtime.seed + 0x4E47)
     return torch.randn(1, m.text_len, m.text_dim, generator=g)
 

@@ -11,10 +11,10 @@
 The run id is created once per run folder, stored in every checkpoint and in ``RUN_DIR/wandb_run_id``,
 and passed back with ``resume="allow"``: a resumed (or requeued) job continues the same run.
 
-``RunLog`` is where the training loop's numbers go (rank 0): ``RUN_DIR/config.yaml`` (the resolved
-config), ``RUN_DIR/metrics.jsonl`` (one line per iteration, trimmed to the resume point at start), W&B
-and the progress bar. A W&B failure mid-run (its service process killed, e.g. by Slurm's requeue) is
-logged once and training continues without W&B.
+``RunLog`` is where the training loop's numbers go (rank 0): ``RUN_DIR/metrics.jsonl`` (one line per
+iteration, trimmed to the resume point at start), W&B and the progress bar (the resolved config files:
+``checkpoint.record_config``). A W&B failure mid-run (its service process killed, e.g. by Slurm's
+requeue) is logged once and training continues without W&B.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def log_video(logger, key: str, mp4_path: str | Path, step: int, fps: int) -> No
 
 
 class RunLog:
-    """The loop's logging (rank 0; other ranks only print through Fabric): config.yaml, metrics.jsonl,
+    """The loop's logging (rank 0; other ranks only print through Fabric): metrics.jsonl,
     W&B every ``logging.every_n_steps`` iterations, the progress bar."""
 
     def __init__(self, fabric, cfg: C.Config, run_dir: Path, run_id: str):
@@ -97,8 +97,6 @@ class RunLog:
         self.rank0 = fabric.global_rank == 0
         self.logger = build_logger(cfg, run_dir, run_id) if self.rank0 else None
         self.bar = None
-        if self.rank0:
-            C.save(cfg, self.run_dir / "config.yaml")
 
     def start(self, step: int) -> None:
         """At ``step`` (0 or the resume point): iterations past it are re-run, so their lines are dropped and

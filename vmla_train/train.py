@@ -85,6 +85,7 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
     this process. Returns a summary (counters, the metrics of every iteration, the last checkpoint)."""
     run_dir = Path(cfg.runtime.run_dir)
     accum = accumulation_steps(cfg, world_size_of(cfg))
+    C.check_role_files(cfg)  # a teacher / critic / negative prompt / VAE with no path: refused before any process starts
 
     # 1. Fabric and processes (one per device; launched by srun / torchrun / our test harness).
     fabric = parallel.build_fabric(cfg, accum)
@@ -113,10 +114,12 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
     sf = cfg.train.stage == C.Stage.self_forcing
     ema = EMA(cfg.dmd.ema_decay if sf else 0.0, cfg.dmd.ema_start_step, keep=rank == 0)  # of the DMD student
     monitor = RankOccupationMonitor(cfg.logging.rank_every_n_steps) if cfg.logging.rank_every_n_steps > 0 else None
-    kind = {"pretrain": "latents", "adapt": "latents", "ode_init": "ode", "self_forcing": "prompts"}[cfg.train.stage.value]
+    kind = data.STAGE_KINDS[cfg.train.stage.value]
     state = TrainState(fabric, cfg, module, student_opt, critic_opt, ema, data.build_loader(cfg, kind, rank, fabric.world_size),
                        run_id, accum)
-    resumed = ckpt.resume(state, candidates)
+    resumed = ckpt.resume(state, candidates)  # prints changed config keys; refuses those that alter the run
+    if rank == 0:
+        ckpt.record_config(run_dir, cfg, resumed)  # config.yaml (the first), config-resume-<step>.yaml
     if resumed is not None:
         fabric.print(f"resumed from {resumed} at step {state.counters.step}")
     log.start(state.counters.step)

@@ -6,7 +6,10 @@
 - Text encoder: transformers ``UMT5EncoderModel`` + tokenizer; embeddings trimmed to each prompt's
   length (the student and teacher zero-pad to ``text_len`` as Wan does).
 
-Everything loads from local folders; nothing downloads (``local_files_only``). Tiny random stand-ins
+Everything loads from local folders; nothing downloads (``local_files_only``). Each loader first checks
+what its folder holds (``vae_folder``, ``transformer_folder``, ``text_encoder_folders``: config.json's
+``_class_name`` / ``model_type``, the weight and tokenizer files) and raises ``CheckpointError`` saying what
+was expected and what was found (``describe_folder``), so a wrong folder never half-loads. Tiny random stand-ins
 with the same classes (``tiny_*``) serve tests, the demo and benchmarks.
 
 Shape convention at this boundary: our code uses latents [B, F, C, H, W]; diffusers uses
@@ -16,6 +19,7 @@ many-step sampler (ODE pairs, validation).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -32,12 +36,130 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
-def _subfolder(path: str | Path, name: str) -> Path:
-    """``path/name`` if it exists (a whole diffusers pipeline folder), else ``path`` itself."""
+# ----------------------------------------------------------------------------------------------
+# What a folder holds: checked before anything loads, so a wrong folder is one line naming it
+# ----------------------------------------------------------------------------------------------
+ORIGINAL_WAN_FILES = ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth")  # files of Wan's own (non-diffusers) layout
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                     "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")  # subfolders of a diffusers Wan pipeline
+
+
+def _config_json(folder: Path) -> dict | None:
+    """``folder/config.json`` as a dict, or None when absent or not a JSON object."""
+    try:
+        js = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return js if isinstance(js, dict) else None
+
+
+def describe_folder(folder: str | Path) -> str:
+    """What ``folder`` holds, in words, for error messages: a diffusers component (its ``_class_name``), a
+    transformers model (its architecture), Wan's original layout, a pipeline, a tokenizer, a student or
+    training run folder, or its first entries."""
+    p = Path(folder)
+    if not p.exists():
+        return "nothing (it does not exist)"
+    if not p.is_dir():
+        return "a file, not a folder"
+    js = _config_json(p)
+    if (js is not None and js.get("_class_name") == "WanModel") or any((p / f).is_file() for f in ORIGINAL_WAN_FILES):
+        return ("Wan's original (non-diffusers) checkpoint layout (config.json _class_name 'WanModel', "
+                f"{', '.join(f for f in ORIGINAL_WAN_FILES if (p / f).is_file()) or 'no diffusers subfolders'}); "
+                "download the diffusers layout (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) and give that folder")
+    if js is not None and "_class_name" in js:
+        return f"a diffusers {js['_class_name']} folder (config.json _class_name {js['_class_name']!r})"
+    if js is not None and js.get("architectures"):
+        return f"a transformers {js['architectures'][0]} folder (config.json model_type {js.get('model_type')!r})"
+    parts = [d for d in PIPELINE_PARTS if (p / d).is_dir()]
+    if parts or (p / "model_index.json").is_file():
+        return f"a diffusers pipeline folder with {', '.join(f'{d}/' for d in parts) or 'no Wan component subfolders'}"
+    if any((p / f).is_file() for f in TOKENIZER_FILES):
+        return "a tokenizer folder"
+    if (p / "config.yaml").is_file() and (p / "model.safetensors").is_file():
+        return "a vmla student folder (config.yaml + model.safetensors)"
+    if (p / "checkpoints").is_dir():
+        return "a vmla training run folder (checkpoints/)"
+    names = sorted(x.name for x in p.iterdir())
+    return f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}" if names else "an empty folder"
+
+
+def _component(path: str | Path, sub: str, what: str, key: str, check) -> Path:
+    """The folder of one Wan component: ``path/sub`` when ``path`` is a pipeline folder holding it, else
+    ``path`` itself. ``check(folder)`` returns None when the folder holds the component, else what it holds
+    instead; then ``CheckpointError`` names ``key``, the folder, what was expected and what was found."""
+    from .student_io import CheckpointError
+
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"Wan component folder '{p}' does not exist")
-    return p / name if (p / name).is_dir() else p
+        raise CheckpointError(f"{key} '{p}' does not exist: expected {what} or a diffusers Wan pipeline folder "
+                              f"holding {sub}/")
+    folder = p / sub if (p / sub).is_dir() else p
+    found = check(folder)
+    if found is not None:
+        hint = ""
+        if (p.parent / sub).is_dir() and p.parent / sub != p:  # a sibling of the wanted subfolder was given
+            hint = f"; the pipeline folder '{p.parent}' holds {sub}/: give that folder"
+        raise CheckpointError(f"{key} '{p}': expected {what} or a diffusers Wan pipeline folder holding {sub}/, "
+                              f"found {found}{hint}")
+    return folder
+
+
+def _diffusers_check(class_name: str):
+    """A ``check`` for ``_component``: config.json names ``class_name`` and a weight file is there."""
+
+    def check(folder: Path) -> str | None:
+        js = _config_json(folder)
+        if js is None or js.get("_class_name") != class_name:
+            return describe_folder(folder)
+        if not any((folder / f).is_file() for f in DIFFUSERS_WEIGHTS):
+            return f"its config.json but no weights ({' / '.join(DIFFUSERS_WEIGHTS)})"
+        return None
+
+    return check
+
+
+def _text_encoder_check(folder: Path) -> str | None:
+    js = _config_json(folder)
+    if js is None or "_class_name" in js or js.get("model_type") != "umt5":
+        return describe_folder(folder)
+    if not any((folder / f).is_file() for f in TRANSFORMERS_WEIGHTS) and not any(folder.glob("model-*.safetensors")):
+        return f"its config.json but no weights ({' / '.join(TRANSFORMERS_WEIGHTS)})"
+    return None
+
+
+def _tokenizer_check(folder: Path) -> str | None:
+    js = _config_json(folder)
+    if (js is not None and "_class_name" in js) or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return describe_folder(folder)
+    return None
+
+
+def transformer_folder(path: str | Path, key: str = "Wan transformer folder") -> Path:
+    """The ``WanTransformer3DModel`` folder of ``path`` (a pipeline folder or the transformer folder);
+    ``CheckpointError`` (naming ``key``, the config key it came from) when it holds something else."""
+    return _component(path, "transformer", "a diffusers WanTransformer3DModel folder", key,
+                      _diffusers_check("WanTransformer3DModel"))
+
+
+def vae_folder(path: str | Path, key: str = "Wan VAE folder") -> Path:
+    """The ``AutoencoderKLWan`` folder of ``path`` (a pipeline folder or the VAE folder); ``CheckpointError``
+    (naming ``key``) when it holds something else."""
+    return _component(path, "vae", "a diffusers AutoencoderKLWan folder", key, _diffusers_check("AutoencoderKLWan"))
+
+
+def text_encoder_folders(path: str | Path, key: str = "umT5 text encoder folder") -> tuple[Path, Path]:
+    """(tokenizer folder, ``UMT5EncoderModel`` folder) of ``path``: a pipeline folder with ``tokenizer/`` and
+    ``text_encoder/``, or one folder holding both; ``CheckpointError`` (naming ``key``) otherwise."""
+    enc = _component(path, "text_encoder", "a transformers UMT5EncoderModel folder (config.json model_type 'umt5')", key,
+                     _text_encoder_check)
+    tok = _component(path, "tokenizer", f"a tokenizer folder ({' / '.join(TOKENIZER_FILES)})",
+                     key, _tokenizer_check)
+    return tok, enc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,9 +200,7 @@ def load_wan_transformer(path: str | Path, device: str | torch.device = "cpu", d
     transformer folder itself)."""
     from diffusers import WanTransformer3DModel
 
-    folder = _subfolder(path, "transformer")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"'{folder}' has no config.json: not a diffusers WanTransformer3DModel folder")
+    folder = transformer_folder(path)
     return WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).to(device)
 
 
@@ -137,9 +257,7 @@ def euler_sample(model, noise: torch.Tensor, text: torch.Tensor, num_steps: int,
 def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKLWan
 
-    folder = _subfolder(path, "vae")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"'{folder}' has no config.json: not a diffusers AutoencoderKLWan folder")
+    folder = vae_folder(path)
     return AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).to(device)
 
 
@@ -185,8 +303,9 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu", dtyp
     ``text_encoder/``) or a folder holding both."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    tok = AutoTokenizer.from_pretrained(_subfolder(path, "tokenizer"), local_files_only=True)
-    enc = UMT5EncoderModel.from_pretrained(_subfolder(path, "text_encoder"), torch_dtype=dtype, local_files_only=True)
+    tok_folder, enc_folder = text_encoder_folders(path)
+    tok = AutoTokenizer.from_pretrained(tok_folder, local_files_only=True)
+    enc = UMT5EncoderModel.from_pretrained(enc_folder, torch_dtype=dtype, local_files_only=True)
     return tok, enc.to(device).eval()
 
 

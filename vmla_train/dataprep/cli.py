@@ -11,7 +11,7 @@ Arguments with '=' are overrides (``prep.raw.min_aesthetic=4.5``), the others YA
 ``runtime.progress=false`` turns the progress bar off.
 ``world`` takes only its own keys (``num_clips=6000 split=0 height=64``: the fields of
 ``world.openvid.WorldDataConfig``, plus ``progress=false``), no YAML files.
-Exit status: 0 done, 2 config error (for ``world`` also: OUT is not new, empty or its own folder with
+Exit status: 0 done, 2 config error or a wrong model folder (for ``world`` also: OUT is not new, empty or its own folder with
 the same settings), 1 input error (message names the key or file).
 """
 
@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     progress = cfg.runtime.progress  # runtime.progress=false: no bar
+    from ..student_io import CheckpointError
+
     try:
         if a.stage == "negative-embedding":
             from .encode import write_negative_embedding
@@ -120,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from .ode import run
         run(cfg, progress=progress)
+    except (C.ConfigError, CheckpointError) as e:  # a config value or model folder to fix (device, Wan folders)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
