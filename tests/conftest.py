@@ -28,6 +28,28 @@ def tiny_cfg(*overrides: str) -> C.Config:
     return C.load(overrides=["model.name=tiny", "cache.dtype=float32", *overrides])
 
 
+def tiny_generate_inputs(folder, prompts_text: str, num_prompts: int, negative: bool = False):
+    """What `vmla-generate` reads, tiny and seeded, in ``folder``: a one-layer student folder (student/), a tiny
+    VAE (vae/), embeddings (emb.safetensors: ``num_prompts`` prompt rows [+ a negative]) and prompts.txt.
+    Returns (config, student folder)."""
+    from safetensors.torch import save_file
+
+    from vmla_train import wan
+    from vmla_train.student import WanStudent
+    from vmla_train.student_io import save_student
+
+    cfg = C.load(None, ["model.name=tiny", "model.num_layers=1", "runtime.device=cpu", "cache.window_frames=6"])
+    torch.manual_seed(0)
+    ckpt = save_student(WanStudent(cfg).state_dict(), cfg, folder / "student")
+    wan.tiny_vae(seed=0).save_pretrained(folder / "vae")
+    emb = {"prompt_embeds": torch.randn(num_prompts, 8, cfg.model.text_dim)}
+    if negative:
+        emb["negative_embeds"] = torch.randn(1, 8, cfg.model.text_dim)
+    save_file(emb, str(folder / "emb.safetensors"))
+    (folder / "prompts.txt").write_text(prompts_text)
+    return cfg, ckpt
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.double(), b.double()
     return ((a64 - b64).norm() / b64.norm().clamp_min(1e-30)).item()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
+
+from conftest import tiny_generate_inputs
 
 from vmla_train import config as C
 from vmla_train import generate as G
 from vmla_train import wan
-from vmla_train.student import WanStudent
-from vmla_train.student_io import save_student
 
 
 def test_default_length_is_a_minute():
@@ -36,13 +35,7 @@ def test_streaming_decoder_equals_whole_decode():
 
 @pytest.fixture
 def tiny_setup(tmp_path):
-    cfg = C.load(None, ["model.name=tiny", "model.num_layers=1", "runtime.device=cpu", "cache.window_frames=6"])
-    torch.manual_seed(0)
-    ckpt = save_student(WanStudent(cfg).state_dict(), cfg, tmp_path / "student")
-    wan.tiny_vae(seed=0).save_pretrained(tmp_path / "vae")
-    emb = {"prompt_embeds": torch.randn(1, 8, cfg.model.text_dim), "negative_embeds": torch.randn(1, 8, cfg.model.text_dim)}
-    save_file(emb, str(tmp_path / "emb.safetensors"))
-    (tmp_path / "prompts.txt").write_text("\na dog/cat runs\n")
+    cfg, ckpt = tiny_generate_inputs(tmp_path, "\na dog/cat runs\n", 1, negative=True)
     return cfg, ckpt, tmp_path
 
 

@@ -9,18 +9,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
+
+from conftest import tiny_generate_inputs
 
 from vmla_train import config as C
 from vmla_train import generate as G
-from vmla_train import wan
 from vmla_train.dataprep.video import Mp4Writer, _host_tag
-from vmla_train.student import WanStudent
-from vmla_train.student_io import save_student
 from vmla_train.world import evaluate as E
 
 LONG = "a very long prompt " * 20  # 380 bytes: cut at 200
@@ -92,12 +88,7 @@ def test_remove_stale_keeps_live_and_foreign_writers(tmp_path):
 
 @pytest.fixture
 def tiny(tmp_path):
-    cfg = C.load(None, ["model.name=tiny", "model.num_layers=1", "runtime.device=cpu", "cache.window_frames=6"])
-    torch.manual_seed(0)
-    ckpt = save_student(WanStudent(cfg).state_dict(), cfg, tmp_path / "student")
-    wan.tiny_vae(seed=0).save_pretrained(tmp_path / "vae")
-    save_file({"prompt_embeds": torch.randn(len(RUN), 8, cfg.model.text_dim)}, str(tmp_path / "emb.safetensors"))
-    (tmp_path / "prompts.txt").write_text("\n".join(RUN) + "\n")
+    cfg, ckpt = tiny_generate_inputs(tmp_path, "\n".join(RUN) + "\n", len(RUN))
     args = [str(ckpt), str(tmp_path / "prompts.txt"), "generate.seconds=0.01", f"generate.vae={tmp_path / 'vae'}",
             f"generate.embeddings={tmp_path / 'emb.safetensors'}", f"generate.out_dir={tmp_path / 'out'}",
             "schedule.denoising_steps=[1000]", "runtime.progress=false"]

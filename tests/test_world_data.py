@@ -161,7 +161,7 @@ def test_resume_after_losing_a_clip(world):
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in videos.glob("*.mp4")}
     lost = clip_name(1, 2)
     (videos / lost).unlink()
-    (videos / f".{clip_name(1, 4)}.tmp-123.mp4").write_bytes(b"half a clip from a killed run")
+    (videos / f".{clip_name(1, 4)}.tmp-999999999.mp4").write_bytes(b"half a clip from a killed run")
     csv_before = (world / CSV_NAME).read_text()
     assert cli.main(["world", str(world), *WORLD]) == 0
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in videos.glob("*.mp4")}

@@ -218,7 +218,7 @@ class DistillationModule(L.LightningModule):
         7. Loss 1/2 mean(x0 - sg(x0 - grad))^2 in float64 (eq. 8): its gradient w.r.t. x0 is the DMD gradient.
         The critic only scores (no grad reaches it); the teacher is frozen.
         """
-        m, d = self.cfg.model, self.cfg.dmd
+        d = self.cfg.dmd
         text = batch.text
         b = text.shape[0]
         # 1.

@@ -42,7 +42,7 @@ import numpy as np
 
 from . import metrics
 from .captions import PromptError, parse_prompt
-from .openvid import HELDOUT_SCENES, MANIFEST, read_scenes
+from .openvid import HELDOUT_SCENES, MANIFEST, WorldDataConfig, read_scenes
 from .scene import PromptSpec, Scene
 
 TABLE = (  # report key, label, better
@@ -307,8 +307,9 @@ def _world_text_len() -> int:
 
 
 def sample_teacher(teacher_folder: str | Path, vae_folder: str | Path, text_encoder_folder: str | Path,
-                   prompts: Sequence[str], num_frames: int = 81, steps: int = 48, guidance: float = 5.0,
-                   seed: int = 0, device: str = "auto", height: int = 64, width: int = 64, shift: float = 5.0,
+                   prompts: Sequence[str], num_frames: int = WorldDataConfig.num_frames, steps: int = 48,
+                   guidance: float = 5.0, seed: int = 0, device: str = "auto", height: int = WorldDataConfig.height,
+                   width: int = WorldDataConfig.width, shift: float = 5.0,
                    text_len: int | None = None, negative_prompt: str | None = None, batch_size: int = 4,
                    dtype=None) -> list[np.ndarray]:
     """Many-step sampling of the bidirectional teacher (a diffusers ``WanTransformer3DModel`` folder):
@@ -423,9 +424,10 @@ def _sample(args) -> int:
 
     rows = read_prompt_targets(args.prompts)  # every prompt parses before any model loads
     w = _world_settings(args.world)
-    frames, height, width = (args.frames or w.get("num_frames", 81), args.height or w.get("height", 64),
-                             args.width or w.get("width", 64))
-    fps = args.fps or w.get("fps", 16)
+    d = WorldDataConfig()  # the world's defaults where neither the command nor the folder says
+    frames, height, width = (args.frames or w.get("num_frames", d.num_frames), args.height or w.get("height", d.height),
+                             args.width or w.get("width", d.width))
+    fps = args.fps or w.get("fps", d.fps)
     try:
         paths = [args.out / row[0] for row in video_names([t for t, _ in rows], 1)]  # one distinct name per prompt
     except ValueError as e:

@@ -74,7 +74,7 @@ from typing import Iterable
 import numpy as np
 
 from .scene import (COLOURS, DIRECTIONS, PALETTE, SHAPES, SIZES, SPEEDS, TEXTURE_SPEED, PromptSpec, Scene,
-                    trajectory, velocity_px)
+                    trajectory)
 
 DEFAULT_TOLERANCE = 60.0  # RGB distance: palette colours are >= 180 apart, backgrounds >= 120 away
 SQUARE_FILL, CIRCLE_FILL = 0.9, 0.64  # fill-ratio thresholds (square 1, circle pi/4, triangle 1/2)

@@ -162,9 +162,12 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
 
 
-def write_world_dataset(out_dir: str | Path, num_clips: int = 1000, seed: int = 0, split: int = 0, height: int = 64,
-                        width: int = 64, num_frames: int = 81, fps: int = 16, workers: int = 4, num_heldout: int = -1,
-                        heldout_split: int = -1, crf: int = 10, progress: bool = False) -> dict:
+def write_world_dataset(out_dir: str | Path, num_clips: int = WorldDataConfig.num_clips, seed: int = WorldDataConfig.seed,
+                        split: int = WorldDataConfig.split, height: int = WorldDataConfig.height,
+                        width: int = WorldDataConfig.width, num_frames: int = WorldDataConfig.num_frames,
+                        fps: int = WorldDataConfig.fps, workers: int = WorldDataConfig.workers,
+                        num_heldout: int = WorldDataConfig.num_heldout, heldout_split: int = WorldDataConfig.heldout_split,
+                        crf: int = WorldDataConfig.crf, progress: bool = False) -> dict:
     """Write (or finish) the world folder ``out_dir`` (layout in the module docstring); returns the
     manifest dict. ``FileExistsError`` for a folder that is not new, empty or ours with these settings,
     ``ValueError`` for bad settings (both one line naming the thing)."""
@@ -179,8 +182,9 @@ def write_world_dataset(out_dir: str | Path, num_clips: int = 1000, seed: int = 
     resumed = _check_folder(out, cfg.settings())
     (out / VIDEOS).mkdir(parents=True, exist_ok=True)
     _write_manifest(out, cfg, complete=False)
-    for stale in (out / VIDEOS).glob(".*.tmp-*.mp4"):  # a killed run's half-written clips
-        stale.unlink(missing_ok=True)
+    from ..dataprep.video import Mp4Writer
+
+    Mp4Writer.remove_stale(out / VIDEOS)  # a killed run's half-written clips (live writers' files stay)
 
     c = cfg.settings()
     tasks = [(i, clip_seed(seed, split, i), str(out / VIDEOS / clip_name(split, i)), c) for i in range(num_clips)]
