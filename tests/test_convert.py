@@ -163,6 +163,11 @@ def test_round_trip_original_diffusers_student_diffusers_is_lossless(tiny, tmp_p
         V.convert(tiny["diff"], mla, **QUIET)
         V.export_diffusers(mla, tmp_path / "d3", **QUIET)
     assert not (tmp_path / "d3").exists()
+    # convert.dtype casts the exported tensors (a shippable bf16 teacher); the values are the rounded originals
+    V.export_diffusers(s, tmp_path / "d16", overrides=["convert.dtype=bfloat16"], **QUIET)
+    half = load_file(str(tmp_path / "d16" / "diffusion_pytorch_model.safetensors"))
+    assert half.keys() == final.keys()
+    assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], final[k].to(torch.bfloat16)) for k in final)
 
 
 @pytest.mark.timeout(30)

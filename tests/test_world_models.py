@@ -138,14 +138,14 @@ TINY_CODEC = CodecConfig(base_dim=8)
 
 def _train(out: Path, **kw) -> dict:
     args = dict(height=32, width=32, num_frames=5, steps=3, batch_size=1, device="cpu", codec=TINY_CODEC,
-                warmup_steps=1, log_every=1, num_workers=0, stats_clips=1, eval_clips=1, log=_quiet)
+                warmup_steps=1, log_every=1, num_workers=0, stats_clips=1, eval_clips=1, ceiling_clips=0, log=_quiet)
     return train_codec(out, **{**args, **kw})
 
 
 @pytest.fixture(scope="module")
 def codec_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("codec") / "run"
-    report = _train(out, height=32, width=32, num_frames=9, steps=2, stats_clips=2)
+    report = _train(out, height=32, width=32, num_frames=9, steps=2, stats_clips=2, ceiling_clips=2, ceiling_frames=9)
     assert report["done"] and report["steps"] == 2
     return out
 
@@ -164,6 +164,10 @@ def test_codec_folder_loads_through_wan_with_latent_statistics(codec_dir):
     assert len(report["history"]) == 2
     # a finished run called again returns its report without training
     assert _train(codec_dir, height=32, width=32, num_frames=9, steps=2, stats_clips=2) == report
+    # the metric ceiling: world metrics of round-tripped clips against their scenes, in range
+    ceiling = report["ceiling"]
+    assert (ceiling["clips"], ceiling["frames"]) == (2, 9) and len(ceiling["psnr_per_frame_db"]) == 9
+    assert all(0.0 <= ceiling[k] <= 1.0 for k in ("adherence", "object_adherence", "identity")), ceiling
 
 
 @pytest.mark.timeout(180)
@@ -223,6 +227,55 @@ def test_codec_learns(tmp_path):
     assert np.mean(rec[-8:]) < 0.85 * np.mean(rec[:8]), rec
 
 
+@pytest.mark.timeout(120)
+def test_codec_budget_fixes_the_step_count(tmp_path):
+    """A budget measures the step rate over 20 steps after the warm-up and fixes the step count; a budget
+    too small for more still trains one more step, and resuming keeps the fitted count."""
+    report = _train(tmp_path / "run", steps=50, budget_s=0.0)
+    assert report["done"] and report["steps"] == 1 + 20 + 1, report["steps"]  # warm-up 1, 20 timed, 1 more
+    state = torch.load(tmp_path / "run" / "codec-train" / "state.pt", weights_only=True)
+    assert state["fitted_steps"] == 22
+    assert _train(tmp_path / "run", steps=50, budget_s=0.0) == report  # finished: returned, not retrained
+
+
+@pytest.mark.timeout(120)
+def test_codec_init_from_starts_from_another_codec(codec_dir, tmp_path):
+    """``init_from`` copies a codec's weights into a fresh run (0 steps: the same weights come out), and a
+    codec of other widths is refused with one line naming the folder."""
+    report = _train(tmp_path / "b", height=32, width=32, num_frames=9, steps=0, init_from=codec_dir)
+    assert report["done"] and report["settings"]["init_from"] == str(codec_dir)
+    a = wan.load_vae(codec_dir).state_dict()
+    b = wan.load_vae(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="other widths"):
+        _train(tmp_path / "c", steps=0, codec=CodecConfig(base_dim=16), init_from=codec_dir)
+    with pytest.raises(ValueError, match="not a codec folder"):
+        _train(tmp_path / "d", steps=0, init_from=tmp_path / "missing")
+
+
+@pytest.mark.timeout(120)
+def test_world_models_folder_holds_codec_and_text_encoder(codec_dir, tmp_path, capsys):
+    """`vmla-world models OUT --vae CODEC`: the codec copied and the seeded world text encoder built, in the
+    layout `prep.encode.vae` / `text_encoder` and `generate.*` read; an existing OUT is refused."""
+    from vmla_train.config import MODEL_SIZES
+    from vmla_train.world.evaluate import main
+
+    out = tmp_path / "models"
+    assert main(["models", str(out), "--vae", str(codec_dir / "vae")]) == 0
+    assert _digest(out / "vae") == _digest(codec_dir / "vae")
+    assert wan.load_vae(out).config.latents_std == wan.load_vae(codec_dir).config.latents_std
+    tok, enc = wan.load_text_encoder(out, dtype=torch.float32)
+    emb, _ = wan.encode_prompts(tok, enc, ["a red circle moves left"], MAX_LEN)
+    assert emb.shape[-1] == MODEL_SIZES["world"]["model"]["text_dim"]
+    before = _digest(out)
+    capsys.readouterr()
+    assert main(["models", str(out), "--vae", str(codec_dir / "vae")]) == 2
+    assert main(["models", str(tmp_path / "other"), "--vae", str(codec_dir)]) == 2  # not the vae folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "exists" in err[0] and "config.json" in err[1], err
+    assert _digest(out) == before and not (tmp_path / "other").exists()
+
+
 @pytest.mark.timeout(60)
 def test_codec_refuses_bad_settings(codec_dir, tmp_path):
     with pytest.raises(ValueError, match="num_frames = 1 \\+ 4k"):
@@ -257,7 +310,7 @@ def test_world_codec_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
     spec.loader.exec_module(bench)
     results_before = sorted((ROOT / "benchmarks" / "results").glob("world_codec-*"))
     args = ["--steps", "3", "--height", "32", "--width", "32", "--frames", "9", "--base-dim", "8", "--batch", "1",
-            "--stats-clips", "1", "--eval-clips", "1", "--log-every", "1", "--device", "cpu",
+            "--stats-clips", "1", "--eval-clips", "1", "--ceiling-clips", "0", "--log-every", "1", "--device", "cpu",
             "--out", str(tmp_path / "run"), "--results", str(tmp_path / "results")]
     assert bench.main(args) == 0
     printed = capsys.readouterr().out

@@ -738,7 +738,8 @@ def _report(source: WanSource, cfg: C.Config, layers: list[dict], files: list[st
 # ----------------------------------------------------------------------------------------------
 def export_diffusers(src: str | Path, out: str | Path, config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (),
                      overwrite: bool = False, log=print) -> Path:
-    """Write a diffusers ``WanTransformer3DModel`` folder (config.json + safetensors), streamed."""
+    """Write a diffusers ``WanTransformer3DModel`` folder (config.json + safetensors), streamed, in
+    ``convert.dtype`` (``source`` keeps each tensor's dtype)."""
     from . import wan
 
     student_io.check_output(out, overwrite, DIFFUSERS, DIFFUSERS_PRODUCER, [src])
@@ -751,8 +752,9 @@ def export_diffusers(src: str | Path, out: str | Path, config_paths: Sequence[st
     js["patch_size"] = list(js["patch_size"])
     with student_io.AtomicDir(out, overwrite, DIFFUSERS, DIFFUSERS_PRODUCER, [src], cfg.checkpoint.checksums) as tmp:
         writer = student_io.ShardWriter(tmp, int(cfg.convert.max_shard_gb * (1 << 30)))
+        cast = (lambda t: t) if cfg.convert.dtype == "source" else (lambda t: t.to(C.torch_dtype(cfg.convert.dtype)))
         for name in source.names():
-            writer.add(name, source.get(name))
+            writer.add(name, cast(source.get(name)))
         files = writer.close()
         rename = {student_io.SINGLE_NAME: "diffusion_pytorch_model.safetensors"}
         for f in files:  # diffusers' file names

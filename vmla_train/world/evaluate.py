@@ -1,5 +1,7 @@
-"""``vmla-world``: score world videos after generation, and sample the bidirectional world teacher.
+"""``vmla-world``: score world videos after generation, sample the bidirectional world teacher, and
+assemble the world's frozen models.
 
+    vmla-world models OUT --vae CODEC_VAE   (the codec + the world text encoder in one folder)
     vmla-world eval VIDEO_DIR_OR_FILES... (--prompts FILE | --scenes scenes.jsonl) [--world FOLDER] [--out report.json]
     vmla-world sample-teacher --teacher T --vae V --text-encoder E --prompts FILE --out DIR [--world FOLDER] ...
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,8 +362,13 @@ def sample_teacher(teacher_folder: str | Path, vae_folder: str | Path, text_enco
 # Command line
 # ----------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vmla-world", description="evaluate world videos; sample the world teacher")
+    p = argparse.ArgumentParser(prog="vmla-world", description="evaluate world videos; sample the world teacher; "
+                                                                "assemble the world's frozen models")
     sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("models", help="one folder with the world codec (vae/) and text encoder (tokenizer/, "
+                                      "text_encoder/), as Wan's diffusers folders are laid out")
+    m.add_argument("out", type=Path, help="new folder")
+    m.add_argument("--vae", required=True, type=Path, help="the trained codec (train_codec's OUT/vae)")
     e = sub.add_parser("eval", help="score mp4s against prompts or scenes; Fréchet distance to a world's held-out clips")
     e.add_argument("videos", nargs="+", help="folder(s) of .mp4 files (sorted by name) and/or .mp4 files")
     t = e.add_mutually_exclusive_group(required=True)
@@ -453,10 +461,35 @@ def _sample(args) -> int:
     return 0
 
 
+def _models(args) -> int:
+    """``args.out``/{vae, tokenizer, text_encoder}: the codec copied, the text encoder built (seeded, frozen,
+    the world's vocabulary and ``text_dim``); assembled in a temporary folder and renamed into place."""
+    import shutil
+    import tempfile
+
+    from ..config import honour_umask
+    from ..config import MODEL_SIZES
+    from .text import build_text_encoder, world_words
+
+    if args.out.exists():
+        raise InputError(f"'{args.out}' exists: give a new folder")
+    if not (args.vae / "config.json").is_file():
+        raise InputError(f"--vae '{args.vae}' has no config.json: give the codec folder (train_codec's OUT/vae)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}-") as tmp:
+        build_text_encoder(tmp, world_words(), d_model=MODEL_SIZES["world"]["model"]["text_dim"])
+        shutil.copytree(args.vae, Path(tmp) / "vae")
+        honour_umask(Path(tmp))
+        os.replace(tmp, args.out)
+        Path(tmp).mkdir()  # TemporaryDirectory removes its (now empty) folder on exit
+    print(f"vmla-world models: codec from {args.vae} + world text encoder -> {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _eval(args) if args.command == "eval" else _sample(args)
+        return {"eval": _eval, "sample-teacher": _sample, "models": _models}[args.command](args)
     except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

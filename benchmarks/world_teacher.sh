@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Build the world's frozen models and its teacher from nothing, with the project's own commands:
+#
+#   codec (benchmarks/world_codec.py) -> vmla-world models (codec + text encoder) -> vmla-data world (clips)
+#   -> vmla-data raw -> vmla-data encode -> vmla-data negative-embedding
+#   -> vmla-train fit configs/world/world-pretrain.yaml -> export -> vmla-convert --to diffusers (the teacher, bf16)
+#   -> vmla-world sample-teacher on held-out prompts (adherence, Fréchet distance against the held-out floor)
+#
+#   bash benchmarks/world_teacher.sh [STAGE ...]     stages: codec clips data fit teacher eval (default: all)
+#
+# Every stage resumes: run the same command again after an interruption (or after FIT_SECONDS stopped the
+# fit) and finished work is kept. Settings (environment, defaults in brackets): WORLD_DIR [runs/world],
+# CLIPS [20000], WORKERS [cores - 2], CODEC_BUDGET seconds [300], CODEC_ARGS (extra world_codec.py flags),
+# FIT_SECONDS (stop the fit with SIGUSR1 after that many seconds: it checkpoints and exits; empty = run to
+# train.num_steps), FIT_ARGS (extra key=value for the fit), EVAL_PROMPTS [64], EVAL_STEPS [48], DEVICE [cuda].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${WORLD_DIR:-runs/world}
+CLIPS=${CLIPS:-20000}
+WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+DEVICE=${DEVICE:-cuda}
+STAGES=${*:-codec clips data fit teacher eval}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+say() { echo "[$(date -u +%H:%M:%S)] world_teacher: $*"; }
+PREP=("prep.raw.csv=[$W/clips/world.csv]" "prep.raw.videos=[$W/clips/videos]" "prep.raw.output=$W/raw"
+      "prep.raw.num_workers=$WORKERS" "prep.encode.input=$W/raw/raw-*.tar" "prep.encode.output=$W/train"
+      "prep.encode.vae=$W/models" "prep.encode.text_encoder=$W/models" "runtime.device=$DEVICE")
+
+if has codec; then
+  say "codec"
+  python benchmarks/world_codec.py --out "$W/codec" --frames 9 --batch 32 --steps 100000 \
+    --budget "${CODEC_BUDGET:-300}" --workers "$WORKERS" --device "$DEVICE" ${CODEC_ARGS:-}
+  [[ -d "$W/models" ]] || vmla-world models "$W/models" --vae "$W/codec/vae"
+fi
+if has clips; then
+  say "clips"
+  vmla-data world "$W/clips" num_clips="$CLIPS" workers="$WORKERS" progress=false
+fi
+if has data; then
+  say "raw -> encode -> negative embedding"
+  vmla-data raw data_prep/world.yaml "${PREP[@]}"
+  vmla-data encode data_prep/world.yaml "${PREP[@]}"
+  vmla-data negative-embedding "$W/negative.safetensors" data_prep/world.yaml "${PREP[@]}"
+fi
+if has fit; then
+  say "fit (pretrain)"
+  FIT=(configs/world/world-pretrain.yaml "runtime.run_dir=$W/pretrain" "data.shards=$W/train/raw-*.tar"
+       "dmd.negative_embedding=$W/negative.safetensors" "runtime.device=$DEVICE" ${FIT_ARGS:-})
+  if [[ -n "${FIT_SECONDS:-}" ]]; then
+    # SIGUSR1 = Slurm's pre-emption notice: the fit checkpoints at the next step and exits 0
+    timeout --signal=USR1 --kill-after=120 "$FIT_SECONDS" vmla-train fit "${FIT[@]}" || [[ $? == 124 ]]
+  else
+    vmla-train fit "${FIT[@]}"
+  fi
+fi
+if has teacher; then
+  say "export -> diffusers teacher"
+  vmla-train export "$W/pretrain" "$W/teacher-student" --overwrite
+  rm -rf "$W/teacher.new" && vmla-convert "$W/teacher-student" "$W/teacher.new" --to diffusers convert.dtype=bfloat16
+  rm -rf "$W/teacher" && mv "$W/teacher.new" "$W/teacher"
+fi
+if has eval; then
+  say "eval: teacher samples of held-out prompts"
+  N=${EVAL_PROMPTS:-64}
+  head -n "$N" "$W/clips/prompts-heldout.txt" > "$W/eval-prompts.txt"
+  STAMP=$(date -u +%Y%m%dT%H%M%S)
+  vmla-world sample-teacher --teacher "$W/teacher" --vae "$W/models/vae" --text-encoder "$W/models" \
+    --prompts "$W/eval-prompts.txt" --out "$W/eval-$STAMP" --world "$W/clips" --steps "${EVAL_STEPS:-48}" \
+    --batch-size 16 --device "$DEVICE"
+  ln -sfn "eval-$STAMP" "$W/eval"
+fi
+say "done: $STAGES"
