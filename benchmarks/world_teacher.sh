@@ -10,7 +10,8 @@
 #
 # Every stage resumes: run the same command again after an interruption (or after FIT_SECONDS stopped the
 # fit) and finished work is kept. Settings (environment, defaults in brackets): WORLD_DIR [runs/world],
-# CLIPS [20000], WORKERS [cores - 2], CODEC_BUDGET seconds [300], CODEC_ARGS (extra world_codec.py flags),
+# CLIPS [20000], WORKERS [cores - 2], CODEC_BUDGET seconds [300], CODEC_FRAMES [49], CODEC_ARGS (extra
+# world_codec.py flags, e.g. --init-from a shorter-clip codec),
 # FIT_SECONDS (stop the fit with SIGUSR1 after that many seconds: it checkpoints and exits; empty = run to
 # train.num_steps), FIT_ARGS (extra key=value for the fit), EVAL_PROMPTS [64], EVAL_STEPS [48], DEVICE [cuda].
 set -euo pipefail
@@ -28,8 +29,9 @@ PREP=("prep.raw.csv=[$W/clips/world.csv]" "prep.raw.videos=[$W/clips/videos]" "p
 
 if has codec; then
   say "codec"
-  python benchmarks/world_codec.py --out "$W/codec" --frames 9 --batch 32 --steps 100000 \
-    --budget "${CODEC_BUDGET:-300}" --workers "$WORKERS" --device "$DEVICE" ${CODEC_ARGS:-}
+  # clips longer than the codec's temporal receptive field: trained on 9 frames it fails past frame ~12 (benchmarks/README.md)
+  python benchmarks/world_codec.py --out "$W/codec" --frames "${CODEC_FRAMES:-49}" --batch 16 --steps 100000 \
+    --lr 3e-4 --budget "${CODEC_BUDGET:-300}" --workers "$WORKERS" --device "$DEVICE" ${CODEC_ARGS:-}
   [[ -d "$W/models" ]] || vmla-world models "$W/models" --vae "$W/codec/vae"
 fi
 if has clips; then

@@ -30,6 +30,7 @@ TWINS = {
     "configs/adapt.yaml": "configs/adapt-debug.yaml",
     "configs/ode_init.yaml": "configs/ode_init-debug.yaml",
     "configs/self_forcing.yaml": "configs/self_forcing-debug.yaml",
+    "configs/causal_cd.yaml": "configs/causal_cd-debug.yaml",
 }
 TINY = {  # command prefix -> overrides appended
     "vmla-data": ["model.name=tiny", "video.num_frames=21", "video.height=64", "video.width=96", "runtime.progress=false",
@@ -41,7 +42,8 @@ TINY = {  # command prefix -> overrides appended
 # The stages the block must hold, in this order (a command starting with each prefix).
 STAGES = ["vmla-convert", "vmla-data raw", "vmla-data encode", "vmla-data ode-pairs", "vmla-data negative-embedding",
           "vmla-train fit configs/adapt.yaml", "vmla-train export", "vmla-train fit configs/ode_init.yaml",
-          "vmla-train export", "vmla-train fit configs/self_forcing.yaml", "vmla-train export", "vmla-generate"]
+          "vmla-train export", "vmla-train fit configs/causal_cd.yaml", "vmla-train export",
+          "vmla-train fit configs/self_forcing.yaml", "vmla-train export", "vmla-generate"]
 
 
 def pipeline_block(readme: str) -> tuple[dict[str, str], list[str]]:
@@ -97,7 +99,8 @@ def test_readme_pipeline_runs_in_order_on_stand_ins(tmp_path):
                                   f"{(r.stdout + r.stderr)[-3000:]}"
     print("\n".join(times))
 
-    for folder in ("ckpt/student-converted", "ckpt/student-adapt", "ckpt/student-ode", "ckpt/student-sf"):
+    for folder in ("ckpt/student-converted", "ckpt/student-adapt", "ckpt/student-ode", "ckpt/student-adapt-tf",
+                   "ckpt/student-cd", "ckpt/student-sf"):
         assert (tmp_path / folder / "config.yaml").is_file(), f"{folder} was not written"
     videos = sorted((tmp_path / "samples").glob("*.mp4"))
     prompts = [p for p in (tmp_path / "prompts.txt").read_text().splitlines() if p.strip()]

@@ -1,14 +1,16 @@
 """slurm/train.sbatch on the local two-node Slurm cluster (tests/slurm/cluster.sh): a whole run, and the
-same run preempted twice (SIGUSR1 through Slurm, then `scontrol requeue`), resumed to the same weights.
+same run preempted twice (SIGUSR1 through Slurm, then `scontrol requeue`), resumed to the same weights;
+then the same pair under DeepSpeed ZeRO-2 (two engines: student and critic).
 
-Both jobs: the tiny self_forcing debug config, 2 nodes x 1 task, DDP over gloo on CPU, one core per task
+All jobs: the tiny self_forcing debug config, 2 nodes x 1 task, DDP (or DeepSpeed) over gloo on CPU, one core per task
 (OMP_NUM_THREADS=1 from --cpus-per-task), W&B offline, a checkpoint every 10 of 100 iterations
 (~0.1 s each: enough that the job cannot finish before a signal sent a few steps in reaches it).
 
 Tolerance: zero. The preempted job runs the same kernels on the same shapes with the same thread count;
 every random draw of an iteration comes from generators keyed by (seed, rank, iteration); weights, AdamW
 moments, EMA, counters, RNG and loader states are restored bit for bit from the checkpoint (float32
-round-trips exactly); gloo's all-reduce of two ranks is a fixed-order sum. So every logged loss and every
+round-trips exactly; under DeepSpeed each rank's ZeRO shard holds its fp32 master partition and moments,
+and the engines' step counters); gloo's all-reduce of two ranks is a fixed-order sum. So every logged loss and every
 final tensor equals the uninterrupted run's exactly; any difference is a bug (a step run twice, a lost
 update, a wrong RNG or data position).
 """
@@ -178,12 +180,13 @@ def test_two_node_job_trains_checkpoints_and_finishes(reference):
 # ----------------------------------------------------------------------------------------------
 # 2. Preemption: SIGUSR1 through Slurm (the script requeues), then `scontrol requeue` (SIGTERM)
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.timeout(240)
-def test_preempted_job_resumes_to_the_same_weights(slurm_cluster, reference, tmp_path):
-    env = _env(slurm_cluster)
-    run = tmp_path / "runs" / "pre"
-    out = _sh(["sbatch", "--parsable", "--job-name=pre", f"--output={tmp_path}/%x-%j.out", *CPU_JOB,
-               str(ROOT / "slurm/train.sbatch"), str(CONFIG), *OVERRIDES], env, cwd=tmp_path)
+def _submit_preempted(cluster, tmp_path: Path, name: str, overrides: list[str]) -> tuple[Path, str, int, int]:
+    """``sbatch slurm/train.sbatch`` preempted twice: SIGUSR1 through Slurm (the script requeues), then
+    `scontrol requeue` (SIGTERM); waits for the end. Returns (run folder, log, first and second signal step)."""
+    env = _env(cluster)
+    run = tmp_path / "runs" / name
+    out = _sh(["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", *CPU_JOB,
+               str(ROOT / "slurm/train.sbatch"), str(CONFIG), *overrides], env, cwd=tmp_path)
     job_id = out.strip().split(";")[0]
     steps_run = lambda: len(_metrics(run))  # noqa: E731
     try:
@@ -204,8 +207,13 @@ def test_preempted_job_resumes_to_the_same_weights(slurm_cluster, reference, tmp
         subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
     log = _log(tmp_path)
     assert _job(job_id, env) == ("COMPLETED", 2), log[-6000:]
+    return run, log, first, second
+
+
+def _check_resumed_like_reference(run: Path, log: str, first: int, second: int, reference_run: Path) -> None:
+    """Each restart resumed from the checkpoint its signal wrote, no iteration ran twice, one W&B run id,
+    and every logged loss equals the uninterrupted run's bit for bit."""
     assert first < second < STEPS and first >= 2
-    # each restart resumed from the checkpoint written at the step boundary where the signal stopped it
     assert "stopped by signal: requeueing job" in log
     resumed = [int(s) for s in re.findall(r"resumed from \S+/step-\d+ at step (\d+)", log)]
     assert sorted(set(resumed)) == [first, second], log[-6000:]
@@ -214,11 +222,88 @@ def test_preempted_job_resumes_to_the_same_weights(slurm_cluster, reference, tmp
     # no iteration ran twice (metrics.jsonl gets one line per iteration run, appended across restarts),
     # the same W&B run continued in every start, and the end state equals the uninterrupted run's exactly
     run_id = _check_finished_run(run, starts=3)
-    assert run_id != (reference["run"] / "wandb_run_id").read_text().strip()  # two runs, two ids
-    assert _losses(_metrics(run)) == _losses(_metrics(reference["run"]))  # bitwise, every iteration
+    assert run_id != (reference_run / "wandb_run_id").read_text().strip()  # two runs, two ids
+    assert _losses(_metrics(run)) == _losses(_metrics(reference_run))  # bitwise, every iteration
     assert ckpt.read_train_state(ckpt.step_dir(run, STEPS))["losses"] == \
-        ckpt.read_train_state(ckpt.step_dir(reference["run"], STEPS))["losses"]
-    ours, ref = _final_tensors(run), _final_tensors(reference["run"])
+        ckpt.read_train_state(ckpt.step_dir(reference_run, STEPS))["losses"]
+
+
+def _same_tensors(ours: dict, ref: dict) -> None:
     assert ours.keys() == ref.keys() and any(k.startswith("student/") for k in ours)
-    different = [k for k in ref if not torch.equal(ours[k], ref[k])]
-    assert not different, f"{len(different)} of {len(ref)} tensors differ, e.g. {different[:5]}"
+    different = [k for k in ref if not (torch.equal(ours[k], ref[k]) if torch.is_tensor(ref[k]) else ours[k] == ref[k])]
+    assert not different, f"{len(different)} of {len(ref)} entries differ, e.g. {different[:5]}"
+
+
+@pytest.mark.timeout(240)
+def test_preempted_job_resumes_to_the_same_weights(slurm_cluster, reference, tmp_path):
+    run, log, first, second = _submit_preempted(slurm_cluster, tmp_path, "pre", OVERRIDES)
+    _check_resumed_like_reference(run, log, first, second, reference["run"])
+    _same_tensors(_final_tensors(run), _final_tensors(reference["run"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. DeepSpeed ZeRO-2 (student and critic: one engine each), the same two preemptions. Tolerance: zero, as
+#    above: each rank's fp32 master partition, AdamW moments and the engines' step counters come back from
+#    its ZeRO shard; the reduce-scatter of two gloo ranks is a fixed-order sum.
+# ----------------------------------------------------------------------------------------------
+DS_OVERRIDES = [o for o in OVERRIDES if not o.startswith("strategy.name=")] + ["strategy.name=deepspeed",
+                                                                                "strategy.zero_stage=2"]
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def _final_deepspeed(run: Path) -> dict:
+    """Every tensor of the last checkpoint's ZeRO files (the model states and each rank's optimizer shard:
+    fp32 master partition and AdamW moments) per engine, the engines' step counters, and the EMA."""
+    folder = ckpt.step_dir(run, STEPS)
+    out = {}
+
+    def walk(x, key):
+        if torch.is_tensor(x):
+            out[key] = x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{key}/{i}")
+
+    for engine in ("student", "critic"):
+        files = sorted((folder / engine / "checkpoint").glob("*.pt"))
+        assert [f.name for f in files] == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                           "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        for f in files:  # DeepSpeed's own files hold Python objects (its loss scaler): this run's output, trusted here
+            state = torch.load(f, map_location="cpu", weights_only=False)
+            walk({k: v for k, v in state.items() if k != "ds_config"}, f"{engine}/{f.stem}")
+            if f.name.startswith("mp_rank"):
+                out |= {f"{engine}/{k}": state[k] for k in ENGINE_COUNTERS}
+    out |= {f"ema/{k}": v for k, v in load_file(str(folder / "ema.safetensors")).items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds_reference(slurm_cluster, tmp_path_factory):
+    """The uninterrupted DeepSpeed ZeRO-2 job (sbatch slurm/train.sbatch, CPU arguments): its run folder."""
+    tmp = tmp_path_factory.mktemp("slurm-ds-ref")
+    env = _env(slurm_cluster)
+    out = _sh(["sbatch", "--parsable", "--job-name=dsref", f"--output={tmp}/%x-%j.out", *CPU_JOB,
+               str(ROOT / "slurm/train.sbatch"), str(CONFIG), *DS_OVERRIDES], env, cwd=tmp)
+    job_id = out.strip().split(";")[0]
+    try:
+        _wait("the end of the job", lambda: _job(job_id, env)[0] in TERMINAL, job_id, env, tmp, timeout=120)
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+    log = _log(tmp)
+    assert _job(job_id, env) == ("COMPLETED", 0), log[-6000:]
+    assert "initializing deepspeed distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-6000:]
+    _check_finished_run(tmp / "runs" / "dsref", starts=1)
+    return tmp / "runs" / "dsref"
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_zero2_preempted_job_resumes_to_the_same_weights(slurm_cluster, ds_reference, tmp_path):
+    run, log, first, second = _submit_preempted(slurm_cluster, tmp_path, "dspre", DS_OVERRIDES)
+    assert "initializing deepspeed distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    _check_resumed_like_reference(run, log, first, second, ds_reference)
+    ours, ref = _final_deepspeed(run), _final_deepspeed(ds_reference)
+    assert ours["critic/global_steps"] == STEPS and ours["student/global_steps"] == STEPS // 2
+    _same_tensors(ours, ref)

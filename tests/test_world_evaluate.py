@@ -104,6 +104,29 @@ def test_corrupted_videos_score_worse(world, reference, tmp_path):
     assert still["frechet_distance"] > 1.75 * max(truth["frechet_distance"], reference.floor())
 
 
+@pytest.mark.timeout(120)
+def test_chunk_seam_jump_is_one_on_real_clips_and_large_at_injected_seams(world, tmp_path, capsys):
+    """``--chunk-frames K``: the change into each chunk's first frame over the change within chunks. Real clips
+    have no seams (about 1); a clip whose chunks are shifted in brightness by turns has one at every chunk."""
+    k, stride = 3, 4
+    first, per = 1 + stride * (k - 1), stride * k
+
+    def seams(f):
+        out = f.astype(np.int16)
+        for i, start in enumerate(range(first, len(f), per)):
+            out[start: start + per] += 30 if i % 2 == 0 else 0
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    bad = _rewrite(world, tmp_path / "seams", seams)
+    for videos, name in ((_videos(world), "truth"), (bad, "seams")):
+        assert E.main(["eval", *map(str, videos), "--scenes", str(world / SCENES), "--chunk-frames", str(k),
+                       "--out", str(tmp_path / f"{name}.json")]) == 0
+    assert "chunk seam jump" in capsys.readouterr().out
+    truth, seamed = (json.loads((tmp_path / f"{n}.json").read_text())["chunk_jump"] for n in ("truth", "seams"))
+    assert 0.5 < truth < 1.5 and seamed > 3 * truth, (truth, seamed)
+    assert E.main(["eval", *map(str, _videos(world)), "--scenes", str(world / SCENES), "--chunk-frames", "0"]) == 2
+
+
 @pytest.mark.timeout(60)
 def test_eval_refuses_to_overwrite_and_bad_input_is_one_line(world, tmp_path, capsys):
     report = tmp_path / "report.json"

@@ -61,13 +61,37 @@ class FrameMask:
     ``chunk_frames=None`` is bidirectional. Otherwise block-causal over chunks, optionally limited to
     ``sink_frames`` + the last ``window_frames - chunk_frames`` frames before the chunk + the chunk:
     exactly what a cached rollout with the same cache settings sees.
+
+    ``teacher_forcing``: the sequence is two copies of F frames, clean (0 .. F-1) then noisy (F .. 2F-1), at
+    the same positions (``positions``). Clean frames see clean frames block-causally (as above); a noisy
+    frame of chunk c sees the clean frames the block-causal mask gives chunk c from *earlier* chunks, and
+    the noisy frames of chunk c itself: what a cached rollout sees when its cache holds the clean frames.
     """
 
     chunk_frames: int | None = None
     window_frames: int | None = None
     sink_frames: int = 0
+    teacher_forcing: bool = False
+
+    def positions(self, num_frames: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Frame positions (RoPE) of the sequence's frames: 0 .. F-1, twice with ``teacher_forcing``."""
+        if not self.teacher_forcing:
+            return torch.arange(num_frames, device=device)
+        return torch.arange(num_frames // 2, device=device).repeat(2)
 
     def frame_mask(self, num_frames: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        if self.teacher_forcing:
+            if self.chunk_frames is None or num_frames % (2 * self.chunk_frames):
+                raise ValueError(f"teacher-forcing mask: {num_frames} frames are not two copies of whole chunks of "
+                                 f"{self.chunk_frames}")
+            half = num_frames // 2
+            base = FrameMask(self.chunk_frames, self.window_frames, self.sink_frames).frame_mask(half, device)  # (F, F)
+            chunk = torch.arange(half, device=device) // self.chunk_frames
+            earlier = chunk[None, :] < chunk[:, None]  # key chunk before the query's
+            same = chunk[None, :] == chunk[:, None]
+            top = torch.cat([base, torch.zeros_like(base)], 1)  # clean queries: clean keys, block-causal
+            bottom = torch.cat([base & earlier, same], 1)  # noisy queries: earlier clean chunks + own noisy chunk
+            return torch.cat([top, bottom], 0)  # (2F, 2F)
         if self.chunk_frames is None:
             return None
         f = torch.arange(num_frames, device=device)

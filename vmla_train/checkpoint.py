@@ -22,7 +22,8 @@ or JSON (DeepSpeed engines load through DeepSpeed's own loader, Fabric's ``load`
 Faults (docs/fault-tolerance.md): ``verify`` checks a folder against its manifest (missing file, size,
 SHA-256) before anything is loaded; ``usable_checkpoints`` lists the complete ones newest first, and
 ``resume`` falls back to the next one when a folder fails verification or loading. ``clean_incomplete``
-removes temp folders and manifest-less step folders left by a crash.
+removes temp folders and manifest-less step folders left by a crash. ``save`` names the rank whose write
+failed and never leaves a rank waiting for ever (``checkpoint.save_timeout_s``).
 
 Config changes at resume: ``resume`` compares the resolved config with the one each checkpoint holds, prints
 every changed key (old -> new) and refuses (``ConfigError``) changes of keys outside ``FREE_KEYS`` unless
@@ -36,9 +37,12 @@ The loop's side (every rank, through Fabric) is at the end: ``resume_candidates`
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -340,47 +344,131 @@ def saved_run_id(candidates: list[Path]) -> str | None:
 
 
 def save(state: TrainState, reason: str) -> Path | None:
-    """Write a checkpoint of ``state`` (temp folder, manifest last, rename). A write error on any rank (disk
-    full, ...) removes the temp folder on every rank's behalf, leaves the previous checkpoints as they
-    were, and raises ``CheckpointWriteError`` or returns None per ``checkpoint.on_write_error``."""
+    """Write a checkpoint of ``state`` (temp folder, manifest last, rename). The ranks agree three times:
+    1. the temp folder exists (rank 0 made it), 2. every rank wrote its part (engine shards, RNG, loader
+    state), 3. rank 0 wrote the manifest. A write error on any rank (disk full, ...; inside DeepSpeed's
+    collective save it is held until 2., ``parallel.deferred_write_errors``) removes the temp folder,
+    leaves the previous checkpoints as they were, names the failed rank, and raises
+    ``CheckpointWriteError`` or returns None per ``checkpoint.on_write_error``. A rank still waiting at 2.
+    after ``checkpoint.save_timeout_s`` (a rank died or left a collective save) stops with one line
+    (``_SaveWatchdog``) instead of hanging."""
     fabric, cfg, run_dir, step = state.fabric, state.cfg, state.run_dir, state.counters.step
     tmp = tmp_dir(run_dir, step)
     error = ""
-    try:
-        if state.rank == 0:
-            prepare(run_dir, step)
-    except OSError as e:
-        error = f"{type(e).__name__}: {e}"
-    if not parallel.any_rank(fabric, bool(error)):  # (also the barrier: the temp folder exists before any rank writes)
+    with _SaveWatchdog(cfg.checkpoint.save_timeout_s, run_dir, step):
         try:
-            sharded = parallel.is_sharded(fabric)
-            for role in ("student", "critic"):
-                engine, optimizer = state.engine(role)
-                if engine is not None:
-                    fabric.save(engine_path(tmp, role, sharded), {"model": engine, "optimizer": optimizer})
-            save_rank_files(tmp, state.rank, state.loader.state_dict())
             if state.rank == 0:
-                save_ema(tmp, state.ema.state_dict())
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+                prepare(run_dir, step)
+        except OSError as e:
             error = f"{type(e).__name__}: {e}"
+        failed = parallel.failed_ranks(fabric, bool(error))  # 1. (also the barrier: the temp folder exists)
+        if not failed:
+            error = _write_rank_part(state, tmp)
+            failed = parallel.failed_ranks(fabric, bool(error))  # 2.
     final = None
-    if not parallel.any_rank(fabric, bool(error)) and state.rank == 0:
+    if not failed and state.rank == 0:
         train_state = {"stage": cfg.train.stage.value, "strategy": cfg.strategy.name, "world_size": fabric.world_size,
                        **state.counters.to_dict(), "wandb_run_id": state.run_id, "reason": reason, "time": time.time()}
         try:
             final = finalize(run_dir, step, train_state, C.to_yaml(cfg), cfg.checkpoint.keep_last, cfg.checkpoint.checksums)
         except OSError as e:
             error = f"{type(e).__name__}: {e}"
-    if parallel.any_rank(fabric, bool(error)):
+    if not failed:
+        failed = parallel.failed_ranks(fabric, bool(error))  # 3.
+    if failed:
         if state.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        msg = (f"checkpoint of step {step} could not be written to '{tmp}' ({error or 'failed on another rank'}); "
+        what = f"rank {state.rank}: {error}" if error else f"failed on rank {_ranks(failed)}; its log has the error"
+        msg = (f"checkpoint of step {step} could not be written to '{tmp}' ({what}); "
                f"previous checkpoint intact: {latest_checkpoint(run_dir)}")
         if cfg.checkpoint.on_write_error == "stop":
             raise CheckpointWriteError(msg + " (checkpoint.on_write_error=stop)")
         fabric.print(f"warning: {msg}; training continues (checkpoint.on_write_error=continue)")
         return None
     return step_dir(run_dir, step) if final is None else final
+
+
+def _write_rank_part(state: TrainState, tmp: Path) -> str:
+    """This rank's part of a checkpoint in ``tmp``: the engines (every rank: Fabric saves per strategy), its
+    RNG and loader state, the EMA (rank 0). Returns the first write error ('' = none); a failure is also
+    left as ``tmp/.failed-rank{R}`` for the watchdog's line."""
+    fabric = state.fabric
+    errors: list[str] = []
+    try:
+        sharded = parallel.is_sharded(fabric)
+        for role in ("student", "critic"):
+            engine, optimizer = state.engine(role)
+            if engine is not None:
+                with parallel.deferred_write_errors(fabric, engine, errors):
+                    fabric.save(engine_path(tmp, role, sharded), {"model": engine, "optimizer": optimizer})
+        if not errors:
+            save_rank_files(tmp, state.rank, state.loader.state_dict())
+            if state.rank == 0:
+                save_ema(tmp, state.ema.state_dict())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        errors.append(f"{type(e).__name__}: {e}")
+    if errors:
+        try:
+            (tmp / f"{FAILED_PREFIX}{state.rank}").write_text(errors[0])
+        except OSError:
+            pass
+    return errors[0] if errors else ""
+
+
+FAILED_PREFIX = ".failed-rank"  # tmp/.failed-rank{R}: rank R's write error (read by the watchdog of a waiting rank)
+
+
+def _ranks(ranks) -> str:
+    return ", ".join(str(r) for r in ranks)
+
+
+class _SaveWatchdog:
+    """Around the ranks' writes and their agreement: a rank still inside after ``seconds`` (0 = never) is
+    waiting in a collective that will not complete (another rank died, or left DeepSpeed's collective save
+    on an error that was not a file write). It prints one line on stderr, naming the temp folder, the
+    ranks that recorded an error (``.failed-rank{R}`` files) and the previous checkpoint, and ends this
+    process with exit status 1 (a thread cannot interrupt a blocked collective). The temp folder is left
+    for the next start to remove (``clean_incomplete``); the previous checkpoints are untouched."""
+
+    def __init__(self, seconds: float, run_dir: Path, step: int):
+        self.seconds, self.run_dir, self.step = seconds, Path(run_dir), step
+        self._timer = None
+
+    def __enter__(self):
+        if self.seconds > 0:
+            self._timer = threading.Timer(self.seconds, self._expired)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def line(self) -> str:
+        tmp = tmp_dir(self.run_dir, self.step)
+        reports = sorted(tmp.glob(f"{FAILED_PREFIX}*")) if tmp.is_dir() else []
+        failed = "; ".join(f"rank {p.name.removeprefix(FAILED_PREFIX)}: {_first_line(p)}" for p in reports)
+        return (f"checkpoint of step {self.step}: the ranks did not finish writing '{tmp}' within "
+                f"checkpoint.save_timeout_s={self.seconds:g} s ({failed or 'no rank recorded a write error: one died or hangs'}); "
+                f"stopping this rank; previous checkpoint intact: {latest_checkpoint(self.run_dir)}")
+
+    def _expired(self) -> None:
+        try:
+            line = self.line()
+        except Exception as e:  # the line must not keep the process from stopping
+            line = f"checkpoint of step {self.step}: the ranks did not agree within {self.seconds:g} s ({e})"
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def _first_line(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        return f"(report unreadable: {e})"
+    return text.splitlines()[0] if text else "(empty report)"
 
 
 def resume(state: TrainState, candidates: list[Path]) -> Path | None:
@@ -431,7 +519,7 @@ def _restore(state: TrainState, folder: Path, saved: dict) -> None:
     rng, loader_state = load_rank_files(folder, state.rank)
     set_rng_state(rng)
     state.loader.load_state_dict(loader_state)
-    if state.rank == 0:
+    if state.ema.keep:  # rank 0 for DMD's EMA; every rank for causal_cd's target
         state.ema.load_state_dict(load_ema(folder))
     state.counters.load(saved)
 

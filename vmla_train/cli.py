@@ -3,6 +3,7 @@
     vmla-train info CONFIG [key=value ...]    parameters and KV-cache accounting, MHA vs MLA
     vmla-train demo CONFIG [key=value ...]    the tiny self_forcing stage on CPU (checkpoint, mp4, W&B run)
     vmla-train demo-rollout CONFIG [k=v ...]  cached chunk-by-chunk rollout of a random tiny student
+                                              (a student over 100 M parameters on CPU: --allow-large-on-cpu)
     vmla-train fit CONFIG [key=value ...]     train a stage; resumes from the run folder's latest checkpoint
     vmla-train export RUN_DIR OUT [--ema]     training checkpoint (ZeRO shards too) -> plain student folder
     vmla-train config-reference               every config key, its default and doc (docs/config.md's table)
@@ -110,6 +111,35 @@ def run_demo(cfg: C.Config):
     return video, cache
 
 
+# demo-rollout on CPU refuses a student above this many parameters unless --allow-large-on-cpu: the tiny and world
+# sizes (0.09 M, 8 M) roll out in seconds; wan-1.3b (1.34 G parameters, 5.4 GB in float32) takes minutes.
+DEMO_CPU_MAX_PARAMS = 100_000_000
+
+
+def student_parameters(cfg: C.Config) -> int:
+    """Parameters of the config's student, counted on the meta device (nothing allocated, nothing initialised)."""
+    import torch
+
+    from .student import WanStudent, param_counts
+
+    with torch.device("meta"):
+        return param_counts(WanStudent(cfg))["total"]
+
+
+def check_demo_size(cfg: C.Config, config_file: str, allow_large_on_cpu: bool) -> None:
+    """``ConfigError`` when demo-rollout would build a student of more than ``DEMO_CPU_MAX_PARAMS`` parameters
+    on CPU (unless ``allow_large_on_cpu``): the rollout would run for minutes."""
+    if allow_large_on_cpu or C.resolve_device(cfg.runtime.device, "runtime.device").type != "cpu":
+        return
+    n = student_parameters(cfg)
+    if n > DEMO_CPU_MAX_PARAMS:
+        raise C.ConfigError(
+            f"demo-rollout of '{config_file}' would build a {n / 1e6:,.0f} M-parameter student (model.name={cfg.model.name}, "
+            f"{n * 4 / 1e9:.1f} GB in float32) on CPU and run for minutes (the limit on CPU is "
+            f"{DEMO_CPU_MAX_PARAMS / 1e6:.0f} M): pass model.name=tiny, run on a GPU (runtime.device=cuda), or add "
+            "--allow-large-on-cpu to run it anyway")
+
+
 def config_reference_markdown() -> str:
     """The config table of docs/config.md, generated from the schema (defaults of the `wan-1.3b` size)."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
@@ -130,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. attention.d_c=192")
+        if name == "demo-rollout":
+            s.add_argument("--allow-large-on-cpu", action="store_true",
+                           help=f"run a student of more than {DEMO_CPU_MAX_PARAMS // 10**6} M parameters on CPU anyway (minutes)")
     sub.add_parser("config-reference", help="every config key with its default and doc, as a Markdown table")
     e = sub.add_parser("export", help="latest training checkpoint of RUN_DIR -> plain student folder OUT")
     e.add_argument("run_dir", help="run folder (or one checkpoints/step-N folder)")
@@ -220,6 +253,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "info":
         print_info(cfg)
     elif args.command == "demo-rollout":
+        try:
+            check_demo_size(cfg, args.config, args.allow_large_on_cpu)
+        except C.ConfigError as e:
+            return _error(e)
         run_demo(cfg)
     elif args.command == "demo":
         from .train import run_training_demo

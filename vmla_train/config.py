@@ -243,15 +243,24 @@ class Stage(str, Enum):
     adapt = "adapt"  # flow matching on real latents, block-causal, per-chunk timesteps
     ode_init = "ode_init"  # regression of x0 from teacher ODE trajectory points, per chunk
     self_forcing = "self_forcing"  # DMD against the teacher (real score) and the critic (fake score)
+    causal_cd = "causal_cd"  # consistency distillation of the causal student from its frozen stage-1 self, clean context
+
+
+class Context(str, Enum):
+    """What earlier chunks look like to the chunk being denoised in a causal training forward."""
+
+    diffusion_forcing = "diffusion_forcing"  # every chunk noisy at its own t; chunks attend to earlier noisy chunks
+    teacher_forcing = "teacher_forcing"  # earlier chunks clean (t = 0), as a cached rollout's cache holds them
 
 
 @dataclass
 class TrainConfig:
     """What is trained, from what, for how long, in which batches."""
 
-    stage: Stage = Stage.adapt  # pretrain (the teacher, attention.kind=mha) | adapt | ode_init | self_forcing
+    stage: Stage = Stage.adapt  # pretrain (the teacher, attention.kind=mha) | adapt | ode_init | self_forcing | causal_cd
     num_steps: int = 1000  # training iterations (our counter drives every schedule; self_forcing: a critic step each)
     global_batch_size: int = 1  # samples per student step over all ranks (= data.batch_size * world * accumulation)
+    context: Context = Context.diffusion_forcing  # adapt: diffusion_forcing (noisy earlier chunks) | teacher_forcing (clean earlier chunks)
     student_path: str = ""  # student folder (model.safetensors + config.yaml); "" = random init from this config
     teacher_path: str = ""  # diffusers Wan folder of the teacher (self_forcing, validation); "" there = an error, or random weights with train.allow_random_roles
     critic_path: str = ""  # diffusers Wan folder the critic starts from; "" = a copy of the teacher (needed when train.teacher_size differs from the student's)
@@ -323,6 +332,24 @@ class DMDConfig:
 
 
 @dataclass
+class CDConfig:
+    """Causal consistency distillation (``train.stage=causal_cd``): the student, its EMA target and the frozen
+    stage-1 model all start from ``train.student_path``; each chunk draws an adjacent pair of a discrete
+    shifted schedule (``schedule.shift``), the frozen model takes one guided Euler step between them, and the
+    student's x0 at the earlier point learns the EMA target's x0 at the later one, both with clean context."""
+
+    num_steps: int = 48  # points of the discrete schedule (adjacent pairs are drawn from it)
+    guidance_scale: float = 3.0  # CFG weight of the frozen model's Euler step, uncond + w (cond - uncond); 1 = off
+    ema_decay: float = 0.99  # the target: ema = decay * ema + (1 - decay) * student after every student step, in (0, 1)
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 2:
+            _fail("cd.num_steps", ">= 2", self.num_steps)
+        if not 0 < self.ema_decay < 1:
+            _fail("cd.ema_decay", "in (0, 1) (the target is the student's EMA)", self.ema_decay)
+
+
+@dataclass
 class StrategyConfig:
     """How the trainable models are distributed (vmla_train/parallel.py)."""
 
@@ -385,6 +412,7 @@ class CheckpointConfig:
     resume: bool = True  # resume from the run folder's latest complete checkpoint
     on_write_error: str = "stop"  # a failed checkpoint write (e.g. disk full): stop (raise) | continue training
     checksums: bool = True  # SHA-256 of every file in the manifest, verified at resume and when a student folder loads (sizes are always checked)
+    save_timeout_s: float = 1800.0  # seconds every rank gets to write its part of a checkpoint and agree; past it each waiting rank stops with one line naming the folder and the failed rank (a rank that died or left a collective save); 0 = wait forever
     allow_config_change: bool = False  # resume although keys that change the run's meaning differ from the checkpoint's config (every key but train.num_steps/max_consecutive_skips/gradient_checkpointing/allow_random_roles, runtime.progress/run_dir/device, data.num_workers/prefetch_factor/max_open_shards, strategy.offload, logging.*, checkpoint.*, validation.*, debug.*, and the sections fit does not read: demo.*, convert.*, generate.*; see docs/fault-tolerance.md)
 
     def __post_init__(self) -> None:
@@ -392,6 +420,8 @@ class CheckpointConfig:
             _fail("checkpoint.every_n_steps/keep_last", ">= 1", (self.every_n_steps, self.keep_last))
         if self.on_write_error not in ("stop", "continue"):
             _fail("checkpoint.on_write_error", "stop | continue", self.on_write_error)
+        if self.save_timeout_s < 0:
+            _fail("checkpoint.save_timeout_s", ">= 0 (0 = no timeout)", self.save_timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,7 +531,7 @@ class EncodeConfig:
 class OdePairsConfig:
     """`vmla-data ode-pairs`: teacher Euler trajectories (flow matching, CFG) -> ODE-init shards."""
 
-    teacher: str = ""  # local diffusers WanTransformer3DModel folder (or pipeline folder with transformer/)
+    teacher: str = ""  # local diffusers WanTransformer3DModel folder (or pipeline folder with transformer/); a student folder: causal ODE (its cached rollouts)
     text_encoder: str = ""  # local folder with tokenizer/ and text_encoder/ (umT5)
     prompts_file: str = ""  # prompts, one per line (else captions of data.shards-style `input`)
     input: str = ""  # shard pattern whose captions (.txt) are the prompts when prompts_file is empty
@@ -636,6 +666,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    cd: CDConfig = field(default_factory=CDConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -669,6 +700,9 @@ class Config:
         if self.train.stage == Stage.pretrain and a.kind != AttentionKind.mha:
             _fail("attention.kind", "mha with train.stage=pretrain (the teacher exports to diffusers layout, Wan's "
                   "attention)", a.kind.value)
+        if self.train.context == Context.teacher_forcing and self.train.stage != Stage.adapt:
+            _fail("train.context", "diffusion_forcing unless train.stage=adapt (causal_cd always uses clean context; "
+                  "the other stages have no noisy context)", f"teacher_forcing with stage={self.train.stage.value}")
         if self.train.text_dropout > 0 and (self.train.stage != Stage.pretrain or not self.dmd.negative_embedding):
             _fail("train.text_dropout", "0 unless train.stage=pretrain with a dmd.negative_embedding file (the text "
                   "a dropped sample sees; `vmla-data negative-embedding` writes it)",
@@ -733,7 +767,8 @@ def missing_role_files(cfg: Config) -> list[tuple[str, str]]:
     - ``train.critic_path``: self_forcing, only when the teacher's geometry (``train.teacher_size``) is not the
       student's; otherwise the critic starts as a copy of the teacher;
     - ``dmd.negative_embedding``: self_forcing with guidance (``dmd.guidance_scale`` != 1: the unconditional
-      score; at 1 its weight is 0);
+      score; at 1 its weight is 0), causal_cd with guidance (``cd.guidance_scale`` != 1);
+    - ``train.student_path``: causal_cd (the stage-1 weights every role starts from);
     - ``logging.vae_path``: sample videos (``logging.sample_every_n_steps`` > 0) are decoded by it.
     """
     if cfg.train.allow_random_roles:
@@ -749,6 +784,13 @@ def missing_role_files(cfg: Config) -> list[tuple[str, str]]:
     if sf and not cfg.dmd.negative_embedding and cfg.dmd.guidance_scale != 1.0:
         missing.append(("dmd.negative_embedding", f"dmd.guidance_scale={cfg.dmd.guidance_scale} needs Wan's negative "
                         "prompt embedded: give the file `vmla-data negative-embedding` writes"))
+    if t.stage == Stage.causal_cd:
+        if not t.student_path:
+            missing.append(("train.student_path", "train.stage=causal_cd distils the stage-1 causal student (student, "
+                            "target and frozen model start from it): give the student folder `adapt` exported"))
+        if not cfg.dmd.negative_embedding and cfg.cd.guidance_scale != 1.0:
+            missing.append(("dmd.negative_embedding", f"cd.guidance_scale={cfg.cd.guidance_scale} needs Wan's negative "
+                            "prompt embedded: give the file `vmla-data negative-embedding` writes"))
     if cfg.logging.sample_every_n_steps > 0 and not cfg.logging.vae_path:
         missing.append(("logging.vae_path", f"logging.sample_every_n_steps={cfg.logging.sample_every_n_steps} decodes "
                         "sample videos: give a diffusers Wan VAE folder (or logging.sample_every_n_steps=0)"))

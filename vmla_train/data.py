@@ -53,7 +53,8 @@ from torch import Tensor
 from .config import Config, ConfigError, DataSource, torch_dtype
 
 KINDS = ("latents", "prompts", "ode")
-STAGE_KINDS = {"pretrain": "latents", "adapt": "latents", "ode_init": "ode", "self_forcing": "prompts"}  # loader per train.stage
+STAGE_KINDS = {"pretrain": "latents", "adapt": "latents", "ode_init": "ode", "self_forcing": "prompts",
+               "causal_cd": "latents"}  # loader per train.stage
 SHARD_KINDS = {"latents": ("latents",), "ode": ("ode",), "prompts": ("latents", "ode")}  # index.json kinds each loader reads
 PRODUCERS = {"raw": "vmla-data raw", "latents": "vmla-data encode", "ode": "vmla-data ode-pairs"}  # who writes each kind
 INDEX_NAME = "index.json"  # per-folder shard index: {"kind": ..., "shards": {"name.tar": num_samples}}

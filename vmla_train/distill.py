@@ -12,16 +12,21 @@ Roles:
 - student: the causal MLA student, trained in every stage (``pretrain``: a bidirectional mha student, the
   teacher-to-be);
 - teacher: the real score, a frozen diffusers Wan (self_forcing, and validation's reference);
-- critic: the fake score, a trainable diffusers Wan of the student's geometry (self_forcing).
+- critic: the fake score, a trainable diffusers Wan of the student's geometry (self_forcing);
+- cd_frozen, cd_target: causal_cd's frozen stage-1 model and the EMA target, students of the student's
+  config, both starting from ``train.student_path`` (the target follows the EMA: ``sync_target``).
 
 Stages (``train.stage``), each ``training_step`` on one micro-batch:
 
 - ``pretrain``: the teacher's own training: flow matching on real latents, bidirectional, one timestep
   per sample (Wan's pretraining objective);
-- ``adapt``: flow matching on real latents, block-causal, one timestep per chunk (diffusion forcing);
+- ``adapt``: flow matching on real latents, block-causal, one timestep per chunk; earlier chunks noisy at
+  their own t (``train.context=diffusion_forcing``) or clean (``teacher_forcing``, as a cached rollout sees them);
 - ``ode_init``: regression to the teacher ODE trajectory's end from one kept point per chunk;
 - ``self_forcing``: the DMD loss on the student's own rollout (``dmd_loss``), and the critic's flow
-  matching on a no-grad rollout (``critic_step``).
+  matching on a no-grad rollout (``critic_step``);
+- ``causal_cd``: consistency distillation of the causal student from its frozen stage-1 self along the
+  latter's guided flow-matching ODE, with clean context (``cd_loss``); the target is the student's EMA.
 
 Randomness: every draw comes from the ``torch.Generator`` the loop hands in (one per rank and iteration),
 so a resumed run draws exactly what the uninterrupted run drew.
@@ -32,6 +37,7 @@ teacher/critic timesteps per sample [B] (DMD, critic) through ``wan.wan_flow``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +80,12 @@ class DistillationModule(L.LightningModule):
         self.cfg = cfg
         self.student, self.teacher, self.critic = student, teacher, critic
         self.new_cache = student.new_cache  # bound to the raw student (engines forward attributes too)
-        uses_neg = critic is not None or cfg.train.text_dropout > 0
+        self.cd_frozen = self.cd_target = None
+        if cfg.train.stage == C.Stage.causal_cd:  # both start as the student's (stage-1) weights, frozen
+            self.cd_frozen = copy.deepcopy(student).requires_grad_(False).eval()
+            self.cd_target = copy.deepcopy(student).requires_grad_(False).eval()
+        cd_guided = cfg.train.stage == C.Stage.causal_cd and cfg.cd.guidance_scale != 1.0
+        uses_neg = critic is not None or cfg.train.text_dropout > 0 or cd_guided
         self.neg_text = recipe.negative_text(cfg) if uses_neg else None  # [1, Lt, text_dim]
         self.rollout_dtype = next(student.parameters()).dtype
         self.snapshot_cache = cfg.train.gradient_checkpointing
@@ -117,9 +128,10 @@ class DistillationModule(L.LightningModule):
         ``teacher_dtype``) and the negative prompt move to ``device``."""
         self.student, self.critic = student, critic
         self.rollout_dtype = next(student.parameters()).dtype
-        if self.teacher is not None:
-            kw = {} if teacher_dtype == torch.float32 else {"dtype": teacher_dtype}
-            self.teacher = self.teacher.to(device=device, **kw)
+        kw = {} if teacher_dtype == torch.float32 else {"dtype": teacher_dtype}
+        for role in ("teacher", "cd_frozen", "cd_target"):
+            if getattr(self, role) is not None:
+                setattr(self, role, getattr(self, role).to(device=device, **kw))
         if self.neg_text is not None:
             self.neg_text = self.neg_text.to(device)
 
@@ -156,6 +168,8 @@ class DistillationModule(L.LightningModule):
             return self.adapt_loss(batch, gen)
         if stage == C.Stage.ode_init:
             return self.ode_init_loss(batch, gen)
+        if stage == C.Stage.causal_cd:
+            return self.cd_loss(batch, gen)
         return self.dmd_loss(batch, gen, spec)
 
     def pretrain_loss(self, batch, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -178,15 +192,75 @@ class DistillationModule(L.LightningModule):
         return loss, {"loss/pretrain": loss.detach()}
 
     def adapt_loss(self, batch, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Block-causal flow matching on real latents with one timestep per chunk (diffusion forcing)."""
+        """Block-causal flow matching on real latents with one timestep per chunk; earlier chunks are the
+        noisy ones (diffusion forcing) or the clean ones (teacher forcing), by ``train.context``."""
         x0 = batch.latents  # (B, F, C, H, W)
         b, f = x0.shape[:2]
         t = self._chunk_timesteps(b, f, gen)  # (B, F)
         noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.dtype)
         x_t = schedule.add_noise(x0, noise, t)
-        flow = self.student(x_t, t, batch.text, mask=FrameMask(self.cfg.video.chunk_frames))
+        if self.cfg.train.context == C.Context.teacher_forcing:
+            flow = self.clean_context_flow(self.student, x0, x_t, t, batch.text)
+        else:
+            flow = self.student(x_t, t, batch.text, mask=FrameMask(self.cfg.video.chunk_frames))
         loss = losses.flow_matching_loss(flow, x0, noise)
         return loss, {"loss/adapt": loss.detach()}
+
+    def clean_context_flow(self, model, clean: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                           text: torch.Tensor) -> torch.Tensor:
+        """``model``'s flow for the noisy chunks ``x_t`` [B, F, C, H, W] at ``t`` [B, F], each chunk seeing the
+        *clean* frames ``clean`` of the earlier chunks: one forward over [clean; noisy] (2F frames, the clean
+        copy at t = 0, both at positions 0 .. F-1) under the teacher-forcing mask; returns the noisy half's
+        flow [B, F, C, H, W]. Equal to denoising each chunk with a cache that holds the clean frames."""
+        f, dtype = x_t.shape[1], next(model.parameters()).dtype  # frozen roles run in the compute dtype
+        x = torch.cat([clean, x_t], 1).to(dtype)  # (B, 2F, C, H, W)
+        tt = torch.cat([torch.zeros_like(t), t], 1)  # (B, 2F)
+        flow = model(x, tt, text, mask=FrameMask(self.cfg.video.chunk_frames, teacher_forcing=True))
+        return flow[:, f:]
+
+    def cd_loss(self, batch, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Causal consistency distillation, top to bottom (every forward with the clean context).
+
+        1. Per chunk an adjacent pair (s_n, s_n+1) of the discrete schedule, ``cd.num_steps`` + 1 shifted Euler
+           sigmas from 1 to 0 (``schedule.euler_sigmas``, ``schedule.shift``), n uniform in [0, cd.num_steps).
+        2. x_t = (1 - s_n) x0 + s_n eps on real latents x0.
+        3. The frozen stage-1 model's flow at (x_t, s_n), guided, uncond + w (cond - uncond) with
+           w = ``cd.guidance_scale``; one Euler step to s_n+1: x_next.
+        4. The EMA target's x0 at (x_next, s_n+1), no grad (x_next itself where s_n+1 = 0: at t = 0 the
+           consistency function is the identity).
+        5. The student's x0 at (x_t, s_n); loss = mean (x0_student - x0_target)^2 in float64.
+        """
+        cd, chunk = self.cfg.cd, self.cfg.video.chunk_frames
+        x0, text = batch.latents, batch.text  # (B, F, C, H, W), (B, Lt, D)
+        b, f = x0.shape[:2]
+        sigmas = schedule.euler_sigmas(cd.num_steps, self.cfg.schedule.shift).to(gen.device)  # (N + 1,)
+        n = torch.randint(0, cd.num_steps, (b, f // chunk), generator=gen, device=gen.device).repeat_interleave(chunk, 1)
+        t = (sigmas[n] * schedule.NUM_TRAIN_TIMESTEPS).float()  # 1. (B, F)
+        t_next = (sigmas[n + 1] * schedule.NUM_TRAIN_TIMESTEPS).float()
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.dtype)
+        x_t = schedule.add_noise(x0, noise, t)  # 2.
+        with torch.no_grad():
+            flow = self.clean_context_flow(self.cd_frozen, x0, x_t, t, text)  # 3.
+            if cd.guidance_scale != 1.0:
+                neg = self.neg_text.to(text).expand(b, -1, -1)
+                uncond = self.clean_context_flow(self.cd_frozen, x0, x_t, t, neg)
+                flow = schedule.guide(flow.double(), uncond.double(), cd.guidance_scale)
+            s, s_next = (schedule.sigma_of(v)[..., None, None, None] for v in (t, t_next))  # (B, F, 1, 1, 1)
+            x_next = schedule.euler_step(x_t, flow, s, s_next)
+            target = schedule.x0_from_flow(x_next, self.clean_context_flow(self.cd_target, x0, x_next, t_next, text),
+                                           t_next)  # 4.
+            target = torch.where((t_next == 0)[..., None, None, None], x_next, target)
+        x0_student = schedule.x0_from_flow(x_t, self.clean_context_flow(self.student, x0, x_t, t, text), t)  # 5.
+        loss = losses.consistency_loss(x0_student, target)
+        return loss, {"loss/cd": loss.detach(), "cd/t_mean": t.mean().detach()}
+
+    @torch.no_grad()
+    def sync_target(self, shadow: dict[str, torch.Tensor]) -> None:
+        """causal_cd: the target's weights <- the EMA ``shadow`` (float32, the student's parameter names)."""
+        for name, p in self.cd_target.named_parameters():
+            if name not in shadow:
+                raise KeyError(f"causal_cd: the EMA has no '{name}' (its names follow the student's parameters)")
+            p.copy_(shadow[name])
 
     def ode_init_loss(self, batch, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Regression to the teacher trajectory's end from one kept trajectory point per chunk."""

@@ -81,10 +81,15 @@ class FlopCounter:
 
     def student(self, b: int, spec=None) -> float:
         """A student update on ``b`` samples: DMD with the rollout of ``spec`` (self_forcing: rollout with
-        grad, two teacher forwards, one critic forward), else one forward and backward of the clip."""
+        grad, two teacher forwards, one critic forward), else one forward and backward of the clip (twice its
+        length with clean context: teacher-forcing adapt; causal_cd adds three no-grad forwards)."""
         clip = self.cfg.video.latent_frames * self.cfg.tokens_per_frame
+        t = self.cfg.train
+        if t.stage == C.Stage.causal_cd:  # clean + noisy copies: student fwd + bwd, frozen cond + uncond, target
+            return 6 * self._s(b, 2 * clip, 2 * clip)
         if spec is None:
-            return 3 * self._s(b, clip, clip)
+            seq = 2 * clip if t.stage == C.Stage.adapt and t.context == C.Context.teacher_forcing else clip
+            return 3 * self._s(b, seq, seq)
         return self.rollout(b, spec.exit_steps, True) + 2 * self._t(b, clip) + self._c(b, clip)
 
     def critic(self, b: int, spec) -> float:

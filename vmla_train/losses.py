@@ -52,6 +52,12 @@ def critic_loss(flow_pred: torch.Tensor, x0_generated: torch.Tensor, noise: torc
     return flow_matching_loss(flow_pred, x0_generated.detach(), noise)
 
 
+def consistency_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:
+    """Consistency distillation: MSE between the student's x0 at the earlier point and the (detached)
+    target's x0 at the later point, float64."""
+    return torch.mean((x0_pred.to(torch.float64) - x0_target.detach().to(torch.float64)) ** 2)
+
+
 def ode_regression_loss(x0_pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """ODE init: MSE between the student's x0 from a trajectory point and the trajectory's end, float64."""
     return torch.mean((x0_pred.to(torch.float64) - clean.detach().to(torch.float64)) ** 2)

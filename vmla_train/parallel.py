@@ -17,14 +17,17 @@ engine code path is unchanged). Gradient checkpointing wraps each block's forwar
 
 What differs under DeepSpeed lives here, so the loop never branches on the strategy: ``backward`` (the
 engine divides by its accumulation and takes micro-steps), ``optimizer_step`` (the engine clips and
-steps), ``assert_no_grads`` (the engine keeps gradients in its own buffers), ``is_sharded`` (per-engine
-checkpoint folders), ``check_resume_world_size`` (ZeRO shards need the same world size) and
+steps; a non-finite gradient norm skips the update on every rank, as elsewhere), ``assert_no_grads`` (the
+engine keeps gradients in its own buffers), ``deferred_write_errors`` (its save is collective),
+``is_sharded`` (per-engine checkpoint folders), ``check_resume_world_size`` (ZeRO shards need the same world size) and
 ``gatherer`` (ZeRO-3 partitions parameters).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -212,17 +215,52 @@ def any_rank(fabric, flag: bool) -> bool:
     return float(fabric.all_reduce(torch.tensor(float(bool(flag)), device=fabric.device), reduce_op="max")) > 0
 
 
+def failed_ranks(fabric, failed: bool) -> list[int]:
+    """The ranks on which ``failed`` is set, the same list on every rank (a collective: every rank calls it)."""
+    flags = torch.zeros(fabric.world_size, device=fabric.device)
+    flags[fabric.global_rank] = float(bool(failed))
+    return [r for r, f in enumerate(fabric.all_reduce(flags, reduce_op="sum").tolist()) if f > 0]
+
+
+@contextlib.contextmanager
+def deferred_write_errors(fabric, engine, errors: list[str]):
+    """Around ``fabric.save`` of one engine. DeepSpeed's save is collective (barriers between the ranks'
+    writes): a write error raised on one rank takes that rank out of it and leaves the others waiting in
+    a barrier. Inside, a failed write of the engine's files (``OSError``, or torch.save's ``RuntimeError``)
+    is appended to ``errors`` instead of raised, so every rank completes DeepSpeed's protocol and the
+    caller's agreement that follows sees the error. Other strategies: nothing changes."""
+    if not is_deepspeed(fabric):
+        yield
+        return
+    writer = engine._forward_module.checkpoint_engine
+    write = writer.save
+
+    def save(state_dict, path, *args, **kwargs):
+        try:
+            return write(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+
+    writer.save = save  # the instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del writer.save
+
+
 # ----------------------------------------------------------------------------------------------
 # Backward and optimizer steps of one engine (what differs under DeepSpeed)
 # ----------------------------------------------------------------------------------------------
 def backward(fabric, loss: torch.Tensor, engine, optimizer, accumulation: int, last: bool) -> None:
     """Backward of one micro-batch's loss. DeepSpeed divides by its gradient_accumulation_steps itself and
-    takes a micro-step after every micro-batch but the last (no update before its boundary); the other
-    strategies get the loss divided here and skip the gradient sync of all but the last micro-batch."""
+    takes a micro-step after every micro-batch but the last (no update before its boundary; the engine's
+    own ``step``, which advances its micro-step counter, not Fabric's optimizer wrapper, which steps the
+    ZeRO optimizer directly); the other strategies get the loss divided here and skip the gradient sync of
+    all but the last micro-batch."""
     if is_deepspeed(fabric):
         fabric.backward(loss.float(), model=engine)
         if not last:
-            optimizer.step()
+            engine._forward_module.step()
         return
     with fabric.no_backward_sync(engine, enabled=not last):
         fabric.backward(loss.float() / accumulation, model=engine)
@@ -231,13 +269,9 @@ def backward(fabric, loss: torch.Tensor, engine, optimizer, accumulation: int, l
 def optimizer_step(fabric, engine, optimizer, grad_clip: float, finite_loss: bool = True) -> tuple[float, bool]:
     """Clip and step one engine; returns the gradient norm before clipping and whether it stepped.
     A non-finite loss or gradient norm on any rank skips the update on every rank (the flag is
-    all-reduced, so no rank diverges). DeepSpeed clips (``gradient_clipping``) and steps inside its engine
-    at the accumulation boundary: no skip there."""
+    all-reduced, so no rank diverges). DeepSpeed: ``_deepspeed_step`` (the same rule; the engine clips)."""
     if is_deepspeed(fabric):
-        optimizer.step()
-        norm = engine._forward_module.get_global_grad_norm() if hasattr(engine, "_forward_module") else None
-        optimizer.zero_grad()
-        return (float(norm) if norm is not None else float("nan")), True
+        return _deepspeed_step(fabric, engine._forward_module, finite_loss)
     if grad_clip > 0:
         norm = fabric.clip_gradients(engine, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
     else:
@@ -248,6 +282,52 @@ def optimizer_step(fabric, engine, optimizer, grad_clip: float, finite_loss: boo
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm), bool(finite)
+
+
+def _deepspeed_step(fabric, ds, finite_loss: bool) -> tuple[float, bool]:
+    """The step of DeepSpeed engine ``ds`` at its accumulation boundary, skipped on every rank as above:
+    1. the global gradient norm before clipping (``zero_grad_norm``: each rank's ZeRO partition, reduced over
+    the ranks by DeepSpeed), 2. the finite flag (this rank's losses and that norm) all-reduced, 3. the engine's
+    step either way, so its boundary bookkeeping runs (micro / global step counters, gradient buffers
+    cleared, the next micro-step starts a fresh accumulation), with the update of the wrapped AdamW
+    suppressed when some rank is non-finite (weights and moments unchanged, counted in DeepSpeed's
+    ``skipped_steps`` too). DeepSpeed clips (``gradient_clipping``) inside its step."""
+    norm = zero_grad_norm(ds.optimizer)  # 1.
+    finite = float(finite_loss and math.isfinite(norm))
+    finite = bool(float(fabric.all_reduce(torch.tensor(finite, device=fabric.device), reduce_op="min")))  # 2.
+    if finite:
+        ds.step()  # 3.
+        return norm, True
+    skipped_before = ds.skipped_steps
+    with _update_suppressed(ds.optimizer.optimizer):
+        ds.step()
+    if ds.skipped_steps == skipped_before:  # DeepSpeed's own overflow check did not see it (a non-finite loss only)
+        ds.skipped_steps += 1
+        ds._step_applied = False
+    return norm, False
+
+
+def zero_grad_norm(zero_optimizer) -> float:
+    """The L2 norm of the gradients a ZeRO optimizer is about to step on, the same on every rank (DeepSpeed
+    reduces the partitions' norms over the data-parallel group; a non-finite one comes back as inf), divided
+    by the loss scale (1 but under fp16). Call it after the backward of the accumulation boundary."""
+    from deepspeed.runtime.utils import combine_grad_norm_groups
+
+    if hasattr(zero_optimizer, "scaled_global_norm"):  # ZeRO-1/2
+        norm = zero_optimizer.scaled_global_norm()
+    else:  # ZeRO-3
+        norm = combine_grad_norm_groups(zero_optimizer._get_norm_groups())
+    return float(norm) / float(zero_optimizer.loss_scale)
+
+
+@contextlib.contextmanager
+def _update_suppressed(base_optimizer):
+    """Inside: ``base_optimizer.step()`` (the torch optimizer a ZeRO optimizer wraps) changes nothing."""
+    base_optimizer.step = lambda *args, **kwargs: None  # the instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del base_optimizer.step
 
 
 def assert_no_grads(fabric, model: nn.Module | None, what: str) -> None:

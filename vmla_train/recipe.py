@@ -87,7 +87,8 @@ def negative_text(cfg: C.Config) -> torch.Tensor:
         if t.shape[-1] != m.text_dim or t.shape[1] > m.text_len:
             raise ValueError(f"dmd.negative_embedding: shape {tuple(t.shape)}, expected [1, <= {m.text_len}, {m.text_dim}]")
         return t
-    if cfg.dmd.guidance_scale != 1.0 or cfg.train.text_dropout > 0:
+    guidance = cfg.cd.guidance_scale if cfg.train.stage == C.Stage.causal_cd else cfg.dmd.guidance_scale
+    if guidance != 1.0 or cfg.train.text_dropout > 0:
         _refuse_random(cfg, "dmd.negative_embedding", "the unconditional score would read a random embedding: give "
                        "the file `vmla-data negative-embedding` writes")
     g = torch.Generator().manual_seed(cfg.runtime.seed + 0x4E47)

@@ -222,7 +222,7 @@ class WanStudent(nn.Module):
     ) -> AttnInputs:
         n = hp * wp
         if cache is None:
-            pos = torch.arange(fp, device=device)
+            pos = mask.positions(fp, device) if mask is not None else torch.arange(fp, device=device)
             rot = Rotary.from_angles(rope_angles(self.rope_spec, pos, hp, wp))
             token_mask = mask.build(fp, n, device, self.cfg.attention.mask_backend) if mask is not None else None
             return AttnInputs(q_rot=rot, k_rot=rot, mask=token_mask)

@@ -1,8 +1,9 @@
 """The training loop (Lightning Fabric): batch -> losses -> backward -> step -> logging -> checkpoint.
 Read ``fit`` top to bottom.
 
-One loop for every stage (``train.stage``): ``pretrain`` (a bidirectional teacher), ``adapt`` and
-``ode_init`` update the student every iteration; ``self_forcing`` updates the student every ``dmd.critic_steps_per_student_step`` iterations,
+One loop for every stage (``train.stage``): ``pretrain`` (a bidirectional teacher), ``adapt``, ``ode_init``
+and ``causal_cd`` (whose target, the student's EMA, follows every student step) update the student every
+iteration; ``self_forcing`` updates the student every ``dmd.critic_steps_per_student_step`` iterations,
 then the critic every iteration (Self-Forcing's order).
 
 Who does what (Lightning's "LightningModule with Fabric" pattern):
@@ -111,8 +112,10 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
     module.use_engines(student, critic, dev, parallel.compute_dtype(cfg, fabric))
 
     # 4. The state a checkpoint holds (data: fixed batches per epoch on every rank, resumed exactly).
-    sf = cfg.train.stage == C.Stage.self_forcing
-    ema = EMA(cfg.dmd.ema_decay if sf else 0.0, cfg.dmd.ema_start_step, keep=rank == 0)  # of the DMD student
+    sf, cd = cfg.train.stage == C.Stage.self_forcing, cfg.train.stage == C.Stage.causal_cd
+    # The EMA of the student: DMD's output (rank 0 keeps it), or causal_cd's target (every rank runs it)
+    ema = EMA(cfg.cd.ema_decay, 0, keep=True) if cd else EMA(cfg.dmd.ema_decay if sf else 0.0,
+                                                              cfg.dmd.ema_start_step, keep=rank == 0)
     monitor = RankOccupationMonitor(cfg.logging.rank_every_n_steps) if cfg.logging.rank_every_n_steps > 0 else None
     kind = data.STAGE_KINDS[cfg.train.stage.value]
     state = TrainState(fabric, cfg, module, student_opt, critic_opt, ema, data.build_loader(cfg, kind, rank, fabric.world_size),
@@ -124,6 +127,10 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
         fabric.print(f"resumed from {resumed} at step {state.counters.step}")
     log.start(state.counters.step)
     fixed_text = _fixed_prompts(cfg, dev)
+    if cd:  # the target starts as the stage-1 weights (a copy) or as the checkpoint's EMA
+        if not ema.shadow:
+            ema.update(student.module, 0, parallel.gatherer(fabric))
+        module.sync_target(ema.shadow)
 
     # 5. Iterations.
     c = state.counters
@@ -148,6 +155,8 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
             if not metrics["skipped/student"]:
                 c.student_steps += 1
                 ema.update(student.module, c.step, parallel.gatherer(fabric))
+                if cd:
+                    module.sync_target(ema.shadow)
             it_flops += sum(flops.student(b.text.shape[0], spec) for b in batches)
         # 5d. Critic (self_forcing): flow matching on a no-grad rollout of the same plan.
         if critic is not None:

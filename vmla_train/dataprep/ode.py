@@ -6,7 +6,15 @@ Prompts come from ``prep.ode.prompts_file`` (one per line) or the captions of tr
 flow-matching Euler over ``schedule.euler_sigmas(num_steps, shift)`` and classifier-free guidance
 against ``wan.WAN_NEGATIVE_PROMPT``. Shard ``j`` = ``ode-{j:06d}.tar`` holds prompts
 ``[j S, (j + 1) S)`` (S = ``samples_per_shard``) and goes to rank ``j mod world``; finished shards are
-skipped (resume). Sample members:
+skipped (resume).
+
+**Causal ODE.** When ``prep.ode.teacher`` is a *student* folder (``config.yaml`` + ``model.safetensors``,
+e.g. a teacher-forcing ``adapt`` export) instead of a diffusers Wan, the trajectories are its cached
+rollouts: chunk by chunk, the same guided Euler steps over the chunk's noise against a KV cache of the
+earlier chunks' results, then the chunk's clean result written to the cache at t = 0 (what inference does).
+The conditional and the negative prompt run as one doubled batch with one cache, both rows writing the
+guided result. Trajectory point k is then every chunk after k of its own steps. ``json`` says
+``"source": "causal"`` (else ``"teacher"``). Sample members:
 
     <key>.noise.npy       [F, C, H, W]      the starting noise (t = 1000)
     <key>.trajectory.npy  [K, F, C, H, W]   latents at the kept step indices (index 0 = noise, num_steps = clean)
@@ -67,7 +75,18 @@ class Teacher:
             raise ValueError(f"prep.ode.teacher and prep.ode.text_encoder must be local folders "
                              f"(found {o.teacher!r}, {o.text_encoder!r})")
         self.cfg, self.device = cfg, resolve_device(o.device)
-        self.model = wan.load_wan_transformer(o.teacher, self.device, torch_dtype(o.dtype)).eval()
+        self.causal = (Path(o.teacher) / "config.yaml").is_file()  # a student folder (diffusers has config.json)
+        if self.causal:
+            from ..student_io import load_student
+
+            self.model, scfg = load_student(o.teacher, device=self.device, dtype=torch_dtype(o.dtype))
+            if scfg.video.chunk_frames != cfg.video.chunk_frames or scfg.model.in_channels != cfg.model.in_channels:
+                raise ValueError(f"prep.ode.teacher '{o.teacher}': a student with video.chunk_frames="
+                                 f"{scfg.video.chunk_frames}, model.in_channels={scfg.model.in_channels}; this "
+                                 f"config has {cfg.video.chunk_frames}, {cfg.model.in_channels}")
+            self.model.eval()
+        else:
+            self.model = wan.load_wan_transformer(o.teacher, self.device, torch_dtype(o.dtype)).eval()
         self.tok, self.text = wan.load_text_encoder(o.text_encoder, self.device, torch.float32)
         neg, _ = wan.encode_prompts(self.tok, self.text, [wan.WAN_NEGATIVE_PROMPT], cfg.model.text_len)
         self.negative = neg  # (1, Lt, D)
@@ -84,11 +103,49 @@ class Teacher:
         from .. import schedule, wan
 
         o = self.cfg.prep.ode
-        x, kept = wan.euler_sample(self.model, noise.to(self.device), text.to(self.device), o.num_steps, o.shift,
-                                   self.cfg.model.text_len, self.negative, o.guidance_scale, o.keep_indices)
+        sample = causal_euler_sample if self.causal else wan.euler_sample
+        x, kept = sample(self.model, noise.to(self.device), text.to(self.device), o.num_steps, o.shift,
+                         self.cfg.model.text_len, self.negative, o.guidance_scale, o.keep_indices)
         sigmas = schedule.euler_sigmas(o.num_steps, o.shift)
         steps = torch.tensor([schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[i]) for i in o.keep_indices], dtype=torch.float32)
         return torch.stack([kept[i] for i in o.keep_indices], 1).cpu(), steps, x.cpu()
+
+
+@torch.no_grad()
+def causal_euler_sample(student, noise: torch.Tensor, text: torch.Tensor, num_steps: int, shift: float,
+                        text_len: int | None = None, negative: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                        keep=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``wan.euler_sample`` for a causal student: each chunk of ``noise`` [B, F, C, H, W] integrated by the
+    guided Euler ODE against the cache of the earlier chunks' results, then its result written to the cache
+    (t = 0). Returns the final latents and ``{k: every chunk after k of its steps}`` for ``k`` in ``keep``."""
+    from .. import schedule
+
+    b, f = noise.shape[:2]
+    chunk = student.cfg.video.chunk_frames
+    sigmas = schedule.euler_sigmas(num_steps, shift)  # (num_steps + 1,) 1 -> 0
+    if negative is not None:
+        text = torch.cat([text, negative.to(text).expand(b, -1, -1)])  # (2B, Lt, D): cond, then uncond
+    rows = text.shape[0]
+    cache = student.new_cache(rows)
+    dtype = next(student.parameters()).dtype
+    done, kept = [], {k: [] for k in keep}
+    for s in range(0, f, chunk):
+        x = noise[:, s: s + chunk].float()  # (B, c, C, H, W)
+        if 0 in kept:
+            kept[0].append(x)
+        for k in range(num_steps):
+            xin = x if negative is None else torch.cat([x, x])
+            t = torch.full((rows, xin.shape[1]), schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[k]), device=x.device)
+            flow = student(xin.to(dtype), t, text, cache=cache).float()
+            if negative is not None:
+                flow = schedule.guide(flow[:b], flow[b:], guidance_scale)
+            x = schedule.euler_step(x, flow, float(sigmas[k]), float(sigmas[k + 1]))
+            if k + 1 in kept:
+                kept[k + 1].append(x)
+        clean = x if negative is None else torch.cat([x, x])
+        student(clean.to(dtype), torch.zeros(rows, clean.shape[1], device=x.device), text, cache=cache, write_cache=True)
+        done.append(x)
+    return torch.cat(done, 1), {k: torch.cat(v, 1) for k, v in kept.items()}
 
 
 def write_shard(cfg: Config, teacher: Teacher, j: int, prompts: list[tuple[int, str]], final: Path) -> common.Summary:
@@ -118,7 +175,8 @@ def write_shard(cfg: Config, teacher: Teacher, j: int, prompts: list[tuple[int, 
                     rejects.append({"reason": "non-finite trajectory", "detail": "", "prompt_index": i, "prompt": p})
                     continue
                 n_tok = int(mask[b].sum())
-                meta = dict(timesteps=steps.tolist(), dtype=o.latent_dtype, prompt_index=i, num_steps=o.num_steps,
+                meta = dict(source="causal" if teacher.causal else "teacher",
+                            timesteps=steps.tolist(), dtype=o.latent_dtype, prompt_index=i, num_steps=o.num_steps,
                             shift=o.shift, guidance_scale=o.guidance_scale, keep_indices=list(o.keep_indices),
                             seed=o.seed + i, text_tokens=n_tok)
                 sample = {"__key__": f"prompt{i:09d}", "noise.npy": encode_array(noise[b], o.latent_dtype),

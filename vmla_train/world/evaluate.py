@@ -3,6 +3,7 @@ assemble the world's frozen models.
 
     vmla-world models OUT --vae CODEC_VAE   (the codec + the world text encoder in one folder)
     vmla-world eval VIDEO_DIR_OR_FILES... (--prompts FILE | --scenes scenes.jsonl) [--world FOLDER] [--out report.json]
+                    [--chunk-frames K]   (K latent frames per generated chunk: the chunk-seam jump)
     vmla-world sample-teacher --teacher T --vae V --text-encoder E --prompts FILE --out DIR [--world FOLDER] ...
 
 **Evaluating** (``evaluate_videos``). Every mp4 is decoded whole at its own frame rate and size with the
@@ -55,6 +56,7 @@ TABLE = (  # report key, label, better
     ("identity", "identity", "1"),
     ("background", "background change", "0"),
     ("drift_score", "drift", "0"),
+    ("chunk_jump", "chunk seam jump", "1"),  # only with --chunk-frames
 )
 DEFAULT_CRF = 10  # libx264 quality of sampled videos: the world data's own (metrics are unchanged by it)
 
@@ -256,6 +258,8 @@ def report_table(result: dict, reference: Reference | None = None) -> str:
     gt = reference.metrics if reference is not None else {}
     rows = [("metric", "videos", "held-out", "better")]
     for key, label, better in TABLE:
+        if key not in result:
+            continue
         rows.append((label, f"{result[key]:.3f}", f"{gt[key]:.3f}" if key in gt else "-", better))
     if "frechet_distance" in result:
         rows.append(("Fréchet distance", f"{result['frechet_distance']:.2f}", f"{result['frechet_floor']:.2f} (floor)",
@@ -274,13 +278,17 @@ def _refuse_existing(*paths: Path) -> None:
 
 
 def _evaluate_and_report(videos: list[Path], targets: list, fps: float | None, world: str | None,
-                         num_reference: int | None, out: Path | None, source: dict) -> dict:
+                         num_reference: int | None, out: Path | None, source: dict, chunk_frames: int | None = None,
+                         temporal_stride: int = 4) -> dict:
     """Score ``videos`` (against the world's held-out reference when ``world`` is given), print the
-    table, write ``out`` (JSON) when given."""
+    table, write ``out`` (JSON) when given. ``chunk_frames`` (latent frames per generated chunk) adds the
+    chunk-seam score: pixel chunks of ``temporal_stride`` x K frames, the first 1 + stride (K - 1)."""
     first, _ = read_video(videos[0])
     reference = reference_from_world(world, num_reference, len(first)) if world else None
     ref_a = reference.halves()[0] if reference is not None else None
-    result = evaluate_videos(videos, targets, fps, ref_a)
+    seams = ({} if not chunk_frames else
+             dict(frames_per_chunk=temporal_stride * chunk_frames, first_chunk_frames=1 + temporal_stride * (chunk_frames - 1)))
+    result = evaluate_videos(videos, targets, fps, ref_a, **seams)
     if reference is not None and "frechet_distance" in result:
         result["frechet_floor"] = reference.floor()
     print(f"vmla-world eval: {len(videos)} videos of {result['num_frames']} frames"
@@ -375,6 +383,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", help="text file, one prompt per line (targets from the prompt's words)")
     t.add_argument("--scenes", help="scenes.jsonl / scenes-heldout.jsonl (exact targets)")
     e.add_argument("--out", type=Path, default=None, help="report JSON (must not exist)")
+    e.add_argument("--chunk-frames", type=int, default=None,
+                   help="latent frames per chunk of the generator: adds the chunk-seam jump (1 = no seam)")
+    e.add_argument("--temporal-stride", type=int, default=4, help="the codec's pixel frames per latent frame (Wan: 4)")
     s = sub.add_parser("sample-teacher", help="many-step Euler samples of the teacher -> mp4s + eval")
     for q in (e, s):
         q.add_argument("--world", help="world folder: held-out scenes for the reference (sample-teacher: also "
@@ -422,7 +433,10 @@ def _eval(args) -> int:
         rows = read_scene_targets(args.scenes)
         targets = pair(videos, [n for n, _ in rows], [s for _, s in rows], args.scenes)
         source = {"scenes": args.scenes}
-    _evaluate_and_report(videos, targets, args.fps, args.world, args.num_reference, args.out, source)
+    if args.chunk_frames is not None and (args.chunk_frames < 1 or args.temporal_stride < 1):
+        raise InputError(f"--chunk-frames {args.chunk_frames} and --temporal-stride {args.temporal_stride} must be >= 1")
+    _evaluate_and_report(videos, targets, args.fps, args.world, args.num_reference, args.out, source,
+                         args.chunk_frames, args.temporal_stride)
     return 0
 
 

@@ -1,0 +1,260 @@
+"""End-to-end batch-1 generation: denoise a chunk, decode it with the Wan VAE, write its frames, repeat.
+
+    python benchmarks/generate.py [--chunks 12] [--modes bf16,8bit] [--vae-dtype bfloat16] [--no-write]
+                                  [--text-encoder] [--profile-chunks 2] [--config CONFIG] [--device cuda]
+
+What a user of ``vmla-generate`` waits for, part by part, at the real geometry with random weights of the
+real architectures: the student of ``--config`` (default ``configs/videomla-1.3b.yaml``: 480x832, chunks
+of 3 latent frames, window 21 + 3 sinks, 4 denoising steps + the clean cache-writing pass), Wan2.1's VAE
+(diffusers ``AutoencoderKLWan`` at its default widths) decoding each chunk with the streaming decoder
+``vmla-generate`` uses, and (``--text-encoder``) umT5-XXL encoding the prompt.
+
+Modes: ``bf16`` (``attention.impl=fused``, 16-bit cache) and ``8bit`` (``attention.impl=fused_8bit``,
+``cache.dtype=8bit``); on a CPU (``--device cpu``, for checking the script) every mode runs the reference
+attention. The cache starts full of random entries (the steady state of a long video, as
+``benchmarks/rollout.py`` measures it), the decoder from its start; the first ``--warmup`` chunks are run
+and not counted. Per counted chunk, on one stream, in order:
+
+- ``denoise_s``: the chunk's five student forwards (CUDA events around them),
+- ``decode_s``: the VAE decode of its 3 latent frames into 12 video frames,
+- ``write_s``: the frames to the host and into an H.264 mp4 (``Mp4Writer``, as ``vmla-generate``),
+- ``wall_s``: host time of the whole chunk, with no synchronisation inside it.
+
+Reported: medians of each, video frames/s = frames per chunk / median wall, time to first frame (prompt
+encoding if measured + first chunk's denoise + decode, from a fresh cache), the GPU's busy fraction (the
+summed kernel time of ``--profile-chunks`` chunks under ``torch.profiler`` over their unprofiled wall
+time), and peak memory. Prints a table; writes ``benchmarks/results/generate-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import write_result  # noqa: E402
+from vmla_train import config as C  # noqa: E402
+from vmla_train import schedule  # noqa: E402
+from vmla_train.dataprep.video import Mp4Writer  # noqa: E402
+from vmla_train.generate import StreamingDecoder, rgb_frames  # noqa: E402
+from vmla_train.rollout import sample_video  # noqa: E402
+from vmla_train.student import WanStudent  # noqa: E402
+
+GB = 1 << 30
+MODES = {  # mode -> overrides on the config (GPU)
+    "bf16": ["attention.impl=fused", "cache.dtype=bfloat16"],
+    "8bit": ["attention.impl=fused_8bit", "cache.dtype=8bit"],
+}
+UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=256384,
+                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)  # Wan2.1's text encoder
+
+
+class Clock:
+    """Marks on the device's stream (CUDA events) or the host clock (CPU): ``mark()`` now, ``between``
+    after a final synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def between(self, a, b) -> float:
+        return (a.elapsed_time(b) / 1e3) if self.cuda else (b - a)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def build_student(cfg: C.Config, device: torch.device, dtype: torch.dtype) -> WanStudent:
+    torch.manual_seed(0)
+    with torch.device(device):
+        student = WanStudent(cfg)
+    return student.to(dtype).eval()
+
+
+def build_vae(cfg: C.Config, device: torch.device, dtype: torch.dtype):
+    """Wan2.1's VAE architecture (diffusers defaults) with seeded random weights; a small one for tiny configs."""
+    from diffusers import AutoencoderKLWan
+
+    from vmla_train import wan
+
+    torch.manual_seed(0)
+    if cfg.model.name == "tiny":
+        return wan.tiny_vae(0).to(device=device, dtype=dtype).eval()
+    return AutoencoderKLWan().to(device=device, dtype=dtype).eval()
+
+
+def time_text_encoder(device: torch.device, dtype: torch.dtype, text_len: int, tiny_dim: int | None) -> float:
+    """Seconds to embed one prompt with a random umT5 (XXL widths; ``tiny_dim``: a tiny one of that width),
+    after one warm-up call."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from vmla_train.dataprep.testing import tiny_text_encoder, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    if tiny_dim:
+        enc = tiny_text_encoder(tiny_dim, len(tok), 0)
+    else:
+        with torch.device(device):
+            enc = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+    enc = enc.to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, len(tok), (1, text_len), device=device)
+    clock = Clock(device)
+    with torch.no_grad():
+        enc(input_ids=ids)
+        clock.sync()
+        t0 = time.perf_counter()
+        enc(input_ids=ids)
+        clock.sync()
+    seconds = time.perf_counter() - t0
+    del enc
+    return seconds
+
+
+def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int, write: bool,
+             profile_chunks: int) -> dict:
+    """One mode: counted chunks after ``warmup`` ones; the per-part times of each, the first chunk's latency."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    student = build_student(cfg, device, dtype)
+    v = cfg.video
+    steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
+    text = torch.randn(1, cfg.model.text_len, cfg.model.text_dim, device=device, dtype=dtype)
+    clock = Clock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def one_video(n_chunks: int, full: bool, on_frames=None) -> list[dict]:
+        """``n_chunks`` chunks of one video: per chunk the marks and host times."""
+        cache = student.new_cache(1, device)
+        if full:
+            cache.fill_random(cache.num_slots + 2 * v.chunk_frames)  # a long video's steady state
+        decoder = StreamingDecoder(vae)
+        rows: list[dict] = []
+        state = {"start": clock.mark(), "host": time.perf_counter()}
+
+        def on_chunk(i: int, x0: torch.Tensor) -> None:
+            den = clock.mark()
+            pix = decoder(x0.to(vae.dtype))  # (1, 3, T, H, W)
+            dec = clock.mark()
+            frames = rgb_frames(pix[0].float())  # to the host: the chunk's frames exist
+            if on_frames is not None:
+                on_frames(frames)
+            wrote = clock.mark()
+            now = time.perf_counter()
+            rows.append(dict(start=state["start"], den=den, dec=dec, wrote=wrote, wall=now - state["host"],
+                             frames=int(frames.shape[0])))
+            state["start"], state["host"] = clock.mark(), time.perf_counter()
+
+        with torch.no_grad():
+            sample_video(student, text, n_chunks * v.chunk_frames, steps,
+                         generator=torch.Generator(device=device).manual_seed(0), cache=cache, on_chunk=on_chunk,
+                         keep=False)
+        decoder.close()
+        clock.sync()
+        return rows
+
+    def parts(rows: list[dict]) -> list[dict]:
+        return [dict(denoise_s=clock.between(r["start"], r["den"]), decode_s=clock.between(r["den"], r["dec"]),
+                     write_s=clock.between(r["dec"], r["wrote"]), wall_s=r["wall"], frames=r["frames"]) for r in rows]
+
+    # time to first frame: a fresh cache, the first chunk (the causal first latent frame: 1 + 4 (K - 1) frames)
+    one_video(1, full=False)  # warm-up: kernels compiled, autotuned
+    first = parts(one_video(1, full=False))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = Mp4Writer(Path(tmp) / "bench.mp4", v.fps) if write else None
+        rows = parts(one_video(warmup + chunks, full=True, on_frames=writer.write if writer else None))[warmup:]
+        if writer is not None:
+            writer.close()
+    out = {k: statistics.median(r[k] for r in rows) for k in ("denoise_s", "decode_s", "write_s", "wall_s")}
+    frames_per_chunk = rows[0]["frames"]
+    out |= dict(frames_per_chunk=frames_per_chunk, video_fps=frames_per_chunk / out["wall_s"],
+                first_chunk=first, chunks=chunks, per_chunk=rows,
+                peak_gb=torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None)
+    if profile_chunks and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            prof_rows = one_video(profile_chunks, full=True)
+        kernel_s = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6  # microseconds -> s
+        out["gpu_busy"] = kernel_s / (out["wall_s"] * len(prof_rows))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "videomla-1.3b.yaml"))
+    p.add_argument("--chunks", type=int, default=12, help="counted chunks per mode (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--modes", default="bf16,8bit", help=f"comma-separated, of {sorted(MODES)}")
+    p.add_argument("--vae-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--no-write", action="store_true", help="skip the mp4 encoding (frames still reach the host)")
+    p.add_argument("--text-encoder", action="store_true", help="also time umT5-XXL on one prompt (random weights)")
+    p.add_argument("--profile-chunks", type=int, default=2, help="chunks under torch.profiler for the busy fraction")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overrides", nargs="*", default=[], help="extra key=value config overrides")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    modes = [m for m in a.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or a.chunks < 1 or a.warmup < 0:
+        print(f"error: --modes {unknown} not in {sorted(MODES)}, or --chunks < 1 / --warmup < 0", file=sys.stderr)
+        return 2
+    try:
+        base = C.load(a.config, a.overrides)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    vae_dtype = a.vae_dtype if device.type == "cuda" else "float32"  # the CPU path is for checking the script
+    vae = build_vae(base, device, getattr(torch, vae_dtype))
+    text_s = (time_text_encoder(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                base.model.text_len, base.model.text_dim if base.model.name == "tiny" else None)
+              if a.text_encoder else None)
+    results = {}
+    for mode in modes:
+        over = MODES[mode] if device.type == "cuda" else ["attention.impl=reference", "cache.dtype=float32"]
+        cfg = C.load(a.config, [*a.overrides, *over])
+        results[mode] = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks)
+        r = results[mode]
+        r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    v = base.video
+    print(f"\nend-to-end generation, batch 1, {v.height}x{v.width}, chunk {v.chunk_frames} latent frames, "
+          f"window {base.cache.window_frames} + {base.cache.sink_frames} sinks, VAE {vae_dtype}, {name}")
+    head = f"{'mode':<6} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} " \
+           f"{'first frame s':>14} {'GPU busy':>9} {'peak GB':>8}"
+    print(head)
+    for mode, r in results.items():
+        busy = f"{r['gpu_busy']:.2f}" if r.get("gpu_busy") is not None else "-"
+        peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
+        print(f"{mode:<6} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['write_s']:8.3f} {r['wall_s']:8.3f} "
+              f"{r['video_fps']:10.1f} {r['time_to_first_frame_s']:14.2f} {busy:>9} {peak:>8}")
+    if text_s is not None:
+        print(f"text encoder (umT5{'' if base.model.name == 'tiny' else '-XXL'}, one prompt): {text_s:.3f} s")
+    payload = dict(device=name, date=dt.date.today().isoformat(), config=a.config, overrides=a.overrides,
+                   vae_dtype=vae_dtype, write=not a.no_write, text_encoder_s=text_s,
+                   command="python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   modes=results)
+    write_result("generate", name, payload, a.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

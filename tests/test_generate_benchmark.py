@@ -1,0 +1,36 @@
+"""benchmarks/generate.py runs end to end on a CPU at the tiny geometry (its numbers there mean nothing; the
+GPU run is the benchmark): the table prints, the JSON holds every part per chunk, and the derived numbers are
+computed from the measured ones."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(180)
+def test_generate_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OUT", raising=False)  # write_result also copies into $OUT when it is set
+    spec = importlib.util.spec_from_file_location("generate_bench", ROOT / "benchmarks" / "generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--device", "cpu", "--chunks", "2", "--warmup", "1",
+            "--modes", "bf16", "--text-encoder", "--results", str(tmp_path)]
+    assert bench.main(args) == 0
+    assert "video fps" in capsys.readouterr().out
+    result = json.loads((tmp_path / "generate-cpu.json").read_text())
+    r = result["modes"]["bf16"]
+    assert len(r["per_chunk"]) == 2 and r["chunks"] == 2
+    for row in r["per_chunk"]:
+        assert all(row[k] > 0 for k in ("denoise_s", "decode_s", "wall_s"))
+        assert row["wall_s"] >= row["denoise_s"] and row["frames"] == 4 * 3  # 3 latent frames -> 12 video frames
+    assert r["video_fps"] == pytest.approx(r["frames_per_chunk"] / r["wall_s"])
+    assert r["first_chunk"]["frames"] == 1 + 4 * 2  # the causal first latent frame
+    assert r["time_to_first_frame_s"] == pytest.approx(
+        result["text_encoder_s"] + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"])
+    assert bench.main([*args[:-2], "--modes", "fp4", "--results", str(tmp_path)]) == 2
