@@ -58,8 +58,8 @@ fi
 if has teacher; then
   say "export -> diffusers teacher"
   vmla-train export "$W/pretrain" "$W/teacher-student" --overwrite
-  rm -rf "$W/teacher.new" && vmla-convert "$W/teacher-student" "$W/teacher.new" --to diffusers convert.dtype=bfloat16
-  rm -rf "$W/teacher" && mv "$W/teacher.new" "$W/teacher"
+  # --overwrite replaces only an earlier output of this conversion, atomically
+  vmla-convert "$W/teacher-student" "$W/teacher" --to diffusers convert.dtype=bfloat16 --overwrite
 fi
 if has eval; then
   say "eval: teacher samples of held-out prompts"

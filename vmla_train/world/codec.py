@@ -38,8 +38,6 @@ import datetime
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +47,8 @@ import numpy as np
 import torch
 
 from ..checkpoint import rng_state, set_rng_state
-from ..config import ModelConfig, atomic_write_text, honour_umask, json_finite
+from ..config import ModelConfig, atomic_write_text, json_finite
+from ..student_io import AtomicDir
 
 TRAIN, STATS, EVAL, CEILING = 0, 1, 2, 3  # clip streams: training, latent statistics, held-out PSNR, metric ceiling
 
@@ -360,12 +359,8 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
     mean, std = latent_stats(vae, clip_loader(WorldClips(height, width, num_frames, fps, seed, STATS), 0, stats_clips,
                                               batch_size, num_workers), device)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".vae-") as tmp:
-        vae.save_pretrained(Path(tmp) / "vae")
-        honour_umask(Path(tmp) / "vae")  # safetensors writes 0600
-        if vae_dir.exists():
-            shutil.rmtree(vae_dir)  # ours (state_path exists): a re-run with more steps
-        os.replace(Path(tmp) / "vae", vae_dir)
+    with AtomicDir(vae_dir, overwrite=True) as tmp:  # ours (state_path exists): a re-run replaces it whole
+        vae.save_pretrained(tmp)
     value = heldout_psnr(out, clip_loader(WorldClips(height, width, num_frames, fps, seed, EVAL), 0, eval_clips,
                                           batch_size, num_workers), device)
     ceiling = (metric_ceiling(out, height, width, ceiling_frames, fps, seed, ceiling_clips, device)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,25 +476,22 @@ def _sample(args) -> int:
 
 def _models(args) -> int:
     """``args.out``/{vae, tokenizer, text_encoder}: the codec copied, the text encoder built (seeded, frozen,
-    the world's vocabulary and ``text_dim``); assembled in a temporary folder and renamed into place."""
+    the world's vocabulary and ``text_dim``); written atomically (``student_io.AtomicDir``), never over an
+    existing folder."""
     import shutil
-    import tempfile
 
-    from ..config import honour_umask
     from ..config import MODEL_SIZES
+    from ..student_io import AtomicDir, OutputError
     from .text import build_text_encoder, world_words
 
-    if args.out.exists():
-        raise InputError(f"'{args.out}' exists: give a new folder")
     if not (args.vae / "config.json").is_file():
         raise InputError(f"--vae '{args.vae}' has no config.json: give the codec folder (train_codec's OUT/vae)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}-") as tmp:
-        build_text_encoder(tmp, world_words(), d_model=MODEL_SIZES["world"]["model"]["text_dim"])
-        shutil.copytree(args.vae, Path(tmp) / "vae")
-        honour_umask(Path(tmp))
-        os.replace(tmp, args.out)
-        Path(tmp).mkdir()  # TemporaryDirectory removes its (now empty) folder on exit
+    try:
+        with AtomicDir(args.out) as tmp:
+            build_text_encoder(tmp, world_words(), d_model=MODEL_SIZES["world"]["model"]["text_dim"])
+            shutil.copytree(args.vae, tmp / "vae")
+    except OutputError as e:
+        raise InputError(str(e)) from None
     print(f"vmla-world models: codec from {args.vae} + world text encoder -> {args.out}")
     return 0
 
