@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Distil the world teacher (benchmarks/world_teacher.sh) into the few-step block-causal MLA student, with the
+# project's own commands, and score it on held-out prompts:
+#
+#   vmla-convert teacher -> MLA student (spectral init) -> vmla-train fit world-adapt (block-causal diffusion forcing)
+#   -> vmla-data ode-pairs (teacher trajectories) -> fit world-ode_init -> fit world-self_forcing (DMD, teacher as
+#   the real score, critic from the teacher) -> vmla-generate held-out prompts -> vmla-world eval
+#
+#   bash benchmarks/world_student.sh [STAGE ...]     stages: convert adapt ode odeinit sf eval (default: all)
+#
+# Every stage resumes: run the same command again after an interruption and finished work is kept; a fit stopped
+# by its time limit continues from its checkpoint. Settings (environment, defaults in brackets): WORLD_DIR
+# [runs/world], WORKERS [cores - 2], DEVICE [cuda]; per fit STAGE_SECONDS (ADAPT_SECONDS, ODEINIT_SECONDS,
+# SF_SECONDS: stop that fit with SIGUSR1 after so many seconds, it checkpoints and exits; empty = run to
+# train.num_steps) and STAGE_ARGS (ADAPT_ARGS, ODEINIT_ARGS, SF_ARGS: extra key=value); ODE_PAIRS [4096] teacher
+# trajectories; EVAL_PROMPTS [64]; EVAL_SECONDS [5.0625 = 81 frames]; EVAL_ARGS (extra key=value for
+# vmla-generate); STUDENT [sf]: which exported student the eval stage scores (converted adapt ode sf).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${WORLD_DIR:-runs/world}
+WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+DEVICE=${DEVICE:-cuda}
+STAGES=${*:-convert adapt ode odeinit sf eval}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+say() { echo "[$(date -u +%H:%M:%S)] world_student: $*"; }
+for need in "$W/teacher" "$W/models" "$W/negative.safetensors"; do
+  [[ -e "$need" ]] || { echo "world_student: $need is missing: build the teacher first (bash benchmarks/world_teacher.sh)" >&2; exit 2; }
+done
+SHARDS="data.shards=$W/train/raw-*.tar"
+
+# fit STAGE CONFIG SECONDS ARGS...: one training stage in $W/STAGE, stopped by SIGUSR1 after SECONDS (if set),
+# then exported to $W/student-STAGE
+fit() {
+  local stage=$1 config=$2 seconds=$3; shift 3
+  local cmd=(vmla-train fit "$config" "runtime.run_dir=$W/$stage" "runtime.device=$DEVICE" "$@")
+  if [[ -n "$seconds" ]]; then
+    # SIGUSR1 = Slurm's pre-emption notice: the fit checkpoints at the next step and exits 0
+    timeout --signal=USR1 --kill-after=120 "$seconds" "${cmd[@]}" || [[ $? == 124 ]]
+  else
+    "${cmd[@]}"
+  fi
+  vmla-train export "$W/$stage" "$W/student-$stage" --overwrite
+}
+
+if has convert; then
+  say "convert: teacher -> MLA student"
+  vmla-convert "$W/teacher" "$W/student-converted" --config configs/world/world-adapt.yaml --overwrite
+fi
+if has adapt; then
+  say "adapt"
+  fit adapt configs/world/world-adapt.yaml "${ADAPT_SECONDS:-}" "train.student_path=$W/student-converted" "$SHARDS" \
+    ${ADAPT_ARGS:-}
+fi
+if has ode; then
+  say "ODE pairs from the teacher"
+  vmla-data ode-pairs data_prep/world.yaml "prep.ode.teacher=$W/teacher" "prep.ode.text_encoder=$W/models" \
+    "prep.ode.input=$W/train/raw-*.tar" "prep.ode.output=$W/ode" "prep.ode.max_samples=${ODE_PAIRS:-4096}" \
+    "prep.ode.batch_size=${ODE_BATCH:-64}" "prep.ode.device=$DEVICE"
+fi
+if has odeinit; then
+  say "ODE init"
+  fit ode_init configs/world/world-ode_init.yaml "${ODEINIT_SECONDS:-}" "train.student_path=$W/student-adapt" \
+    "data.shards=$W/ode/ode-*.tar" ${ODEINIT_ARGS:-}
+fi
+if has sf; then
+  say "self-forcing DMD"
+  fit sf configs/world/world-self_forcing.yaml "${SF_SECONDS:-}" "train.student_path=$W/student-ode_init" \
+    "train.teacher_path=$W/teacher" "train.critic_path=$W/teacher" "$SHARDS" \
+    "dmd.negative_embedding=$W/negative.safetensors" "logging.vae_path=$W/models" ${SF_ARGS:-}
+fi
+if has eval; then
+  S=${STUDENT:-sf}
+  say "eval: student-$S on held-out prompts"
+  N=${EVAL_PROMPTS:-64}
+  head -n "$N" "$W/clips/prompts-heldout.txt" > "$W/eval-prompts.txt"
+  OUTD="$W/eval-student-$S-$(date -u +%Y%m%dT%H%M%S)"
+  vmla-generate "$W/student-$S" "$W/eval-prompts.txt" "generate.out_dir=$OUTD" "generate.vae=$W/models" \
+    "generate.text_encoder=$W/models" "generate.seconds=${EVAL_SECONDS:-5.0625}" "runtime.device=$DEVICE" \
+    ${EVAL_ARGS:-}
+  CHUNK=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['video']['chunk_frames'])" "$W/student-$S/config.yaml")
+  vmla-world eval "$OUTD" --prompts "$W/eval-prompts.txt" --world "$W/clips" --out "$OUTD/report.json" \
+    --chunk-frames "$CHUNK"
+  ln -sfn "$(basename "$OUTD")" "$W/eval-student-$S"
+fi
+say "done: $STAGES"
