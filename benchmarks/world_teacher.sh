@@ -13,7 +13,8 @@
 # CLIPS [20000], WORKERS [cores - 2], CODEC_BUDGET seconds [300], CODEC_FRAMES [49], CODEC_ARGS (extra
 # world_codec.py flags, e.g. --init-from a shorter-clip codec),
 # FIT_SECONDS (stop the fit with SIGUSR1 after that many seconds: it checkpoints and exits; empty = run to
-# train.num_steps), FIT_ARGS (extra key=value for the fit), EVAL_PROMPTS [64], EVAL_STEPS [48], DEVICE [cuda].
+# train.num_steps), FIT_ARGS (extra key=value for the fit), EVAL_PROMPTS [64], EVAL_STEPS [48], DEVICE [cuda],
+# ENCODE_PROCS [1] (encode processes sharing the device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${WORLD_DIR:-runs/world}
@@ -41,6 +42,13 @@ fi
 if has data; then
   say "raw -> encode -> negative embedding"
   vmla-data raw data_prep/world.yaml "${PREP[@]}"
+  # ENCODE_PROCS encode processes share the GPU (ranks of the shard list: the codec's chunked causal loop
+  # leaves it mostly idle at one); a last single pass skips every shard and rebuilds the index once
+  N=${ENCODE_PROCS:-1}
+  if (( N > 1 )); then
+    for ((r = 0; r < N; r++)); do RANK=$r WORLD_SIZE=$N vmla-data encode data_prep/world.yaml "${PREP[@]}" & done
+    wait
+  fi
   vmla-data encode data_prep/world.yaml "${PREP[@]}"
   vmla-data negative-embedding "$W/negative.safetensors" data_prep/world.yaml "${PREP[@]}"
 fi

@@ -136,6 +136,32 @@ def test_shards_source(tmp_path, dtype):
     assert build_loader(cfg, "latents").state_dict()["num_samples"] == 8
 
 
+@pytest.mark.timeout(60)
+def test_more_shards_than_open_files_scan_each_shard_once(tmp_path, monkeypatch):
+    """Random access over more shards than data.max_open_shards: the same batches as with every file open,
+    and each shard's headers scanned once per process (an LRU of member tables rescanned on most reads)."""
+    import vmla_train.data as data_mod
+
+    cfg0 = _cfg()
+    shards = {}
+    for s in range(5):
+        _write_shard(tmp_path / f"train-{s:06d}.tar", cfg0, 4, 4 * s, "float16")
+        shards[f"train-{s:06d}.tar"] = 4
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"kind": "latents", "shards": shards}))
+    scans = []
+    real = data_mod.scan_tar
+    monkeypatch.setattr(data_mod, "scan_tar", lambda path: scans.append(path) or real(path))
+    pattern = f"data.shards={tmp_path}/train-{{000000..000004}}.tar"
+    keys = {}
+    for max_open in (2, 16):
+        scans.clear()
+        cfg = _cfg("data.source=shards", pattern, "data.batch_size=4", "data.num_workers=0", f"data.max_open_shards={max_open}")
+        batches = _take(build_loader(cfg, "latents"), 10)  # two passes over the 20 samples
+        keys[max_open] = [(b.captions, b.latents) for b in batches]
+        assert sorted(scans) == sorted(set(scans)) and len(scans) == 5
+    assert all(c2 == c16 and torch.equal(x2, x16) for (c2, x2), (c16, x16) in zip(keys[2], keys[16]))
+
+
 def test_shards_wrong_geometry_names_the_shard(tmp_path):
     cfg0 = _cfg()
     _write_shard(tmp_path / "bad.tar", cfg0, 2, 0, "float16", wrong_shape=True)

@@ -264,26 +264,59 @@ def shard_counts(paths: Sequence[str]) -> list[int]:
     return counts
 
 
+class _TarTable:
+    """The member table of one shard, compact (numpy): each sample's key and the (data offset, size) of
+    each member extension, (-1, -1) where a sample lacks one. About 40 bytes per member: the tables of
+    every shard a worker reads stay in memory (an OpenVid-1M-size dataset: tens of MB)."""
+
+    def __init__(self, path: str):
+        samples = scan_tar(path)
+        self.keys = np.array([k.encode() for k in samples] or [b""], dtype=bytes)[: len(samples)]
+        self.exts = sorted({e for members in samples.values() for e in members})
+        self.spans = np.full((len(samples), len(self.exts), 2), -1, dtype=np.int64)  # (N, E, [offset, size])
+        col = {e: j for j, e in enumerate(self.exts)}
+        for i, members in enumerate(samples.values()):
+            for ext, span in members.items():
+                self.spans[i, col[ext]] = span
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def members(self, index: int) -> tuple[str, dict[str, tuple[int, int]]]:
+        """Sample ``index``: its key and {ext: (offset, size)} of the members it has."""
+        row = self.spans[index]
+        return self.keys[index].decode(), {e: (int(row[j, 0]), int(row[j, 1])) for j, e in enumerate(self.exts)
+                                           if row[j, 1] >= 0}
+
+
 class _ShardReader:
-    """Per-process random access to shard samples (LRU of open files and their member tables)."""
+    """Per-process random access to shard samples: the member table of every shard read is kept (a
+    shard's headers are scanned once), open file handles are an LRU of ``max_open``. (Bounding the tables
+    by the same LRU rescanned a shard on most reads once the shards outnumbered it: with samples drawn
+    uniformly over 20 shards of 1000 and 16 cached, 1.3 s per batch of 64 instead of milliseconds.)"""
 
     def __init__(self, max_open: int):
         self.max_open = max_open
-        self.open: OrderedDict[str, tuple[Any, list[tuple[str, dict[str, tuple[int, int]]]]]] = OrderedDict()
+        self.tables: dict[str, _TarTable] = {}
+        self.open: OrderedDict[str, Any] = OrderedDict()  # path -> file object, least recently used first
 
-    def sample(self, path: str, index: int, exts: Sequence[str], optional: Sequence[str] = ()) -> tuple[str, dict[str, bytes]]:
+    def _file(self, path: str):
         if path not in self.open:
             if len(self.open) >= self.max_open:
-                _, (f, _) = self.open.popitem(last=False)
-                f.close()
-            table = list(scan_tar(path).items())
-            self.open[path] = (open(path, "rb"), table)
+                self.open.popitem(last=False)[1].close()
+            self.open[path] = open(path, "rb")
         self.open.move_to_end(path)
-        f, table = self.open[path]
+        return self.open[path]
+
+    def sample(self, path: str, index: int, exts: Sequence[str], optional: Sequence[str] = ()) -> tuple[str, dict[str, bytes]]:
+        if path not in self.tables:
+            self.tables[path] = _TarTable(path)
+        table = self.tables[path]
         if index >= len(table):
             raise ValueError(f"shard '{path}' holds {len(table)} samples but the index says more (asked {index}); "
                              f"delete {INDEX_NAME} in its folder to rescan")
-        key, members = table[index]
+        key, members = table.members(index)
+        f = self._file(path)
         out = {}
         for ext in list(exts) + list(optional):
             if ext not in members:
@@ -297,7 +330,7 @@ class _ShardReader:
         return key, out
 
     def close(self) -> None:
-        for f, _ in self.open.values():
+        for f in self.open.values():
             f.close()
         self.open.clear()
 

@@ -147,7 +147,7 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
         inject = _inject_nan(cfg, c.step, rank)  # test hook (debug.inject_nan_steps)
         batches = [next(state.loader).to(dev) for _ in range(accum)]
         spec = module.rollout_spec(c.step)  # None but in self_forcing
-        metrics, it_flops = {}, 0.0
+        metrics, it_flops = {"perf/data_s": time.perf_counter() - t0}, 0.0  # waiting for the loader (mean over ranks)
         # 5c. Student: loss per micro-batch (training_step: adapt / ode_init / DMD), backward, clip + step.
         if module.student_turn(c.step):
             metrics |= update_role(state, "student", lambda b: module.training_step(b, gen, spec), batches, inject)
