@@ -447,7 +447,7 @@ class DataConfig:
     prefetch_factor: int = 2  # batches prefetched per worker
     seed: int = 0  # order and synthetic-content seed (same on every rank)
     synthetic_samples: int = 256  # distinct samples of the synthetic source
-    max_open_shards: int = 16  # tar member tables cached per worker
+    max_open_shards: int = 16  # open shard files per worker (the member tables of every shard read stay cached)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "batches_per_epoch", "prefetch_factor", "synthetic_samples", "max_open_shards"):
@@ -614,6 +614,9 @@ class ConvertConfig:
 # ----------------------------------------------------------------------------------------------
 # Generation: vmla-generate, minute-scale text-to-video with the latent cache.
 # ----------------------------------------------------------------------------------------------
+STREAM_OUTPUTS = ("none", "mp4", "pipe")  # generate.stream
+
+
 @dataclass
 class GenerateConfig:
     """vmla-generate: long rollouts with sliding window + sinks, streamed VAE decoding, mp4 out."""
@@ -628,8 +631,15 @@ class GenerateConfig:
     vae: str = ""  # local AutoencoderKLWan folder (or a pipeline folder with vae/)
     out_dir: str = "samples"  # where the mp4 files go ('<prompt>-<index>.mp4' as VBench; manifest.json maps files to prompts)
     crf: int = 18  # x264 quality (lower = better)
+    stream: str = "none"  # frames out per chunk: none | mp4 (growing '<file>.partial.mp4', removed at the end) | pipe (raw rgb24 on stdout)
+    recache: bool = True  # at a prompt switch, re-run the cache pass over the cached clean frames with the new text; false: only the text changes
 
     def __post_init__(self) -> None:
+        if self.stream not in STREAM_OUTPUTS:
+            _fail("generate.stream", f"one of {' | '.join(STREAM_OUTPUTS)}", self.stream)
+        if self.stream == "pipe" and self.batch_size != 1:
+            _fail("generate.batch_size", "1 with generate.stream=pipe (stdout carries one video at a time)",
+                  self.batch_size)
         if self.seconds <= 0:
             _fail("generate.seconds", "> 0", self.seconds)
         for key in ("samples_per_prompt", "batch_size"):

@@ -1,6 +1,7 @@
 """vmla-generate: minute-scale text-to-video from a student folder, streamed to mp4.
 
     vmla-generate CKPT prompts.txt [key=value ...]      (e.g. generate.seconds=60 generate.guidance_scale=3)
+    vmla-generate CKPT --prompt-script walk.txt [key=value ...]      (a video whose prompt changes over time)
 
 Per prompt and sample: text embeddings (umT5 via ``wan.load_text_encoder`` or a precomputed
 safetensors file) -> ``rollout.sample_video`` over the latent cache (sliding window + sinks, so any
@@ -23,19 +24,29 @@ Latent frames = seconds * video.fps / vae_stride[0], rounded up to whole chunks 
 Wan's 4x temporal stride = 240); the video has 1 + vae_stride[0] (latent frames - 1) frames, which the
 command prints before it starts. Classifier-free guidance (guidance_scale > 1) runs the negative prompt
 as a second batch half with its own cache; the flows are mixed before the x0 step.
+
+Streaming (``generate.stream``): ``mp4`` writes a growing, playable fragmented copy of each video beside it
+(``partial_path``, removed once the mp4 is in place); ``pipe`` writes raw rgb24 frames to stdout (every
+printed line goes to stderr). Prompt scripts (``read_prompt_script``): one video per script, its prompt
+switching at the chunk boundary at or after each segment's start, the cache re-cached under the new prompt
+(``generate.recache``, ``rollout.recache_window``). docs/generation.md has both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import bisect
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +56,7 @@ from . import config as C
 from . import schedule, wan
 from .config import atomic_write_text
 from .dataprep.video import Mp4Writer
-from .rollout import sample_video
+from .rollout import PromptSwitch, sample_video
 
 
 def latent_frames_for(cfg: C.Config) -> int:
@@ -112,13 +123,15 @@ def video_names(prompts: Sequence[str], samples_per_prompt: int) -> list[list[st
     return names
 
 
-def refuse_existing(out_dir: Path, names: Sequence[Sequence[str]]) -> None:
-    """``FileExistsError`` naming the first planned mp4 that exists: outputs are never replaced."""
+def refuse_existing(out_dir: Path, names: Sequence[Sequence[str]], partial: bool = False) -> None:
+    """``FileExistsError`` naming the first planned mp4 (with ``partial``, or its ``partial_path``) that exists:
+    outputs are never replaced."""
     for row in names:
         for n in row:
-            if (out_dir / n).exists():
-                raise FileExistsError(f"'{out_dir / n}' exists: refusing to overwrite it "
-                                      "(remove it or choose another generate.out_dir)")
+            for path in (out_dir / n, partial_path(out_dir / n)) if partial else (out_dir / n,):
+                if path.exists():
+                    raise FileExistsError(f"'{path}' exists: refusing to overwrite it "
+                                          "(remove it or choose another generate.out_dir)")
 
 
 def read_manifest(path: Path) -> dict[str, dict]:
@@ -167,6 +180,181 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file '{p}' has no prompts (one per line)")
     return prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt scripts: timed prompts, one video per script
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    start: float  # seconds into the video
+    prompt: str
+    line: int  # in the script file
+
+
+@dataclass(frozen=True)
+class PromptScript:
+    """A timed prompt script: ``segments`` in time order, the first from 0 s."""
+
+    path: Path
+    segments: tuple[Segment, ...]
+
+    @property
+    def name(self) -> str:
+        """The text the video is named after (``video_names``): the file's name without its suffix."""
+        return self.path.stem
+
+    def text(self) -> str:
+        """The script as one string, a line per segment (the ``prompt`` of its manifest entries)."""
+        return "\n".join(f"{seg.start:g}\t{seg.prompt}" for seg in self.segments)
+
+
+def read_prompt_script(path: str | Path) -> PromptScript:
+    """A text file of ``START_SECONDS<tab or spaces>prompt`` lines (blank lines and ``#`` lines skipped); the
+    first start is 0 and starts increase. ``ValueError`` / ``FileNotFoundError`` naming the file and line."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"prompt script '{p}' is a folder; expected a text file of 'START_SECONDS prompt' lines")
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt script '{p}' does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt script '{p}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    segments: list[Segment] = []
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"prompt script '{p}' line {n}"
+        m = re.fullmatch(r"(\S+)\s+(.+)", line)
+        if m is None:
+            raise ValueError(f"{where}: expected 'START_SECONDS<tab or space>prompt', found {line!r}")
+        try:
+            start = float(m[1])
+        except ValueError:
+            raise ValueError(f"{where}: start {m[1]!r} is not a number of seconds") from None
+        if not math.isfinite(start) or start < 0:
+            raise ValueError(f"{where}: start {m[1]!r} is not a time >= 0 s")
+        if not segments and start != 0:
+            raise ValueError(f"{where}: the first segment must start at 0, found {start:g} s")
+        if segments and start <= segments[-1].start:
+            raise ValueError(f"{where}: start {start:g} s is not after the previous segment's "
+                             f"{segments[-1].start:g} s (line {segments[-1].line})")
+        segments.append(Segment(start, m[2].strip(), n))
+    if not segments:
+        raise ValueError(f"prompt script '{p}' has no segments (lines 'START_SECONDS prompt', the first at 0)")
+    return PromptScript(p, tuple(segments))
+
+
+def chunk_first_frame(cfg: C.Config, chunk: int) -> int:
+    """Index of the first video frame of latent chunk ``chunk``: the frames the chunks before it decode to."""
+    return video_frames_for(cfg, chunk * cfg.video.chunk_frames) if chunk else 0
+
+
+def first_frame_at(cfg: C.Config, seconds: float) -> int:
+    """Index of the first video frame shown at or after ``seconds``."""
+    return math.ceil(round(seconds * cfg.video.fps, 6))  # round: 0.5625*16 is 9, not 9.0000001
+
+
+def switch_chunk(cfg: C.Config, seconds: float) -> int:
+    """The first chunk whose first video frame is at or after ``seconds`` (a switch takes effect there)."""
+    frame = first_frame_at(cfg, seconds)
+    return bisect.bisect_left(range(frame + 1), frame, key=lambda i: chunk_first_frame(cfg, i))  # chunk i starts at >= i
+
+
+def switch_plan(cfg: C.Config, script: PromptScript) -> tuple[list[tuple[int, int]], list[str]]:
+    """([(chunk, segment index)] from chunk 0, warnings): each segment from the chunk boundary at or after its
+    start. A segment starting after the video's last chunk boundary, or sharing its boundary with a later one,
+    is not shown; each such segment gets a warning line."""
+    chunks = latent_frames_for(cfg) // cfg.video.chunk_frames
+    last = chunk_first_frame(cfg, chunks - 1)
+    plan: list[tuple[int, int]] = []
+    warnings = []
+    for k, seg in enumerate(script.segments):
+        if first_frame_at(cfg, seg.start) > last:
+            warnings.append(f"prompt script '{script.path}' line {seg.line}: starts at {seg.start:g} s, after the "
+                            f"video's last chunk boundary ({last / cfg.video.fps:.2f} s): not shown")
+            continue
+        c = switch_chunk(cfg, seg.start)
+        if plan and plan[-1][0] == c:
+            prev = script.segments[plan[-1][1]]
+            warnings.append(f"prompt script '{script.path}' line {prev.line}: switches at the same chunk boundary "
+                            f"({chunk_first_frame(cfg, c) / cfg.video.fps:.2f} s) as line {seg.line}: not shown")
+            plan.pop()
+        plan.append((c, k))
+    return plan, warnings
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming outputs: a growing mp4 beside each video, raw frames on stdout
+# ----------------------------------------------------------------------------------------------
+PARTIAL_SUFFIX = ".partial.mp4"
+
+
+def partial_path(path: Path) -> Path:
+    """The growing copy of ``path`` (``generate.stream=mp4``): ``<name>.partial.mp4``, a name no final video has
+    (those end in ``-<index>.mp4``)."""
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+class PartialMp4(Mp4Writer):
+    """A playable copy of a video while it is generated (``generate.stream=mp4``), at ``partial_path``: a
+    fragmented mp4 (an empty moov first, then a moof + mdat fragment per frame, flushed to the file as it is
+    written) from a low-latency encode (x264 ``zerolatency``: a packet per frame, no lookahead). The mp4 muxer
+    writes a frame's fragment when the next frame comes, so the file holds every frame written but the newest
+    one. ``close`` removes it (the final mp4 is complete by then); so does ``abort``. Frame handling is
+    ``Mp4Writer``'s."""
+
+    MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof+frag_every_frame"
+
+    def __init__(self, path: Path, fps: int, crf: int | None = None):
+        import av
+
+        self.path = self.tmp = partial_path(path)  # ``abort`` removes ``tmp``
+        self.container = av.open(str(self.path), mode="w", format="mp4",
+                                 options={"movflags": self.MOVFLAGS, "flush_packets": "1"})
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        self.stream = self.container.add_stream(codec, rate=fps)
+        self.stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            self.stream.options = {"tune": "zerolatency", "preset": "veryfast",
+                                   **({"crf": str(crf)} if crf is not None else {})}
+        self.frames = 0
+
+    def close(self) -> Path:
+        self.abort()
+        return self.path
+
+
+class RawFrames:
+    """uint8 RGB frames [T, H, W, 3] as raw rgb24 bytes on a binary stream (``generate.stream=pipe``), flushed
+    per write. When the reader goes away the frames stop (one line on stderr) and generation goes on."""
+
+    def __init__(self, out: BinaryIO):
+        self.out, self.open = out, True
+
+    def write(self, rgb: np.ndarray) -> None:
+        if not self.open:
+            return
+        try:
+            self.out.write(np.ascontiguousarray(rgb).tobytes())
+            self.out.flush()
+        except BrokenPipeError:
+            self.open = False
+            print("vmla-generate: stdout was closed: no more raw frames (the mp4 files are still written)",
+                  file=sys.stderr)
+            try:  # no second BrokenPipeError when Python flushes stdout at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+
+
+def pipe_line(cfg: C.Config) -> str:
+    """How to watch ``generate.stream=pipe``."""
+    v = cfg.video
+    return (f"raw rgb24 {v.width}x{v.height} frames at {v.fps} fps on stdout; watch with "
+            f"`| ffplay -f rawvideo -pixel_format rgb24 -video_size {v.width}x{v.height} -framerate {v.fps} -`")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,11 +478,30 @@ class TextSource:
 # ----------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------
-def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: TextSource, vae,
-             out_dir: Path, progress: bool = True) -> list[Path]:
-    """Every prompt x sample -> one mp4 in ``out_dir`` named by ``video_names`` and listed in its
-    ``manifest.json``. Refuses (``FileExistsError``) when one of the files exists; first removes partial
-    files of killed runs. Returns the written paths."""
+def text_rows(videos: Sequence[str | PromptScript]) -> list[list[int]]:
+    """Per video, the rows of its texts in ``text_prompts(videos)``: one for a prompt, one per segment for a script."""
+    rows, n = [], 0
+    for v in videos:
+        k = 1 if isinstance(v, str) else len(v.segments)
+        rows.append(list(range(n, n + k)))
+        n += k
+    return rows
+
+
+def text_prompts(videos: Sequence[str | PromptScript]) -> list[str]:
+    """Every text the videos need, in order (a prompt, or a script's segments): the prompts of ``TextSource``
+    and the rows of a ``generate.embeddings`` file."""
+    return [p for v in videos for p in ([v] if isinstance(v, str) else [seg.prompt for seg in v.segments])]
+
+
+def generate(student: nn.Module, cfg: C.Config, videos: Sequence[str | PromptScript], text: TextSource, vae,
+             out_dir: Path, progress: bool = True, after_chunk: Callable[[int, list[Path]], None] | None = None,
+             pipe: BinaryIO | None = None) -> list[Path]:
+    """Every video (a prompt, or a ``PromptScript`` switching prompts at chunk boundaries) x sample -> one mp4
+    in ``out_dir`` named by ``video_names`` and listed in its ``manifest.json``. Refuses (``FileExistsError``)
+    when one of the files exists; first removes partial files of killed runs. ``generate.stream`` adds a
+    growing ``partial_path`` copy of each video (mp4) or raw frames on ``pipe`` (default: stdout).
+    ``after_chunk(i, paths)`` runs once chunk i's frames are in every output. Returns the written paths."""
     from tqdm import tqdm
 
     g = cfg.generate
@@ -302,41 +509,65 @@ def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: Te
     frames = latent_frames_for(cfg)
     chunks = frames // cfg.video.chunk_frames
     steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
-    names = video_names(prompts, g.samples_per_prompt)
-    refuse_existing(out_dir, names)
+    titles = [v if isinstance(v, str) else v.name for v in videos]
+    names = video_names(titles, g.samples_per_prompt)
+    refuse_existing(out_dir, names, partial=g.stream == "mp4")
     manifest_path = out_dir / MANIFEST_NAME
     manifest = read_manifest(manifest_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in Mp4Writer.remove_stale(out_dir):
         print(f"vmla-generate: removed '{stale}', a partial file of a killed run", file=sys.stderr)
+    raw = RawFrames(pipe if pipe is not None else sys.stdout.buffer) if g.stream == "pipe" else None
     model: nn.Module = student
     if g.guidance_scale != 1.0:
         model = GuidedStudent(student, text.negative(), g.guidance_scale)
+    rows = text_rows(videos)
     written = []
-    for p_idx, prompt in enumerate(prompts):
-        emb = text.prompt(p_idx)
+    for p_idx, video in enumerate(videos):
+        plan = [(0, 0)]
+        if isinstance(video, PromptScript):
+            plan, warnings = switch_plan(cfg, video)
+            for w in warnings:
+                print(f"vmla-generate: {w}", file=sys.stderr)
+            print(f"vmla-generate: '{video.path}': " + ", ".join(
+                f"{video.segments[k].prompt[:40]!r} from {chunk_first_frame(cfg, c) / cfg.video.fps:.2f} s (chunk {c})"
+                for c, k in plan))
+        embs = [text.prompt(rows[p_idx][k]) for _, k in plan]
         for first in range(0, g.samples_per_prompt, g.batch_size):
             idx = list(range(first, min(first + g.batch_size, g.samples_per_prompt)))
             b = len(idx)
             seed = cfg.runtime.seed + 1_000_003 * p_idx + first
             gen = torch.Generator(device=dev).manual_seed(seed)
             paths = [out_dir / names[p_idx][k] for k in idx]
-            writers = [Mp4Writer(p, cfg.video.fps, g.crf) for p in paths]
-            bar = tqdm(total=chunks, unit="chunk", disable=not progress, desc=f"{prompt[:40]!r} x{b}")
+            writers: list[Mp4Writer] = [Mp4Writer(p, cfg.video.fps, g.crf) for p in paths]
+            if g.stream == "mp4":
+                writers += [PartialMp4(p, cfg.video.fps, g.crf) for p in paths]
+            bar = tqdm(total=chunks, unit="chunk", disable=not progress, desc=f"{titles[p_idx][:40]!r} x{b}")
             t0 = time.perf_counter()
             decoder = StreamingDecoder(vae)  # one decoder, batch rows decoded together
+            done_frames = 0
 
             def on_chunk(i: int, x0: torch.Tensor) -> None:
+                nonlocal done_frames
                 pix = decoder(x0)  # (B, 3, T, H, W)
-                for r, w in enumerate(writers):
-                    w.write(rgb_frames(pix[r]))
+                for r in range(b):
+                    rgb = rgb_frames(pix[r])
+                    for w in writers[r::b]:  # the final mp4, then its growing copy
+                        w.write(rgb)
+                    if raw is not None:
+                        raw.write(rgb)
+                done_frames += pix.shape[2]
                 dt = time.perf_counter() - t0
-                done = (i + 1) * cfg.video.chunk_frames
                 bar.update(1)
-                bar.set_postfix(latent_fps=f"{done * b / dt:.2f}", video_fps=f"{writers[0].frames * b / dt:.1f}")
+                bar.set_postfix(latent_fps=f"{(i + 1) * cfg.video.chunk_frames * b / dt:.2f}",
+                                video_fps=f"{done_frames * b / dt:.1f}")
+                if after_chunk is not None:
+                    after_chunk(i, paths)
 
+            switches = [PromptSwitch(c, e.expand(b, -1, -1)) for (c, _), e in zip(plan[1:], embs[1:])]
             try:
-                sample_video(model, emb.expand(b, -1, -1), frames, steps, generator=gen, on_chunk=on_chunk, keep=False)
+                sample_video(model, embs[0].expand(b, -1, -1), frames, steps, generator=gen, on_chunk=on_chunk,
+                             keep=False, switches=switches, recache=g.recache)
             except BaseException:
                 for w in writers:
                     w.abort()
@@ -344,12 +575,16 @@ def generate(student: nn.Module, cfg: C.Config, prompts: Sequence[str], text: Te
             finally:
                 bar.close()
                 decoder.close()
-            for w in writers:
+            for w in writers:  # the final mp4s are renamed into place before their growing copies go
                 w.close()
-            offset = prompts[:p_idx].count(prompt) * g.samples_per_prompt  # a repeated prompt continues its indices
+            offset = titles[:p_idx].count(titles[p_idx]) * g.samples_per_prompt  # a repeat continues its indices
             for r, (path, k) in enumerate(zip(paths, idx)):
-                manifest[path.name] = {"prompt": prompt, "index": offset + k, "seed": seed, "batch_row": r,
-                                       "batch_size": b}
+                entry = {"prompt": video if isinstance(video, str) else video.text(), "index": offset + k,
+                         "seed": seed, "batch_row": r, "batch_size": b}
+                if isinstance(video, PromptScript):
+                    entry["script"] = [{"start": video.segments[j].start, "prompt": video.segments[j].prompt,
+                                        "chunk": c} for c, j in plan]
+                manifest[path.name] = entry
             write_manifest(manifest_path, manifest)
             written += paths
     return written
@@ -365,11 +600,29 @@ def length_line(cfg: C.Config) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vmla-generate", description="minute-scale text-to-video from a student folder")
+    p = argparse.ArgumentParser(prog="vmla-generate", description="minute-scale text-to-video from a student folder",
+                                usage="vmla-generate CKPT (PROMPTS | --prompt-script FILE ...) [key=value ...]")
     p.add_argument("checkpoint", help="student folder (config.yaml + model.safetensors)")
-    p.add_argument("prompts", help="text file, one prompt per line")
+    p.add_argument("prompts", nargs="?", help="text file, one prompt per line (a video per prompt)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. generate.seconds=30 generate.vae=/wan/vae")
+    p.add_argument("--prompt-script", action="append", default=[], metavar="FILE",
+                   help="instead of PROMPTS: a video per script of 'START_SECONDS prompt' lines, the prompt switching "
+                        "at the chunk boundary at or after each start (repeat for more videos)")
     return p
+
+
+def read_videos(args: argparse.Namespace) -> tuple[list[str | PromptScript], list[str]]:
+    """(videos, overrides) from the command line: the prompt file's prompts, or one ``PromptScript`` per
+    ``--prompt-script`` (then every positional after the checkpoint is an override)."""
+    if not args.prompt_script:
+        if args.prompts is None:
+            raise ValueError("give a prompt file (one prompt per line) or --prompt-script FILE")
+        return list(read_prompts(args.prompts)), list(args.overrides)
+    overrides = ([args.prompts] if args.prompts is not None else []) + list(args.overrides)
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"'{o}' is not a key=value override: give a prompt file or --prompt-script, not both")
+    return [read_prompt_script(f) for f in args.prompt_script], overrides
 
 
 def refuse_run_folder(folder: Path) -> None:
@@ -407,38 +660,55 @@ def check_inputs(cfg: C.Config) -> torch.device:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from .student_io import CheckpointError, load_config, load_student
+    args = _parser().parse_intermixed_args(argv)  # overrides may follow --prompt-script
+    from .student_io import CheckpointError, load_config
 
     try:
         refuse_run_folder(Path(args.checkpoint))
-        cfg = load_config(args.checkpoint, args.overrides)
-        prompts = read_prompts(args.prompts)
+        videos, overrides = read_videos(args)
+        cfg = load_config(args.checkpoint, overrides)
         out_dir = Path(cfg.generate.out_dir)
-        refuse_existing(out_dir, video_names(prompts, cfg.generate.samples_per_prompt))
+        names = video_names([v if isinstance(v, str) else v.name for v in videos], cfg.generate.samples_per_prompt)
+        refuse_existing(out_dir, names, partial=cfg.generate.stream == "mp4")
         read_manifest(out_dir / MANIFEST_NAME)
         dev = check_inputs(cfg)
+        if cfg.generate.stream == "pipe" and sys.stdout.isatty():
+            raise ValueError("generate.stream=pipe writes raw frames to stdout, which is a terminal: pipe it into a "
+                             f"player ({pipe_line(cfg).split('watch with ')[1]})")
     except (C.ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    pipe = sys.stdout.buffer if cfg.generate.stream == "pipe" else None
+    # stdout carries the frames with generate.stream=pipe: every line printed goes to stderr then
+    with contextlib.redirect_stdout(sys.stderr) if pipe is not None else contextlib.nullcontext():
+        return _run(args.checkpoint, overrides, cfg, videos, dev, out_dir, pipe)
+
+
+def _run(checkpoint: str, overrides: list[str], cfg: C.Config, videos: list[str | PromptScript], dev: torch.device,
+         out_dir: Path, pipe: BinaryIO | None) -> int:
+    from .student_io import CheckpointError, load_student
+
     dtype = C.torch_dtype(cfg.runtime.dtype)
     torch.manual_seed(cfg.runtime.seed)
     try:
-        student, cfg = load_student(args.checkpoint, args.overrides, device=dev, dtype=dtype)
+        student, cfg = load_student(checkpoint, overrides, device=dev, dtype=dtype)
     except CheckpointError as e:  # a missing, truncated or altered weight file: named in the message
         print(f"error: {e}", file=sys.stderr)
         return 2
     student.eval()
     try:
         vae = wan.load_vae(cfg.generate.vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
-        text = TextSource(cfg, prompts, dev)  # an embeddings file with the wrong tensors or count is named here
+        text = TextSource(cfg, text_prompts(videos), dev)  # an embeddings file with the wrong tensors or count is named here
     except (CheckpointError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    print(f"vmla-generate: {len(prompts)} prompt(s) x {cfg.generate.samples_per_prompt} -> {out_dir}, "
+    kind = "prompt script(s)" if videos and isinstance(videos[0], PromptScript) else "prompt(s)"
+    print(f"vmla-generate: {len(videos)} {kind} x {cfg.generate.samples_per_prompt} -> {out_dir}, "
           f"{length_line(cfg)}, window {cfg.cache.window_frames} + {cfg.cache.sink_frames} sinks, "
           f"attention {cfg.attention.kind.value}/{cfg.attention.impl.value}, on {dev}")
-    paths = generate(student, cfg, prompts, text, vae, out_dir, progress=cfg.runtime.progress)
+    if pipe is not None:
+        print(f"vmla-generate: {pipe_line(cfg)}")
+    paths = generate(student, cfg, videos, text, vae, out_dir, progress=cfg.runtime.progress, pipe=pipe)
     for p in paths:
         print(p)
     return 0
