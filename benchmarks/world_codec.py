@@ -2,7 +2,8 @@
 
     python benchmarks/world_codec.py [--out runs/world-codec] [--steps 3000] [--time-limit 540] [--budget S]
                                      [--height 64] [--width 64] [--frames 17] [--batch 16] [--lr 2e-4]
-                                     [--base-dim 32] [--dim-mult 1 2 4 4] [--num-res-blocks 1] [--z-dim 16]
+                                     [--base-dim 32] [--dim-mult 1 2 4 4] [--temporal-downsample 0 1 1]
+                                     [--num-res-blocks 1] [--z-dim 16]
                                      [--kl-weight 1e-5] [--workers N] [--device cuda] [--init-from CODEC]
 
 Calls ``vmla_train.world.codec.train_codec``: clips rendered on the fly by DataLoader workers, L1 + MSE
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from", default=None, help="start from this codec's weights (same widths; a fresh --out)")
     p.add_argument("--base-dim", type=int, default=d.base_dim)
     p.add_argument("--dim-mult", type=int, nargs="+", default=d.dim_mult)
+    p.add_argument("--temporal-downsample", type=int, nargs="+", default=None,
+                   help="per spatial downsampling, 1 = also 2x in time (default: Wan's, the last two: 4x in time)")
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
     p.add_argument("--z-dim", type=int, default=d.z_dim, help="latent channels (the DiT's model.in_channels)")
     p.add_argument("--kl-weight", type=float, default=1e-5)
@@ -61,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     try:
-        codec = CodecConfig(base_dim=a.base_dim, dim_mult=a.dim_mult, num_res_blocks=a.num_res_blocks, z_dim=a.z_dim)
+        temporal = ([bool(t) for t in a.temporal_downsample] if a.temporal_downsample is not None
+                    else CodecConfig.wan_temporal(len(a.dim_mult) - 1))
+        codec = CodecConfig(base_dim=a.base_dim, dim_mult=a.dim_mult, num_res_blocks=a.num_res_blocks, z_dim=a.z_dim,
+                            temperal_downsample=temporal)
         report = train_codec(a.out, a.height, a.width, a.frames, a.steps, a.batch, a.lr, a.device, a.seed,
                              time_limit_s=a.time_limit, codec=codec, kl_weight=a.kl_weight,
                              num_workers=a.workers, stats_clips=a.stats_clips, eval_clips=a.eval_clips,

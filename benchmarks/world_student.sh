@@ -27,12 +27,14 @@ for need in "$W/teacher" "$W/models" "$W/negative.safetensors"; do
   [[ -e "$need" ]] || { echo "world_student: $need is missing: build the teacher first (bash benchmarks/world_teacher.sh)" >&2; exit 2; }
 done
 SHARDS="data.shards=$W/train/raw-*.tar"
+source benchmarks/world_common.sh
+STRIDE=$(stride)  # the codec's strides, as world_teacher.sh passes them to every stage
 
 # fit STAGE CONFIG SECONDS ARGS...: one training stage in $W/STAGE, stopped by SIGUSR1 after SECONDS (if set),
 # then exported to $W/student-STAGE
 fit() {
   local stage=$1 config=$2 seconds=$3; shift 3
-  local cmd=(vmla-train fit "$config" "runtime.run_dir=$W/$stage" "runtime.device=$DEVICE" "$@")
+  local cmd=(vmla-train fit "$config" "runtime.run_dir=$W/$stage" "runtime.device=$DEVICE" "$STRIDE" "$@")
   if [[ -n "$seconds" ]]; then
     # SIGUSR1 = Slurm's pre-emption notice: the fit checkpoints at the next step and exits 0
     timeout --signal=USR1 --kill-after=120 "$seconds" "${cmd[@]}" || [[ $? == 124 ]]
@@ -44,7 +46,7 @@ fit() {
 
 if has convert; then
   say "convert: teacher -> MLA student"
-  vmla-convert "$W/teacher" "$W/student-converted" --config configs/world/world-adapt.yaml --overwrite
+  vmla-convert "$W/teacher" "$W/student-converted" "$STRIDE" --config configs/world/world-adapt.yaml --overwrite
 fi
 if has adapt; then
   say "adapt"
@@ -55,7 +57,7 @@ if has ode; then
   say "ODE pairs from the teacher"
   vmla-data ode-pairs data_prep/world.yaml "prep.ode.teacher=$W/teacher" "prep.ode.text_encoder=$W/models" \
     "prep.ode.input=$W/train/raw-*.tar" "prep.ode.output=$W/ode" "prep.ode.max_samples=${ODE_PAIRS:-4096}" \
-    "prep.ode.batch_size=${ODE_BATCH:-64}" "prep.ode.device=$DEVICE"
+    "prep.ode.batch_size=${ODE_BATCH:-64}" "prep.ode.device=$DEVICE" "$STRIDE"
 fi
 if has odeinit; then
   say "ODE init"

@@ -11,7 +11,8 @@
 # Every stage resumes: run the same command again after an interruption (or after FIT_SECONDS stopped the
 # fit) and finished work is kept. Settings (environment, defaults in brackets): WORLD_DIR [runs/world],
 # CLIPS [20000], WORKERS [cores - 2], CODEC_BUDGET seconds [300], CODEC_FRAMES [49], CODEC_ARGS (extra
-# world_codec.py flags, e.g. --init-from a shorter-clip codec),
+# world_codec.py flags, e.g. --init-from a shorter-clip codec, --dim-mult 1 2 4 for 4x in space: every later stage
+# takes video.vae_stride from the codec's config),
 # FIT_SECONDS (stop the fit with SIGUSR1 after that many seconds: it checkpoints and exits; empty = run to
 # train.num_steps), FIT_ARGS (extra key=value for the fit), EVAL_PROMPTS [64], EVAL_STEPS [48], DEVICE [cuda],
 # ENCODE_PROCS [1] (encode processes sharing the device).
@@ -24,6 +25,7 @@ DEVICE=${DEVICE:-cuda}
 STAGES=${*:-codec clips data fit teacher eval}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 say() { echo "[$(date -u +%H:%M:%S)] world_teacher: $*"; }
+source benchmarks/world_common.sh
 PREP=("prep.raw.csv=[$W/clips/world.csv]" "prep.raw.videos=[$W/clips/videos]" "prep.raw.output=$W/raw"
       "prep.raw.num_workers=$WORKERS" "prep.encode.input=$W/raw/raw-*.tar" "prep.encode.output=$W/train"
       "prep.encode.vae=$W/models" "prep.encode.text_encoder=$W/models" "runtime.device=$DEVICE")
@@ -41,6 +43,7 @@ if has clips; then
 fi
 if has data; then
   say "raw -> encode -> negative embedding"
+  PREP+=("$(stride)")
   vmla-data raw data_prep/world.yaml "${PREP[@]}"
   # ENCODE_PROCS encode processes share the GPU (ranks of the shard list: the codec's chunked causal loop
   # leaves it mostly idle at one); a last single pass skips every shard and rebuilds the index once
@@ -55,7 +58,7 @@ fi
 if has fit; then
   say "fit (pretrain)"
   FIT=(configs/world/world-pretrain.yaml "runtime.run_dir=$W/pretrain" "data.shards=$W/train/raw-*.tar"
-       "dmd.negative_embedding=$W/negative.safetensors" "runtime.device=$DEVICE" ${FIT_ARGS:-})
+       "dmd.negative_embedding=$W/negative.safetensors" "runtime.device=$DEVICE" "$(stride)" ${FIT_ARGS:-})
   if [[ -n "${FIT_SECONDS:-}" ]]; then
     # SIGUSR1 = Slurm's pre-emption notice: the fit checkpoints at the next step and exits 0
     timeout --signal=USR1 --kill-after=120 "$FIT_SECONDS" vmla-train fit "${FIT[@]}" || [[ $? == 124 ]]

@@ -166,6 +166,38 @@ def test_world_runs_through_the_pipeline(tmp_path, monkeypatch, _one_thread):
     assert result["background"] >= 0 and result["chunk_jump"] >= 0 and np.isfinite(result["chunk_jump"])
 
 
+@pytest.mark.timeout(120)
+def test_a_codec_of_other_strides_is_named_until_the_config_derives_them(tmp_path, monkeypatch, capsys, _one_thread):
+    """A world codec 4x in space (three stages): encode refuses the default config's 8x in one line naming
+    video.vae_stride and the override to pass; with it the latents have the derived geometry [F', C, H/4, W/4]."""
+    from vmla_train.dataprep.cli import main as data_main
+    from vmla_train.world.codec import CodecConfig, build_codec
+    from vmla_train.world.text import build_text_encoder, world_words
+
+    for name in ("configs", "data_prep"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load("configs/world/world-adapt.yaml", MODEL)
+    v = cfg.video
+    _run(data_main, ["world", "data/world/clips", "num_clips=1", "num_heldout=1", "workers=0", "progress=false"], [])
+    models = tmp_path / "ckpt/world-models"
+    build_text_encoder(models, world_words(), d_model=cfg.model.text_dim, num_layers=1, num_heads=2)
+    codec = CodecConfig(base_dim=8, dim_mult=[1, 2, 2], temperal_downsample=CodecConfig.wan_temporal(2),
+                        z_dim=cfg.model.in_channels)
+    build_codec(codec).save_pretrained(models / "vae")
+    _run(data_main, ["raw", "data_prep/world.yaml", *PREP], [])
+    capsys.readouterr()
+    assert data_main(["encode", "data_prep/world.yaml", *PREP]) == 2
+    # stderr also carries transformers' weight-loading bar
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and "video.vae_stride=[4,4,4]" in err[0] and "4x in space" in err[0], err
+    assert not Path("data/world/train").exists() or not list(Path("data/world/train").glob("*.tar"))
+    stride = [codec.temporal_stride, codec.spatial_stride, codec.spatial_stride]
+    _run(data_main, ["encode", "data_prep/world.yaml", *PREP, f"video.vae_stride={stride}"], [])
+    latent = (v.latent_frames, cfg.model.in_channels, v.height // stride[1], v.width // stride[2])
+    assert _npy_shapes(Path("data/world/train/raw-000000.tar"), "latents") == [latent]
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("path, stage, kind", [
     ("configs/world/world-pretrain.yaml", "pretrain", "mha"), ("configs/world/world-adapt.yaml", "adapt", "mla"),

@@ -698,6 +698,7 @@ def _run(checkpoint: str, overrides: list[str], cfg: C.Config, videos: list[str 
     student.eval()
     try:
         vae = wan.load_vae(cfg.generate.vae, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
+        wan.check_vae(vae, cfg, cfg.generate.vae)
         text = TextSource(cfg, text_prompts(videos), dev)  # an embeddings file with the wrong tensors or count is named here
     except (CheckpointError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)

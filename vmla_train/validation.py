@@ -92,7 +92,12 @@ def validate(cfg: C.Config, student, new_cache, teacher, texts: torch.Tensor, ru
 
 
 def load_vae(cfg: C.Config):
-    return wan.load_vae(cfg.logging.vae_path) if cfg.logging.vae_path else wan.tiny_vae(cfg.runtime.seed)
+    """The VAE at ``logging.vae_path`` (checked against the config's strides), else a random tiny one."""
+    if not cfg.logging.vae_path:
+        return wan.tiny_vae(cfg.runtime.seed)
+    vae = wan.load_vae(cfg.logging.vae_path)
+    wan.check_vae(vae, cfg, cfg.logging.vae_path)
+    return vae
 
 
 def write_mp4(pixels: torch.Tensor, path: str | Path, fps: int) -> Path:

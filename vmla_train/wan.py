@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from . import schedule
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 # Wan's negative prompt (the published default, Chinese as in Wan's own configs).
 WAN_NEGATIVE_PROMPT = (
@@ -259,6 +259,19 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
 
     folder = vae_folder(path)
     return AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).to(device)
+
+
+def check_vae(vae, cfg, where: str) -> None:
+    """ConfigError naming ``where`` unless the VAE's strides are ``video.vae_stride`` and its latent channels
+    ``model.in_channels`` (a VAE config without scale factors has Wan2.1's: 4x in time, 8x in space)."""
+    c = vae.config
+    strides = [getattr(c, "scale_factor_temporal", 4)] + [getattr(c, "scale_factor_spatial", 8)] * 2
+    if list(cfg.video.vae_stride) != strides:
+        raise ConfigError(f"VAE '{where}' compresses {strides[0]}x in time and {strides[1]}x in space, but "
+                         f"video.vae_stride={list(cfg.video.vae_stride)}: pass video.vae_stride=[{strides[0]},"
+                         f"{strides[1]},{strides[2]}] (or the VAE this config was made for)")
+    if c.z_dim != cfg.model.in_channels:
+        raise ConfigError(f"VAE '{where}' has z_dim={c.z_dim}, expected model.in_channels={cfg.model.in_channels}")
 
 
 def tiny_vae(seed: int = 0):

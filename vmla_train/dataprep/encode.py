@@ -71,8 +71,7 @@ class Encoder:
         self.device = resolve_device(e.device)
         self.vae = wan.load_vae(e.vae, self.device, torch_dtype(e.vae_dtype)).eval()
         self.tok, self.text = wan.load_text_encoder(e.text_encoder, self.device, torch_dtype(e.text_dtype))
-        if self.vae.config.z_dim != cfg.model.in_channels:
-            raise ValueError(f"VAE '{e.vae}' has z_dim={self.vae.config.z_dim}, expected model.in_channels={cfg.model.in_channels}")
+        wan.check_vae(self.vae, cfg, e.vae)
         if self.text.config.d_model != cfg.model.text_dim:
             raise ValueError(f"text encoder '{e.text_encoder}' has width {self.text.config.d_model}, "
                              f"expected model.text_dim={cfg.model.text_dim}")

@@ -55,13 +55,20 @@ TRAIN, STATS, EVAL, CEILING = 0, 1, 2, 3  # clip streams: training, latent stati
 
 @dataclass
 class CodecConfig:
-    """Widths of the world's AutoencoderKLWan (strides are Wan2.1's)."""
+    """Widths and strides of the world's AutoencoderKLWan (default: Wan2.1's strides, 4x in time and 8x in
+    space; ``dim_mult`` of three stages gives 4x in space)."""
 
     base_dim: int = 32  # channels of the first stage (Wan2.1: 96)
     dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # per-stage width multipliers (4 stages = 8x)
     num_res_blocks: int = 1  # residual blocks per stage (Wan2.1: 2)
     z_dim: int = ModelConfig.in_channels  # latent channels = the DiT's in_channels
     temperal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])  # 2x in time per True
+
+    @staticmethod
+    def wan_temporal(num_stages: int) -> list[bool]:
+        """Wan2.1's time downsampling for ``num_stages`` spatial downsamplings: 2x in each of the last two
+        (4x in all; Wan's own three stages: [False, True, True])."""
+        return [i >= num_stages - 2 for i in range(num_stages)]
 
     def __post_init__(self) -> None:
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
