@@ -68,7 +68,11 @@ if has fit; then
 fi
 if has teacher; then
   say "export -> diffusers teacher"
-  vmla-train export "$W/pretrain" "$W/teacher-student" --overwrite
+  # the EMA weights (world-pretrain.yaml's train.ema_decay) once the run has them, else the raw ones
+  LAST=$(ls -d "$W"/pretrain/checkpoints/step-* | tail -n 1)
+  EMA=(); [[ -f "$LAST/ema.safetensors" ]] && EMA=(--ema)
+  say "teacher from $LAST ${EMA[*]:-(raw weights: no EMA yet)}"
+  vmla-train export "$W/pretrain" "$W/teacher-student" --overwrite "${EMA[@]}"
   # --overwrite replaces only an earlier output of this conversion, atomically
   vmla-convert "$W/teacher-student" "$W/teacher" --to diffusers convert.dtype=bfloat16 --overwrite
 fi

@@ -56,6 +56,27 @@ def test_self_forcing_export_and_keep_last(tmp_path):
     assert (ema_folder / "model.safetensors").is_file()
 
 
+@pytest.mark.timeout(60)
+def test_pretrain_ema_is_the_average_of_the_step_weights(tmp_path):
+    """train.ema_decay outside self_forcing: with the EMA from the first iteration on, the exported EMA after 3 is
+    d (d w1 + (1 - d) w2) + (1 - d) w3 of the weights after each step; without the key there is none."""
+    d = 0.5
+    base = [f"runtime.run_dir={tmp_path}", "checkpoint.every_n_steps=1", "checkpoint.keep_last=3"]
+    cfg = C.load(ROOT / "configs/pretrain-debug.yaml", [*base, "train.num_steps=3", f"train.ema_decay={d}",
+                                                       "train.ema_start_step=0"])
+    train.fit(cfg)
+    weights = [ckpt.export_student(tmp_path / "checkpoints" / f"step-{i:08d}", tmp_path / f"w{i}") for i in (1, 2, 3)]
+    w = [load_student(f)[0].state_dict() for f in weights]
+    model, _ = load_student(ckpt.export_student(tmp_path, tmp_path / "ema", use_ema=True))
+    for k, v in model.state_dict().items():  # the first update (step 1) copies, then ema = d * ema + (1 - d) * w
+        want = d * (d * w[0][k].float() + (1 - d) * w[1][k].float()) + (1 - d) * w[2][k].float()
+        torch.testing.assert_close(v.float(), want, rtol=1e-6, atol=1e-6)
+    other = tmp_path / "no-ema"
+    train.fit(C.load(ROOT / "configs/pretrain-debug.yaml", [f"runtime.run_dir={other}", "train.num_steps=1"]))
+    with pytest.raises(FileNotFoundError, match="train.ema_decay"):
+        ckpt.export_student(other, tmp_path / "none", use_ema=True)
+
+
 @pytest.mark.timeout(30)
 def test_global_batch_must_divide():
     cfg = C.load(ROOT / "configs/adapt-debug.yaml", ["train.global_batch_size=3", "data.batch_size=2"])

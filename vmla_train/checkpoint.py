@@ -7,7 +7,7 @@ Layout (one folder per save; the manifest is the completion mark)::
                                    strategy: one file on a single device / DDP, a folder of ZeRO or FSDP
                                    shards under DeepSpeed / FSDP; every engine saved to its own path)
       critic/ or critic.ckpt       the critic engine, likewise (self_forcing only)
-      ema.safetensors              EMA of the student (rank 0; absent before dmd.ema_start_step)
+      ema.safetensors              EMA of the student (rank 0; absent before dmd.ema_start_step, or train.ema_start_step outside self_forcing)
       rng-rank{R}.pt               torch CPU/CUDA, Python and NumPy RNG states of rank R
       loader-rank{R}.json          the data loader's state on rank R
       train_state.json             counters (student/critic steps, iteration), W&B run id, losses so far
@@ -546,7 +546,9 @@ def export_student(run_dir: str | Path, out: str | Path, use_ema: bool = False, 
     if use_ema:
         state = load_ema(folder)
         if not state:
-            raise FileNotFoundError(f"checkpoint '{folder}' has no ema.safetensors (EMA starts at dmd.ema_start_step)")
+            raise FileNotFoundError(f"checkpoint '{folder}' has no ema.safetensors (self_forcing keeps an EMA from "
+                                    "dmd.ema_start_step; the other stages only with train.ema_decay > 0, from "
+                                    "train.ema_start_step)")
     elif (folder / "student").is_dir() and (folder / "student" / "checkpoint").is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -268,6 +268,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
     rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
     text_dropout: float = 0.0  # pretrain: probability a sample's text becomes dmd.negative_embedding (learns the unconditional score CFG needs)
+    ema_decay: float = 0.0  # pretrain / adapt / ode_init: EMA of the student weights, exported with `export --ema` (0 = none; self_forcing: dmd.ema_decay)
+    ema_start_step: int = 0  # pretrain / adapt / ode_init: first iteration (0-based) whose student update feeds that EMA
     # Dry runs only. A file a run needs (train.teacher_path; train.critic_path when the teacher's geometry differs;
     # dmd.negative_embedding; logging.vae_path) left empty is an error (exit 2) unless this is true: then a seeded
     # random stand-in is built instead (random weights, embedding or VAE). The *-debug configs and the demo set it.
@@ -288,6 +290,10 @@ class TrainConfig:
             _fail("train.rollout_frames", ">= 0", self.rollout_frames)
         if not 0.0 <= self.text_dropout < 1.0:
             _fail("train.text_dropout", "a probability in [0, 1)", self.text_dropout)
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail("train.ema_decay", "in [0, 1) (0 = no EMA)", self.ema_decay)
+        if self.ema_start_step < 0:
+            _fail("train.ema_start_step", ">= 0", self.ema_start_step)
 
 
 @dataclass

@@ -113,9 +113,10 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
 
     # 4. The state a checkpoint holds (data: fixed batches per epoch on every rank, resumed exactly).
     sf, cd = cfg.train.stage == C.Stage.self_forcing, cfg.train.stage == C.Stage.causal_cd
-    # The EMA of the student: DMD's output (rank 0 keeps it), or causal_cd's target (every rank runs it)
-    ema = EMA(cfg.cd.ema_decay, 0, keep=True) if cd else EMA(cfg.dmd.ema_decay if sf else 0.0,
-                                                              cfg.dmd.ema_start_step, keep=rank == 0)
+    # The EMA of the student: DMD's output or the other stages' optional one (rank 0 keeps it), or causal_cd's
+    # target (every rank runs it)
+    decay, start = (cfg.dmd.ema_decay, cfg.dmd.ema_start_step) if sf else (cfg.train.ema_decay, cfg.train.ema_start_step)
+    ema = EMA(cfg.cd.ema_decay, 0, keep=True) if cd else EMA(decay, start, keep=rank == 0)
     monitor = RankOccupationMonitor(cfg.logging.rank_every_n_steps) if cfg.logging.rank_every_n_steps > 0 else None
     kind = data.STAGE_KINDS[cfg.train.stage.value]
     state = TrainState(fabric, cfg, module, student_opt, critic_opt, ema, data.build_loader(cfg, kind, rank, fabric.world_size),
