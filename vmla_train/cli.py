@@ -1,7 +1,8 @@
 """Console entry points. Thin: parse arguments, load the config, call the library.
 
     vmla-train info CONFIG [key=value ...]    parameters and KV-cache accounting, MHA vs MLA
-    vmla-train demo CONFIG [key=value ...]    the tiny self_forcing stage on CPU (checkpoint, mp4, W&B run)
+    vmla-train demo CONFIG [key=value ...]    the tiny self_forcing stage on CPU (checkpoint, mp4, W&B run); with
+                                              demo.world: the world demo (configs/world/demo.yaml)
     vmla-train demo-rollout CONFIG [k=v ...]  cached chunk-by-chunk rollout of a random tiny student
                                               (a student over 100 M parameters on CPU: --allow-large-on-cpu)
     vmla-train fit CONFIG [key=value ...]     train a stage; resumes from the run folder's latest checkpoint
@@ -246,7 +247,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg = C.load(args.config, args.overrides)
         if args.command in ("demo", "demo-rollout"):
             C.resolve_device(cfg.runtime.device, "runtime.device")
-        if args.command == "demo":
+        if args.command == "demo" and cfg.demo.world:
+            from .world.demo import check_world
+
+            check_world(cfg)  # the shipped world models are the roles
+        elif args.command == "demo":
             C.check_role_files(cfg)  # the demo's random roles are opted in (train.allow_random_roles)
     except C.ConfigError as e:
         return _error(e)
@@ -258,6 +263,13 @@ def _run(args: argparse.Namespace) -> int:
         except C.ConfigError as e:
             return _error(e)
         run_demo(cfg)
+    elif args.command == "demo" and cfg.demo.world:
+        from .world.demo import run_world_demo
+
+        try:
+            run_world_demo(args.config, args.overrides, cfg)
+        except SystemExit as e:  # a step's command failed: it printed why
+            return int(e.code or 1)
     elif args.command == "demo":
         from .train import run_training_demo
 

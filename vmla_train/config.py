@@ -230,9 +230,11 @@ class ScheduleConfig:
 
 @dataclass
 class DemoConfig:
-    """The foundation demo: a cached chunk-by-chunk rollout of a random student."""
+    """`vmla-train demo-rollout` (a random student's cached rollout) and `vmla-train demo` on the world."""
 
-    num_chunks: int = 4  # chunks generated
+    num_chunks: int = 4  # demo-rollout: chunks generated
+    world: str = ""  # demo: folder with the world's teacher/, student/ and models/ (vmla_train/world/demo.py); "" = the random tiny stage
+    prompt: str = ""  # demo on the world: the prompt it distils on, generates and scores (the world's vocabulary)
 
 
 # ----------------------------------------------------------------------------------------------
