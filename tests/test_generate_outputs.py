@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import tiny_generate_inputs
@@ -66,6 +67,22 @@ def test_length_is_rounded_up_to_whole_chunks():
     frames = G.video_frames_for(cfg, v.chunk_frames)
     assert f"{v.chunk_frames} latent frames = {frames} video frames = {frames / v.fps:.2f} s" in line
     assert "asked for 0.01 s" in line
+
+
+@pytest.mark.timeout(60)
+def test_the_same_frames_encode_to_the_same_bytes(tmp_path):
+    """Mp4Writer is reproducible byte for byte (with x264's macroblock-tree rate control, eight encodes of this
+    clip in one process gave five different files), so a rerun rewrites a lost file exactly."""
+    from vmla_train.world.render import render
+    from vmla_train.world.scene import sample_scene
+
+    frames = np.asarray(render(sample_scene(5, 64, 64, 16), 81))
+    encodes = set()
+    for i in range(4):
+        with Mp4Writer(tmp_path / f"{i}.mp4", 16, crf=10) as w:
+            w.write(frames)
+        encodes.add((tmp_path / f"{i}.mp4").read_bytes())
+    assert len(encodes) == 1
 
 
 @pytest.mark.timeout(10)

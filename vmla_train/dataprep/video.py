@@ -332,7 +332,8 @@ class Mp4Writer:
     (``.<name>.tmp-<host tag>-<pid>.mp4``) and renamed by ``close`` (``abort`` removes it; as a context
     manager, whichever fits). ``remove_stale`` deletes the temporary files of writers killed before either.
 
-    The codec is ``codec``, else libx264 (mpeg4 where PyAV lacks it); ``crf`` applies to libx264;
+    The codec is ``codec``, else libx264 (mpeg4 where PyAV lacks it), reproducible byte for byte (no
+    macroblock-tree rate control); ``crf`` applies to libx264;
     ``options`` are further encoder options (``preset``, ``g``, ...); ``faststart`` puts the index (moov)
     first. The first ``write`` fixes the frame size, cropped to even sizes (yuv420p).
     """
@@ -350,7 +351,13 @@ class Mp4Writer:
         codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
         self.stream = self.container.add_stream(codec, rate=fps)
         self.stream.pix_fmt = "yuv420p"
-        opts = {"crf": str(crf)} if crf is not None and codec == "libx264" else {}
+        opts = {}
+        if codec == "libx264":
+            # x264's macroblock-tree rate control encoded identical frames to different bitstreams from run to
+            # run (PyAV 18.1, libavcodec 62, one thread or many); without it every encode is reproducible
+            opts["x264-params"] = "mbtree=0"
+            if crf is not None:
+                opts["crf"] = str(crf)
         opts.update(options or {})
         if opts:
             self.stream.options = opts
