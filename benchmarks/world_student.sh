@@ -10,7 +10,10 @@
 #
 # Every stage resumes: run the same command again after an interruption and finished work is kept; a fit stopped
 # by its time limit continues from its checkpoint. Settings (environment, defaults in brackets): WORLD_DIR
-# [runs/world], WORKERS [cores - 2], DEVICE [cuda]; per fit STAGE_SECONDS (ADAPT_SECONDS, ODEINIT_SECONDS,
+# [runs/world], WORKERS [cores - 2], DEVICE [cuda]; TAG [mla]: the student variant, whose runs and exports go to
+# $WORLD_DIR/$TAG/ (the teacher, data and ODE pairs are shared); STUDENT_ARGS: its key=value for the conversion and
+# every fit (the variants of the report: attention.kind=mha; convert.init=random; attention.d_c=64
+# attention.d_r=32 for a milder compression); per fit STAGE_SECONDS (ADAPT_SECONDS, ODEINIT_SECONDS,
 # SF_SECONDS: stop that fit with SIGUSR1 after so many seconds, it checkpoints and exits; empty = run to
 # train.num_steps) and STAGE_ARGS (ADAPT_ARGS, ODEINIT_ARGS, SF_ARGS: extra key=value); ODE_PAIRS [4096] teacher
 # trajectories; EVAL_PROMPTS [64]; EVAL_SECONDS [5.0625 = 81 frames]; EVAL_ARGS (extra key=value for
@@ -27,30 +30,33 @@ for need in "$W/teacher" "$W/models" "$W/negative.safetensors"; do
   [[ -e "$need" ]] || { echo "world_student: $need is missing: build the teacher first (bash benchmarks/world_teacher.sh)" >&2; exit 2; }
 done
 SHARDS="data.shards=$W/train/raw-*.tar"
+V="$W/${TAG:-mla}"  # this variant's runs and student folders
+mkdir -p "$V"
 source benchmarks/world_common.sh
 STRIDE=$(stride)  # the codec's strides, as world_teacher.sh passes them to every stage
 
-# fit STAGE CONFIG SECONDS ARGS...: one training stage in $W/STAGE, stopped by SIGUSR1 after SECONDS (if set),
-# then exported to $W/student-STAGE
+# fit STAGE CONFIG SECONDS ARGS...: one training stage in $V/STAGE, stopped by SIGUSR1 after SECONDS (if set),
+# then exported to $V/student-STAGE
 fit() {
   local stage=$1 config=$2 seconds=$3; shift 3
-  local cmd=(vmla-train fit "$config" "runtime.run_dir=$W/$stage" "runtime.device=$DEVICE" "$STRIDE" "$@")
+  local cmd=(vmla-train fit "$config" "runtime.run_dir=$V/$stage" "runtime.device=$DEVICE" "$STRIDE" ${STUDENT_ARGS:-} "$@")
   if [[ -n "$seconds" ]]; then
     # SIGUSR1 = Slurm's pre-emption notice: the fit checkpoints at the next step and exits 0
     timeout --signal=USR1 --kill-after=120 "$seconds" "${cmd[@]}" || [[ $? == 124 ]]
   else
     "${cmd[@]}"
   fi
-  vmla-train export "$W/$stage" "$W/student-$stage" --overwrite
+  vmla-train export "$V/$stage" "$V/student-$stage" --overwrite
 }
 
 if has convert; then
   say "convert: teacher -> MLA student"
-  vmla-convert "$W/teacher" "$W/student-converted" "$STRIDE" --config configs/world/world-adapt.yaml --overwrite
+  vmla-convert "$W/teacher" "$V/student-converted" "$STRIDE" ${STUDENT_ARGS:-} --config configs/world/world-adapt.yaml \
+    --overwrite
 fi
 if has adapt; then
   say "adapt"
-  fit adapt configs/world/world-adapt.yaml "${ADAPT_SECONDS:-}" "train.student_path=$W/student-converted" "$SHARDS" \
+  fit adapt configs/world/world-adapt.yaml "${ADAPT_SECONDS:-}" "train.student_path=$V/student-converted" "$SHARDS" \
     ${ADAPT_ARGS:-}
 fi
 if has ode; then
@@ -61,27 +67,27 @@ if has ode; then
 fi
 if has odeinit; then
   say "ODE init"
-  fit ode_init configs/world/world-ode_init.yaml "${ODEINIT_SECONDS:-}" "train.student_path=$W/student-adapt" \
+  fit ode_init configs/world/world-ode_init.yaml "${ODEINIT_SECONDS:-}" "train.student_path=$V/student-adapt" \
     "data.shards=$W/ode/ode-*.tar" ${ODEINIT_ARGS:-}
 fi
 if has sf; then
   say "self-forcing DMD"
-  fit sf configs/world/world-self_forcing.yaml "${SF_SECONDS:-}" "train.student_path=$W/student-ode_init" \
+  fit sf configs/world/world-self_forcing.yaml "${SF_SECONDS:-}" "train.student_path=$V/student-ode_init" \
     "train.teacher_path=$W/teacher" "train.critic_path=$W/teacher" "$SHARDS" \
     "dmd.negative_embedding=$W/negative.safetensors" "logging.vae_path=$W/models" ${SF_ARGS:-}
 fi
 if has eval; then
   S=${STUDENT:-sf}
-  say "eval: student-$S on held-out prompts"
+  say "eval: ${TAG:-mla}/student-$S on held-out prompts"
   N=${EVAL_PROMPTS:-64}
   head -n "$N" "$W/clips/prompts-heldout.txt" > "$W/eval-prompts.txt"
-  OUTD="$W/eval-student-$S-$(date -u +%Y%m%dT%H%M%S)"
-  vmla-generate "$W/student-$S" "$W/eval-prompts.txt" "generate.out_dir=$OUTD" "generate.vae=$W/models" \
+  OUTD="$V/eval-student-$S-$(date -u +%Y%m%dT%H%M%S)"
+  vmla-generate "$V/student-$S" "$W/eval-prompts.txt" "generate.out_dir=$OUTD" "generate.vae=$W/models" \
     "generate.text_encoder=$W/models" "generate.seconds=${EVAL_SECONDS:-5.0625}" "runtime.device=$DEVICE" \
     ${EVAL_ARGS:-}
-  CHUNK=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['video']['chunk_frames'])" "$W/student-$S/config.yaml")
+  CHUNK=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['video']['chunk_frames'])" "$V/student-$S/config.yaml")
   vmla-world eval "$OUTD" --prompts "$W/eval-prompts.txt" --world "$W/clips" --out "$OUTD/report.json" \
     --chunk-frames "$CHUNK"
-  ln -sfn "$(basename "$OUTD")" "$W/eval-student-$S"
+  ln -sfn "$(basename "$OUTD")" "$V/eval-student-$S"
 fi
 say "done: $STAGES"

@@ -54,7 +54,7 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     # 15.3 MiB in bf16: small enough to ship the trained world teacher in the repository.
     "world": {
         "model": dict(dim=256, num_heads=4, num_layers=8, ffn_dim=768, text_dim=32, text_len=64, freq_dim=256),
-        "attention": dict(d_c=64, d_r=32),
+        "attention": dict(d_c=25, d_r=12),  # 37 of 2 dim = 512 cached values (-92.8 %): the 1.3B ratio, 224 of 3072
         "video": dict(num_frames=81, height=64, width=64, fps=16),
     },
 }
