@@ -1,0 +1,50 @@
+"""benchmarks/world_report.py in its quick form: tiny world models (untrained), an MHA and an MLA student
+converted from the teacher, both horizons and the rank study (the 8-bit cache needs CUDA: skipped, and said). The report's structure, and
+that its numbers are the eval reports of videos generated in this run (not copied)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_world_demo import CONFIG, MODEL, _one_thread, _world_checkpoints  # noqa: F401 (a fixture)
+
+from benchmarks.world_report import main as report_main
+from vmla_train import config as C
+from vmla_train.convert import main as convert_main
+from vmla_train.dataprep.cli import main as data_main
+
+
+@pytest.mark.timeout(240)
+def test_quick_world_report(tmp_path, _one_thread):
+    world = tmp_path / "world"
+    _world_checkpoints(world)
+    assert data_main(["world", str(world / "clips"), "num_clips=1", "num_heldout=4", "workers=0", "progress=false"]) == 0
+    tiny_rank = ["convert.calib_samples=1", "convert.calib_timesteps=[500]"]
+    for tag, extra in (("mha", ["attention.kind=mha"]), ("mla", [])):
+        assert convert_main([str(world / "teacher"), str(world / tag / "student-converted"), *MODEL, *extra,
+                             *tiny_rank, "--config", CONFIG]) == 0
+    seconds = 2 * 81 / 16
+    rc = report_main(["--world", str(world), "--variants", "mha", "mla", "--stage", "converted", "--prompts", "1",
+                      "--long-seconds", str(seconds), "--device", "cpu", "--results", str(tmp_path / "results")])
+    assert rc == 0
+    result = json.loads(next((tmp_path / "results").glob("world_report-*.json")).read_text())
+    assert set(result["students"]) == {"mha", "mla"} and "CUDA only" in result["eight_bit"]  # no 8-bit cache on CPU
+    kv = {tag: row["kv_values"] for tag, row in result["students"].items()}
+    dim = C.load(world / "mha" / "student-converted" / "config.yaml").model.dim
+    assert kv["mha"] == 2 * dim and kv["mla"] < kv["mha"]  # K and V per token and layer; the latent + RoPE key
+    evals = Path(result["eval_folder"])
+    for tag, row in result["students"].items():
+        for horizon in ("short", "long"):
+            rep = json.loads((evals / f"{tag}-{horizon}" / "report.json").read_text())
+            assert len(list((evals / f"{tag}-{horizon}").glob("*.mp4"))) == 1 == rep["num_videos"]
+            assert row[horizon]["adherence"] == rep["adherence"] and row[horizon]["drift_score"] == rep["drift_score"]
+        assert result["students"][tag]["long"]["latent_frames_per_s"] > 0
+    assert json.loads((evals / "mla-long" / "report.json").read_text())["num_frames"] > 81  # the long horizon
+    ranks = result["ranks"]
+    assert len(ranks["teacher"]["w_kv"]) == 2 and "init" in ranks["mla"] and "mha" not in ranks
+    texts = [c["claim"] for c in result["claims"]]
+    assert any("not low-rank" in t for t in texts) and any("quality retained" in t for t in texts)
+    assert all(isinstance(c["holds"], bool) for c in result["claims"])
