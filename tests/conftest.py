@@ -61,6 +61,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: for tests of tiny models, where on a shared 2-core machine a second thread only
+    slows their many small ops (the world codec's by about ten times)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # A real two-node Slurm cluster (tests marked `slurm`): brought up once per session.
 # ----------------------------------------------------------------------------------------------

@@ -38,16 +38,8 @@ def _world_checkpoints(folder: Path) -> None:
     build_codec(CodecConfig(base_dim=8, z_dim=cfg.model.in_channels)).save_pretrained(folder / "models" / "vae")
 
 
-@pytest.fixture
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.timeout(180)
-def test_world_demo_writes_a_scored_video_of_the_prompt(tmp_path, monkeypatch, _one_thread):
+def test_world_demo_writes_a_scored_video_of_the_prompt(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("WANDB_MODE", "offline")
     world, run = tmp_path / "world", tmp_path / "run"
     _world_checkpoints(world)

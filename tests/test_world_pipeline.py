@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from vmla_train import config as C
 
@@ -65,17 +64,8 @@ def _run(main, argv: list[str], log: list[str]) -> None:
     assert rc in (0, None), f"command failed (exit {rc}): {' '.join(argv)}"
 
 
-@pytest.fixture
-def _one_thread():
-    """One intra-op thread: the models are tiny, and a second thread on a shared 2-core machine only slows them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.timeout(120)
-def test_world_runs_through_the_pipeline(tmp_path, monkeypatch, _one_thread):
+def test_world_runs_through_the_pipeline(tmp_path, monkeypatch, one_thread):
     from vmla_train.cli import main as train_main
     from vmla_train.convert import main as convert_main
     from vmla_train.dataprep.cli import main as data_main
@@ -167,7 +157,8 @@ def test_world_runs_through_the_pipeline(tmp_path, monkeypatch, _one_thread):
 
 
 @pytest.mark.timeout(120)
-def test_a_codec_of_other_strides_is_named_until_the_config_derives_them(tmp_path, monkeypatch, capsys, _one_thread):
+def test_a_codec_of_other_strides_is_named_until_the_config_derives_them(tmp_path, monkeypatch, capsys,
+                                                                         one_thread):
     """A world codec 4x in space (three stages): encode refuses the default config's 8x in one line naming
     video.vae_stride and the override to pass; with it the latents have the derived geometry [F', C, H/4, W/4]."""
     from vmla_train.dataprep.cli import main as data_main

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_world_demo import CONFIG, MODEL, _one_thread, _world_checkpoints  # noqa: F401 (a fixture)
+from test_world_demo import CONFIG, MODEL, _world_checkpoints
 
 from benchmarks.world_report import main as report_main
 from vmla_train import config as C
@@ -18,7 +18,7 @@ from vmla_train.dataprep.cli import main as data_main
 
 
 @pytest.mark.timeout(240)
-def test_quick_world_report(tmp_path, _one_thread):
+def test_quick_world_report(tmp_path, one_thread):
     world = tmp_path / "world"
     _world_checkpoints(world)
     assert data_main(["world", str(world / "clips"), "num_clips=1", "num_heldout=4", "workers=0", "progress=false"]) == 0
