@@ -8,6 +8,11 @@
 #
 #   bash benchmarks/world_student.sh [STAGE ...]     stages: convert adapt ode odeinit sf eval (default: all)
 #
+# The causal recipe instead: ADAPT_ARGS=train.context=teacher_forcing, then stage `cd` (world-causal_cd.yaml:
+# consistency distillation of the adapted student along its own ODE, exported from its EMA target) and
+# SF_FROM=causal_cd; or causal ODE pairs (ODE_FROM=adapt: trajectories of the adapted causal student, kept in
+# $WORLD_DIR/$TAG/ode) before odeinit.
+#
 # Every stage resumes: run the same command again after an interruption and finished work is kept; a fit stopped
 # by its time limit continues from its checkpoint. Settings (environment, defaults in brackets): WORLD_DIR
 # [runs/world], WORKERS [cores - 2], DEVICE [cuda]; TAG [mla]: the student variant, whose runs and exports go to
@@ -15,9 +20,10 @@
 # every fit (the variants of the report: attention.kind=mha; convert.init=random; attention.d_c=64
 # attention.d_r=32 for a milder compression); per fit STAGE_SECONDS (ADAPT_SECONDS, ODEINIT_SECONDS,
 # SF_SECONDS: stop that fit with SIGUSR1 after so many seconds, it checkpoints and exits; empty = run to
-# train.num_steps) and STAGE_ARGS (ADAPT_ARGS, ODEINIT_ARGS, SF_ARGS: extra key=value); ODE_PAIRS [4096] teacher
+# train.num_steps; CD_SECONDS too) and STAGE_ARGS (ADAPT_ARGS, ODEINIT_ARGS, CD_ARGS, SF_ARGS: extra key=value);
+# SF_FROM [ode_init]: the export self-forcing starts from; ODE_FROM [teacher]; ODE_PAIRS [4096] teacher
 # trajectories; EVAL_PROMPTS [64]; EVAL_SECONDS [5.0625 = 81 frames]; EVAL_ARGS (extra key=value for
-# vmla-generate); STUDENT [sf]: which exported student the eval stage scores (converted adapt ode sf).
+# vmla-generate); STUDENT [sf]: which exported student the eval stage scores (converted adapt ode_init causal_cd sf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${WORLD_DIR:-runs/world}
@@ -36,7 +42,7 @@ source benchmarks/world_common.sh
 STRIDE=$(stride)  # the codec's strides, as world_teacher.sh passes them to every stage
 
 # fit STAGE CONFIG SECONDS ARGS...: one training stage in $V/STAGE, stopped by SIGUSR1 after SECONDS (if set),
-# then exported to $V/student-STAGE
+# then exported to $V/student-STAGE (with EXPORT, e.g. --ema, passed to the export)
 fit() {
   local stage=$1 config=$2 seconds=$3; shift 3
   local cmd=(vmla-train fit "$config" "runtime.run_dir=$V/$stage" "runtime.device=$DEVICE" "$STRIDE" ${STUDENT_ARGS:-} "$@")
@@ -46,7 +52,7 @@ fit() {
   else
     "${cmd[@]}"
   fi
-  vmla-train export "$V/$stage" "$V/student-$stage" --overwrite
+  vmla-train export "$V/$stage" "$V/student-$stage" --overwrite ${EXPORT:-}
 }
 
 if has convert; then
@@ -59,20 +65,27 @@ if has adapt; then
   fit adapt configs/world/world-adapt.yaml "${ADAPT_SECONDS:-}" "train.student_path=$V/student-converted" "$SHARDS" \
     ${ADAPT_ARGS:-}
 fi
+# the bidirectional teacher's trajectories (shared by the variants), or the adapted causal student's (its own)
+if [[ "${ODE_FROM:-teacher}" == teacher ]]; then ODE_SRC="$W/teacher" ODE_DIR="$W/ode"; else ODE_SRC="$V/student-$ODE_FROM" ODE_DIR="$V/ode"; fi
 if has ode; then
-  say "ODE pairs from the teacher"
-  vmla-data ode-pairs data_prep/world.yaml "prep.ode.teacher=$W/teacher" "prep.ode.text_encoder=$W/models" \
-    "prep.ode.input=$W/train/raw-*.tar" "prep.ode.output=$W/ode" "prep.ode.max_samples=${ODE_PAIRS:-4096}" \
+  say "ODE pairs from $ODE_SRC"
+  vmla-data ode-pairs data_prep/world.yaml "prep.ode.teacher=$ODE_SRC" "prep.ode.text_encoder=$W/models" \
+    "prep.ode.input=$W/train/raw-*.tar" "prep.ode.output=$ODE_DIR" "prep.ode.max_samples=${ODE_PAIRS:-4096}" \
     "prep.ode.batch_size=${ODE_BATCH:-64}" "prep.ode.device=$DEVICE" "$STRIDE"
 fi
 if has odeinit; then
   say "ODE init"
   fit ode_init configs/world/world-ode_init.yaml "${ODEINIT_SECONDS:-}" "train.student_path=$V/student-adapt" \
-    "data.shards=$W/ode/ode-*.tar" ${ODEINIT_ARGS:-}
+    "data.shards=$ODE_DIR/ode-*.tar" ${ODEINIT_ARGS:-}
+fi
+if has cd; then
+  say "causal consistency distillation"
+  EXPORT=--ema fit causal_cd configs/world/world-causal_cd.yaml "${CD_SECONDS:-}" "train.student_path=$V/student-adapt" \
+    "$SHARDS" "dmd.negative_embedding=$W/negative.safetensors" ${CD_ARGS:-}
 fi
 if has sf; then
   say "self-forcing DMD"
-  fit sf configs/world/world-self_forcing.yaml "${SF_SECONDS:-}" "train.student_path=$V/student-ode_init" \
+  fit sf configs/world/world-self_forcing.yaml "${SF_SECONDS:-}" "train.student_path=$V/student-${SF_FROM:-ode_init}" \
     "train.teacher_path=$W/teacher" "train.critic_path=$W/teacher" "$SHARDS" \
     "dmd.negative_embedding=$W/negative.safetensors" "logging.vae_path=$W/models" ${SF_ARGS:-}
 fi

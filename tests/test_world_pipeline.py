@@ -194,6 +194,7 @@ def test_a_codec_of_other_strides_is_named_until_the_config_derives_them(tmp_pat
     ("configs/world/world-pretrain.yaml", "pretrain", "mha"), ("configs/world/world-adapt.yaml", "adapt", "mla"),
     ("configs/world/world-ode_init.yaml", "ode_init", "mla"),
     ("configs/world/world-self_forcing.yaml", "self_forcing", "mla"), ("configs/world/demo.yaml", "self_forcing", "mla"),
+    ("configs/world/world-causal_cd.yaml", "causal_cd", "mla"),
     ("data_prep/world.yaml", None, "mla")])
 def test_world_configs_hold_the_world_geometry(path, stage, kind):
     """Each world config is at the geometry `vmla-data world` writes by default and reads the world text encoder."""
