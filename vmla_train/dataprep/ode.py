@@ -12,8 +12,8 @@ skipped (resume).
 e.g. a teacher-forcing ``adapt`` export) instead of a diffusers Wan, the trajectories are its cached
 rollouts: chunk by chunk, the same guided Euler steps over the chunk's noise against a KV cache of the
 earlier chunks' results, then the chunk's clean result written to the cache at t = 0 (what inference does).
-The conditional and the negative prompt run as one doubled batch with one cache, both rows writing the
-guided result. Trajectory point k is then every chunk after k of its own steps. ``json`` says
+The conditional and the negative prompt run as one doubled batch with one cache (``generate.GuidedStudent``,
+as in generation), both rows writing the guided result. Trajectory point k is then every chunk after k of its own steps. ``json`` says
 ``"source": "causal"`` (else ``"teacher"``). Sample members:
 
     <key>.noise.npy       [F, C, H, W]      the starting noise (t = 1000)
@@ -119,14 +119,13 @@ def causal_euler_sample(student, noise: torch.Tensor, text: torch.Tensor, num_st
     guided Euler ODE against the cache of the earlier chunks' results, then its result written to the cache
     (t = 0). Returns the final latents and ``{k: every chunk after k of its steps}`` for ``k`` in ``keep``."""
     from .. import schedule
+    from ..generate import GuidedStudent
 
     b, f = noise.shape[:2]
     chunk = student.cfg.video.chunk_frames
     sigmas = schedule.euler_sigmas(num_steps, shift)  # (num_steps + 1,) 1 -> 0
-    if negative is not None:
-        text = torch.cat([text, negative.to(text).expand(b, -1, -1)])  # (2B, Lt, D): cond, then uncond
-    rows = text.shape[0]
-    cache = student.new_cache(rows)
+    model = student if negative is None else GuidedStudent(student, negative, guidance_scale)  # one doubled cache
+    cache = model.new_cache(b)
     dtype = next(student.parameters()).dtype
     done, kept = [], {k: [] for k in keep}
     for s in range(0, f, chunk):
@@ -134,16 +133,12 @@ def causal_euler_sample(student, noise: torch.Tensor, text: torch.Tensor, num_st
         if 0 in kept:
             kept[0].append(x)
         for k in range(num_steps):
-            xin = x if negative is None else torch.cat([x, x])
-            t = torch.full((rows, xin.shape[1]), schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[k]), device=x.device)
-            flow = student(xin.to(dtype), t, text, cache=cache).float()
-            if negative is not None:
-                flow = schedule.guide(flow[:b], flow[b:], guidance_scale)
+            t = torch.full((b, x.shape[1]), schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[k]), device=x.device)
+            flow = model(x.to(dtype), t, text, cache=cache).float()
             x = schedule.euler_step(x, flow, float(sigmas[k]), float(sigmas[k + 1]))
             if k + 1 in kept:
                 kept[k + 1].append(x)
-        clean = x if negative is None else torch.cat([x, x])
-        student(clean.to(dtype), torch.zeros(rows, clean.shape[1], device=x.device), text, cache=cache, write_cache=True)
+        model(x.to(dtype), torch.zeros(b, x.shape[1], device=x.device), text, cache=cache, write_cache=True)
         done.append(x)
     return torch.cat(done, 1), {k: torch.cat(v, 1) for k, v in kept.items()}
 
