@@ -47,6 +47,7 @@ def generate_and_score(student: Path, prompts: Path, world: Path, out: Path, sec
                        extra: list[str]) -> dict:
     """vmla-generate of every prompt -> mp4s in ``out``; vmla-world eval of them -> its report (a dict), plus
     the wall seconds of generation and the latent frames it made."""
+    from vmla_train.generate import latent_frames_for
     from vmla_train.generate import main as generate_main
     from vmla_train.world.evaluate import main as evaluate_main
 
@@ -64,8 +65,6 @@ def generate_and_score(student: Path, prompts: Path, world: Path, out: Path, sec
     _check(evaluate_main(args), f"vmla-world eval {out}")
     report = json.loads((out / "report.json").read_text())
     n_prompts = len([p for p in prompts.read_text().splitlines() if p.strip()])
-    from vmla_train.generate import latent_frames_for
-
     frames = latent_frames_for(C.replace(cfg, generate=C.replace(cfg.generate, seconds=seconds)))
     report["generation"] = {"wall_s": wall, "latent_frames": frames * n_prompts,
                             "latent_frames_per_s": frames * n_prompts / wall, "video_seconds": seconds}
@@ -207,17 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = C.load(student / "config.yaml", extra)
         short_s = cfg.video.num_frames / cfg.video.fps
         row = {"student": str(student), "kind": cfg.attention.kind.value, "overrides": extra,
-               "kv_values": C.kv_values_per_token(C.load(student / "config.yaml", extra))[cfg.attention.kind.value]}
+               "kv_values": C.kv_values_per_token(cfg)[cfg.attention.kind.value]}
         for horizon, seconds in (("short", short_s), ("long", a.long_seconds)):
             rep = generate_and_score(student, prompts, world, base_dir / f"{tag}-{horizon}", seconds, a.device, extra)
             row[horizon] = summary(rep)
         rows[tag] = row
-    ranks = {} if a.no_rank else rank_part(world, [t for t in a.variants], a.device)
+    ranks = {} if a.no_rank else rank_part(world, a.variants, a.device)
     result = {"device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu",
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "world": str(world), "stage": a.stage,
               "prompts": a.prompts, "long_seconds": a.long_seconds, "eval_folder": str(base_dir),
               "students": rows, "ranks": ranks, "eight_bit": eight_note or f"{a.eight_bit}-8bit",
-              "claims": claims(rows, ranks, a.baseline, a.main, f"{a.eight_bit}" if a.eight_bit else None)}
+              "claims": claims(rows, ranks, a.baseline, a.main, a.eight_bit or None)}
     print("\n" + table(rows))
     for c in result["claims"]:
         print(f"- {'holds' if c['holds'] else 'does not hold'}: {c['claim']}  {json.dumps(c['numbers'])}")

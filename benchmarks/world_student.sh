@@ -98,9 +98,10 @@ if has eval; then
   vmla-generate "$V/student-$S" "$W/eval-prompts.txt" "generate.out_dir=$OUTD" "generate.vae=$W/models" \
     "generate.text_encoder=$W/models" "generate.seconds=${EVAL_SECONDS:-5.0625}" "runtime.device=$DEVICE" \
     ${EVAL_ARGS:-}
-  CHUNK=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['video']['chunk_frames'])" "$V/student-$S/config.yaml")
+  # the chunk-seam metric's geometry, from the student's config: latent frames per chunk, pixel frames per latent
+  read -r CHUNK TSTRIDE < <(python3 -c "import sys, yaml; v = yaml.safe_load(open(sys.argv[1]))['video']; print(v['chunk_frames'], v['vae_stride'][0])" "$V/student-$S/config.yaml")
   vmla-world eval "$OUTD" --prompts "$W/eval-prompts.txt" --world "$W/clips" --out "$OUTD/report.json" \
-    --chunk-frames "$CHUNK"
+    --chunk-frames "$CHUNK" --temporal-stride "$TSTRIDE"
   ln -sfn "$(basename "$OUTD")" "$V/eval-student-$S"
 fi
 say "done: $STAGES"
