@@ -261,11 +261,18 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     return AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).to(device)
 
 
+def vae_strides(config) -> tuple[int, int]:
+    """(time, space) strides of an ``AutoencoderKLWan`` config (the object or its config.json as a dict); one
+    without scale factors has Wan2.1's, 4x in time and 8x in space."""
+    return int(config.get("scale_factor_temporal", 4)), int(config.get("scale_factor_spatial", 8))
+
+
 def check_vae(vae, cfg, where: str) -> None:
-    """ConfigError naming ``where`` unless the VAE's strides are ``video.vae_stride`` and its latent channels
-    ``model.in_channels`` (a VAE config without scale factors has Wan2.1's: 4x in time, 8x in space)."""
+    """ConfigError naming ``where`` unless the VAE's strides (``vae_strides``) are ``video.vae_stride`` and its
+    latent channels ``model.in_channels``."""
     c = vae.config
-    strides = [getattr(c, "scale_factor_temporal", 4)] + [getattr(c, "scale_factor_spatial", 8)] * 2
+    t, sp = vae_strides(c)
+    strides = [t, sp, sp]
     if list(cfg.video.vae_stride) != strides:
         raise ConfigError(f"VAE '{where}' compresses {strides[0]}x in time and {strides[1]}x in space, but "
                          f"video.vae_stride={list(cfg.video.vae_stride)}: pass video.vae_stride=[{strides[0]},"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import config as C
+from .. import wan
 
 PARTS = {"teacher": "the world teacher (diffusers layout)", "student": "the distilled MLA student folder",
          "models": "the world codec (vae/) and text encoder (tokenizer/, text_encoder/)"}
@@ -47,12 +48,6 @@ def check_world(cfg: C.Config) -> tuple[Path, str]:
     except PromptError as e:
         raise C.ConfigError(f"demo.prompt={cfg.demo.prompt!r}: {e}") from None
     return world, prompt
-
-
-def codec_strides(models: Path) -> tuple[int, int]:
-    """(time, space) strides of the codec in ``models/vae`` (a config without them: Wan2.1's 4 and 8)."""
-    c = json.loads((models / "vae" / "config.json").read_text())
-    return int(c.get("scale_factor_temporal", 4)), int(c.get("scale_factor_spatial", 8))
 
 
 def _step(title: str, main: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> None:
@@ -77,7 +72,7 @@ def run_world_demo(config: str, overrides: Sequence[str], cfg: C.Config) -> dict
     run = Path(cfg.runtime.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     models = world / "models"
-    t, sp = codec_strides(models)
+    t, sp = wan.vae_strides(json.loads((models / "vae" / "config.json").read_text()))  # the codec's
     args = [config, *overrides, f"video.vae_stride=[{t},{sp},{sp}]"]  # the user's keys, then the codec's geometry
     prompts = run / "prompt.txt"
     C.atomic_write_text(prompts, prompt + "\n")
