@@ -89,16 +89,17 @@ def within(a: float, b: float, rel: float, key: str) -> bool:
     return a >= b * (1 - rel) - 1e-9
 
 
-def rank_part(world: Path, variants: list[str], device: str) -> dict:
-    """The rank study of the teacher and each MLA variant's c_kv occupation (init and after adaptation)."""
+def rank_part(world: Path, variants: list[str], device: str, out: Path) -> dict:
+    """The rank study of the teacher and each MLA variant's c_kv occupation (init and after adaptation); its
+    CSV / JSON / PNG folders go into this report's ``out`` folder."""
     from vmla_train.analyze import rank_study
 
-    out = {}
-    teacher = rank_study(world / "teacher", world / "report" / "rank-teacher",
+    ranks = {}
+    teacher = rank_study(world / "teacher", out / "rank-teacher",
                          overrides=["attention.kind=mha", f"runtime.device={device}"])
     layers = teacher["layers"]
     acts = [v for row in layers for k, v in row.items() if k.startswith("act_")]
-    out["teacher"] = {"dim": teacher["dim"], "w_k": [r["w_k"] for r in layers], "w_v": [r["w_v"] for r in layers],
+    ranks["teacher"] = {"dim": teacher["dim"], "w_k": [r["w_k"] for r in layers], "w_v": [r["w_v"] for r in layers],
                       "w_kv": [r["w_kv"] for r in layers], "median_activation_rank": median(acts) if acts else None,
                       "tokens_per_bucket": teacher["tokens_per_bucket"]}
     for tag in variants:
@@ -106,10 +107,10 @@ def rank_part(world: Path, variants: list[str], device: str) -> dict:
             folder = world / tag / name
             if not (folder / "config.yaml").is_file() or C.load(folder / "config.yaml").attention.kind != C.AttentionKind.mla:
                 continue
-            r = rank_study(folder, world / "report" / f"rank-{tag}-{when}", config_paths=[folder / "config.yaml"],
+            r = rank_study(folder, out / f"rank-{tag}-{when}", config_paths=[folder / "config.yaml"],
                            overrides=[f"runtime.device={device}"])
-            out.setdefault(tag, {})[when] = {"d_c": r["d_c"], "c_occupation": [row["c_occupation"] for row in r["layers"]]}
-    return out
+            ranks.setdefault(tag, {})[when] = {"d_c": r["d_c"], "c_occupation": [row["c_occupation"] for row in r["layers"]]}
+    return ranks
 
 
 def claims(rows: dict, ranks: dict, base: str, mla: str, eight: str | None) -> list[dict]:
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             rep = generate_and_score(student, prompts, world, base_dir / f"{tag}-{horizon}", seconds, a.device, extra)
             row[horizon] = summary(rep)
         rows[tag] = row
-    ranks = {} if a.no_rank else rank_part(world, a.variants, a.device)
+    ranks = {} if a.no_rank else rank_part(world, a.variants, a.device, base_dir)
     result = {"device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu",
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "world": str(world), "stage": a.stage,
               "prompts": a.prompts, "long_seconds": a.long_seconds, "eval_folder": str(base_dir),
