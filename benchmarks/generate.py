@@ -1,7 +1,7 @@
 """End-to-end batch-1 generation: denoise a chunk, decode it with the Wan VAE, write its frames, repeat.
 
     python benchmarks/generate.py [--chunks 12] [--modes bf16,8bit] [--vae-dtype bfloat16] [--no-write]
-                                  [--text-encoder] [--profile-chunks 2] [--config CONFIG] [--device cuda]
+                                  [--text-encoder] [--profile-chunks 2] [--config CONFIG] [--device cuda] [--graphs]
 
 What a user of ``vmla-generate`` waits for, part by part, at the real geometry with random weights of the
 real architectures: the student of ``--config`` (default ``configs/videomla-1.3b.yaml``: 480x832, chunks
@@ -24,6 +24,14 @@ Reported: medians of each, video frames/s = frames per chunk / median wall, time
 encoding if measured + first chunk's denoise + decode, from a fresh cache), the GPU's busy fraction (the
 summed kernel time of ``--profile-chunks`` chunks under ``torch.profiler`` over their unprofiled wall
 time), and peak memory. Prints a table; writes ``benchmarks/results/generate-<device>.json``.
+
+``--graphs``: each mode is measured twice in one call, eagerly (row ``<mode>``) and with ``generate.graphs``
+(row ``<mode>+graphs``: the full-window forwards replayed from CUDA graphs, ``vmla_train/graphs.py``), with the
+same columns. Graph rows first run one video of as many chunks as the cache pass has write patterns, plus one,
+so that the counted chunks replay graphs only (the captures are not counted); the first chunk, from an empty
+cache, runs eagerly in both. They also report the forwards replayed / run eagerly, the static buffers' MB and
+the peak reserved memory beside the eager row's (the graphs' pool is reserved memory that the allocated peak
+misses between replays).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from vmla_train import config as C  # noqa: E402
 from vmla_train import schedule  # noqa: E402
 from vmla_train.dataprep.video import Mp4Writer  # noqa: E402
 from vmla_train.generate import StreamingDecoder, rgb_frames  # noqa: E402
+from vmla_train.graphs import ChunkGraphs, cache_pass_patterns  # noqa: E402
 from vmla_train.rollout import sample_video  # noqa: E402
 from vmla_train.student import WanStudent  # noqa: E402
 
@@ -128,20 +137,23 @@ def time_text_encoder(device: torch.device, dtype: torch.dtype, text_len: int, t
 
 
 def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int, write: bool,
-             profile_chunks: int) -> dict:
-    """One mode: counted chunks after ``warmup`` ones; the per-part times of each, the first chunk's latency."""
+             profile_chunks: int, graphs: bool = False) -> dict:
+    """One mode: counted chunks after ``warmup`` ones; the per-part times of each, the first chunk's latency.
+    ``graphs``: the student's full-window forwards replayed from CUDA graphs (``ChunkGraphs``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     student = build_student(cfg, device, dtype)
+    model = ChunkGraphs(student) if graphs else student  # graphs: one cache, reset per video, its graphs kept
     v = cfg.video
     steps = schedule.warp_timesteps(cfg.schedule.denoising_steps, cfg.schedule.shift)
     text = torch.randn(1, cfg.model.text_len, cfg.model.text_dim, device=device, dtype=dtype)
     clock = Clock(device)
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the reserved peak counts this mode's memory only
         torch.cuda.reset_peak_memory_stats(device)
 
     def one_video(n_chunks: int, full: bool, on_frames=None) -> list[dict]:
         """``n_chunks`` chunks of one video: per chunk the marks and host times."""
-        cache = student.new_cache(1, device)
+        cache = model.new_cache(1, device)
         if full:
             cache.fill_random(cache.num_slots + 2 * v.chunk_frames)  # a long video's steady state
         decoder = StreamingDecoder(vae)
@@ -162,7 +174,7 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
             state["start"], state["host"] = clock.mark(), time.perf_counter()
 
         with torch.no_grad():
-            sample_video(student, text, n_chunks * v.chunk_frames, steps,
+            sample_video(model, text, n_chunks * v.chunk_frames, steps,
                          generator=torch.Generator(device=device).manual_seed(0), cache=cache, on_chunk=on_chunk,
                          keep=False)
         decoder.close()
@@ -176,6 +188,9 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
     # time to first frame: a fresh cache, the first chunk (the causal first latent frame: 1 + 4 (K - 1) frames)
     one_video(1, full=False)  # warm-up: kernels compiled, autotuned
     first = parts(one_video(1, full=False))[0]
+    if graphs and device.type == "cuda":  # every graph captured before the counted chunks
+        one_video(cache_pass_patterns(model.new_cache(1, device)) + 1, full=True)
+    counts = dict(model.counts) if graphs else {}
     with tempfile.TemporaryDirectory() as tmp:
         writer = Mp4Writer(Path(tmp) / "bench.mp4", v.fps) if write else None
         rows = parts(one_video(warmup + chunks, full=True, on_frames=writer.write if writer else None))[warmup:]
@@ -185,7 +200,11 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
     frames_per_chunk = rows[0]["frames"]
     out |= dict(frames_per_chunk=frames_per_chunk, video_fps=frames_per_chunk / out["wall_s"],
                 first_chunk=first, chunks=chunks, per_chunk=rows,
-                peak_gb=torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None)
+                peak_gb=torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
+                peak_reserved_gb=torch.cuda.max_memory_reserved(device) / GB if device.type == "cuda" else None)
+    if graphs:  # the counted video's forwards: replayed, run eagerly (a CPU runs them all eagerly)
+        out |= dict(replayed=model.counts["replay"] - counts["replay"], eager=model.counts["eager"] - counts["eager"],
+                    captures=model.counts["capture"], static_mb=model.nbytes() / 2**20)
     if profile_chunks and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -209,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overrides", nargs="*", default=[], help="extra key=value config overrides")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--graphs", action="store_true",
+                   help="measure each mode eagerly and with generate.graphs (rows <mode> and <mode>+graphs)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     modes = [m for m in a.modes.split(",") if m]
@@ -230,26 +251,36 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         over = MODES[mode] if device.type == "cuda" else ["attention.impl=reference", "cache.dtype=float32"]
         cfg = C.load(a.config, [*a.overrides, *over])
-        results[mode] = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks)
-        r = results[mode]
-        r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
+        for graphs in (False, True) if a.graphs else (False,):
+            row = f"{mode}+graphs" if graphs else mode
+            results[row] = r = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks,
+                                        graphs)
+            r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     v = base.video
     print(f"\nend-to-end generation, batch 1, {v.height}x{v.width}, chunk {v.chunk_frames} latent frames, "
           f"window {base.cache.window_frames} + {base.cache.sink_frames} sinks, VAE {vae_dtype}, {name}")
-    head = f"{'mode':<6} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} " \
+    head = f"{'mode':<11} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} " \
            f"{'first frame s':>14} {'GPU busy':>9} {'peak GB':>8}"
     print(head)
     for mode, r in results.items():
         busy = f"{r['gpu_busy']:.2f}" if r.get("gpu_busy") is not None else "-"
         peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
-        print(f"{mode:<6} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['write_s']:8.3f} {r['wall_s']:8.3f} "
+        print(f"{mode:<11} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['write_s']:8.3f} {r['wall_s']:8.3f} "
               f"{r['video_fps']:10.1f} {r['time_to_first_frame_s']:14.2f} {busy:>9} {peak:>8}")
+    for mode, r in results.items():
+        if "replayed" in r:
+            line = (f"{mode}: {r['replayed']} forwards replayed, {r['eager']} eager in the measured video (its "
+                    f"--warmup chunks included); {r['captures']} graphs, static buffers {r['static_mb']:.1f} MB")
+            if r.get("peak_reserved_gb") is not None:  # a graph's pool is reserved, not allocated, between replays
+                line += (f"; peak reserved {r['peak_reserved_gb']:.2f} GB against "
+                         f"{results[mode.split('+')[0]]['peak_reserved_gb']:.2f} GB eager")
+            print(line)
     if text_s is not None:
         print(f"text encoder (umT5{'' if base.model.name == 'tiny' else '-XXL'}, one prompt): {text_s:.3f} s")
     payload = dict(device=name, date=dt.date.today().isoformat(), config=a.config, overrides=a.overrides,
-                   vae_dtype=vae_dtype, write=not a.no_write, text_encoder_s=text_s,
+                   vae_dtype=vae_dtype, write=not a.no_write, graphs=a.graphs, text_encoder_s=text_s,
                    command="python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    modes=results)
     write_result("generate", name, payload, a.results)

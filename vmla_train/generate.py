@@ -29,7 +29,8 @@ Streaming (``generate.stream``): ``mp4`` writes a growing, playable fragmented c
 (``partial_path``, removed once the mp4 is in place); ``pipe`` writes raw rgb24 frames to stdout (every
 printed line goes to stderr). Prompt scripts (``read_prompt_script``): one video per script, its prompt
 switching at the chunk boundary at or after each segment's start, the cache re-cached under the new prompt
-(``generate.recache``, ``rollout.recache_window``). docs/generation.md has both.
+(``generate.recache``, ``rollout.recache_window``). docs/generation.md has both. ``generate.graphs``: on a GPU the
+full-window forwards replay CUDA graphs (``graphs.ChunkGraphs``; a CPU runs them eagerly and says so).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from . import config as C
 from . import schedule, wan
 from .config import atomic_write_text
 from .dataprep.video import Mp4Writer
+from .graphs import ChunkGraphs
 from .rollout import PromptSwitch, sample_video
 
 
@@ -521,6 +523,11 @@ def generate(student: nn.Module, cfg: C.Config, videos: Sequence[str | PromptScr
     model: nn.Module = student
     if g.guidance_scale != 1.0:
         model = GuidedStudent(student, text.negative(), g.guidance_scale)
+    if g.graphs and dev.type == "cuda":  # full-window forwards replayed from CUDA graphs, its caches reused per video
+        model = ChunkGraphs(model)
+    elif g.graphs:
+        print(f"vmla-generate: generate.graphs=true replays CUDA graphs, which need a CUDA device: on {dev} every "
+              "forward runs eagerly", file=sys.stderr)
     rows = text_rows(videos)
     written = []
     for p_idx, video in enumerate(videos):

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .config import PositionScheme
 from .kernels import quant8 as Q8
+from .rope import Rotary
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class CacheStep:
     write: bool  # whether this forward writes the new frames' entries
     write_src: tuple[int, ...] = ()  # frames (relative to first_frame) that are written ...
     write_slots: tuple[int, ...] = ()  # ... into these slots (same length)
+    # (q_rot, k_rot, rot_abs) made before the forward, which then computes none from the positions: the static RoPE
+    # tables of a forward replayed from a CUDA graph (graphs.py). None: the student computes them
+    rotary: tuple[Rotary, Rotary, Rotary | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,22 @@ class KVCache:
     def set_cross_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self._read_only:  # a snapshot keeps none: every forward (and its recomputation) computes them
             self.cross[layer] = (k.detach(), v.detach())
+
+    # Forwards replayed from CUDA graphs (graphs.py) --------------------------------------------
+    @property
+    def version(self) -> tuple[int, ...]:
+        """Per layer, a counter that its writes, every commit and every reset advance: a forward that sees the
+        version of an earlier one sees the same cached entries and book-keeping."""
+        return tuple(self._version)
+
+    def memo_values(self) -> dict[tuple[int, str], object]:
+        """The values ``memo`` holds for the current cache state, by (layer, name)."""
+        return {key: value for key, (version, value) in self._memo.items() if version == self._version[key[0]]}
+
+    def set_memo(self, values: dict[tuple[int, str], object]) -> None:
+        """Make ``values`` (by (layer, name)) what ``memo`` returns in the current cache state, and forget every
+        other value: a captured forward reads the tensors another capture computes them into."""
+        self._memo = {key: (self._version[key[0]], value) for key, value in values.items()}
 
     # Copies and benchmark states ----------------------------------------------------------------
     def snapshot(self) -> KVCache:

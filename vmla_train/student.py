@@ -229,6 +229,9 @@ class WanStudent(nn.Module):
         if n != cache.tokens_per_frame:
             raise ValueError(f"chunk has {n} tokens per frame, the cache was built for {cache.tokens_per_frame}")
         step = cache.begin(fp, write)
+        if step.rotary is not None:  # tables made before the forward (a CUDA-graph replay's static buffers)
+            q_rot, k_rot, rot_abs = step.rotary
+            return AttnInputs(q_rot=q_rot, k_rot=k_rot, mask=None, cache=cache, step=step, rot_abs=rot_abs)
         k_rot = Rotary.from_angles(rope_angles(self.rope_spec, step.key_frame_pos, hp, wp))
         q_rot = Rotary.from_angles(rope_angles(self.rope_spec, step.query_frame_pos, hp, wp))
         rot_abs = None
