@@ -14,7 +14,8 @@
 # world_codec.py flags, e.g. --init-from a shorter-clip codec, --dim-mult 1 2 4 for 4x in space: every later stage
 # takes video.vae_stride from the codec's config),
 # FIT_SECONDS (stop the fit with SIGUSR1 after that many seconds: it checkpoints and exits; empty = run to
-# train.num_steps), FIT_ARGS (extra key=value for the fit), EVAL_PROMPTS [64], EVAL_STEPS [48], DEVICE [cuda],
+# train.num_steps), FIT_ARGS (extra key=value for the fit), FIT_FROM (a diffusers teacher folder whose weights
+# start a fresh fit: continues a teacher trained elsewhere, optimizer restarted), EVAL_PROMPTS [64], EVAL_STEPS [48], DEVICE [cuda],
 # ENCODE_PROCS [1] (encode processes sharing the device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,12 @@ if has fit; then
   say "fit (pretrain)"
   FIT=(configs/world/world-pretrain.yaml "runtime.run_dir=$W/pretrain" "data.shards=$W/train/raw-*.tar"
        "dmd.negative_embedding=$W/negative.safetensors" "runtime.device=$DEVICE" "$(stride)" ${FIT_ARGS:-})
+  if [[ -n "${FIT_FROM:-}" ]]; then
+    # continue an earlier machine's teacher (its diffusers folder, e.g. the bf16 one the teacher stage writes):
+    # its weights start the run (optimizer and EMA start afresh); the run's own checkpoints still win on resume
+    [[ -d "$W/fit-from" ]] || vmla-convert "$FIT_FROM" "$W/fit-from" --config configs/world/world-pretrain.yaml
+    FIT+=("train.student_path=$W/fit-from" "train.ema_start_step=0")
+  fi
   if [[ -n "${FIT_SECONDS:-}" ]]; then
     # SIGUSR1 = Slurm's pre-emption notice: the fit checkpoints at the next step and exits 0
     timeout --signal=USR1 --kill-after=120 "$FIT_SECONDS" vmla-train fit "${FIT[@]}" || [[ $? == 124 ]]
