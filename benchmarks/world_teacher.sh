@@ -62,8 +62,9 @@ if has fit; then
        "dmd.negative_embedding=$W/negative.safetensors" "runtime.device=$DEVICE" "$(stride)" ${FIT_ARGS:-})
   if [[ -n "${FIT_FROM:-}" ]]; then
     # continue an earlier machine's teacher (its diffusers folder, e.g. the bf16 one the teacher stage writes):
-    # its weights start the run (optimizer and EMA start afresh); the run's own checkpoints still win on resume
-    [[ -d "$W/fit-from" ]] || vmla-convert "$FIT_FROM" "$W/fit-from" --config configs/world/world-pretrain.yaml
+    # its weights start the run (optimizer and EMA start afresh); the run's own checkpoints still win on resume.
+    # Converted on every call (seconds; --overwrite replaces only this conversion's earlier output): never stale
+    vmla-convert "$FIT_FROM" "$W/fit-from" --config configs/world/world-pretrain.yaml --overwrite
     FIT+=("train.student_path=$W/fit-from" "train.ema_start_step=0")
   fi
   if [[ -n "${FIT_SECONDS:-}" ]]; then

@@ -36,8 +36,8 @@ full-window forwards replay CUDA graphs (``graphs.ChunkGraphs``; a CPU runs them
 from __future__ import annotations
 
 import argparse
-import contextlib
 import bisect
+import contextlib
 import hashlib
 import json
 import math
