@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py [--chunks 12] [--modes bf16,8bit] [--vae-dtype bfloat16] [--no-write]
                                   [--text-encoder] [--profile-chunks 2] [--config CONFIG] [--device cuda] [--graphs]
+                                  [--overlap]
 
 What a user of ``vmla-generate`` waits for, part by part, at the real geometry with random weights of the
 real architectures: the student of ``--config`` (default ``configs/videomla-1.3b.yaml``: 480x832, chunks
@@ -32,6 +33,11 @@ so that the counted chunks replay graphs only (the captures are not counted); th
 cache, runs eagerly in both. They also report the forwards replayed / run eagerly, the static buffers' MB and
 the peak reserved memory beside the eager row's (the graphs' pool is reserved memory that the allocated peak
 misses between replays).
+
+``--overlap``: every row is also measured with ``generate.overlap`` (row ``<row>+overlap``): the decode, the
+frames to the host and the writes of chunk k run on ``OverlappedOutput``'s worker thread and CUDA stream while
+chunk k + 1 denoises. ``decode_s`` / ``write_s`` are then times on the worker's stream, ``wall_s`` the host time
+between two chunks' frames reaching the host (in the steady state the slower of the two pipelines).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from benchmarks.common import write_result  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train import schedule  # noqa: E402
 from vmla_train.dataprep.video import Mp4Writer  # noqa: E402
-from vmla_train.generate import StreamingDecoder, rgb_frames  # noqa: E402
+from vmla_train.generate import OverlappedOutput, StreamingDecoder, rgb_frames  # noqa: E402
 from vmla_train.graphs import ChunkGraphs, cache_pass_patterns  # noqa: E402
 from vmla_train.rollout import sample_video  # noqa: E402
 from vmla_train.student import WanStudent  # noqa: E402
@@ -137,9 +143,10 @@ def time_text_encoder(device: torch.device, dtype: torch.dtype, text_len: int, t
 
 
 def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int, write: bool,
-             profile_chunks: int, graphs: bool = False) -> dict:
+             profile_chunks: int, graphs: bool = False, overlap: bool = False) -> dict:
     """One mode: counted chunks after ``warmup`` ones; the per-part times of each, the first chunk's latency.
-    ``graphs``: the student's full-window forwards replayed from CUDA graphs (``ChunkGraphs``)."""
+    ``graphs``: the student's full-window forwards replayed from CUDA graphs (``ChunkGraphs``); ``overlap``:
+    decode + frames out on ``OverlappedOutput``'s worker and stream while the next chunk denoises."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     student = build_student(cfg, device, dtype)
     model = ChunkGraphs(student) if graphs else student  # graphs: one cache, reset per video, its graphs kept
@@ -158,31 +165,41 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
             cache.fill_random(cache.num_slots + 2 * v.chunk_frames)  # a long video's steady state
         decoder = StreamingDecoder(vae)
         rows: list[dict] = []
+        denoised: list[tuple] = []  # per chunk: the marks around its denoising (the caller's stream)
         state = {"start": clock.mark(), "host": time.perf_counter()}
 
-        def on_chunk(i: int, x0: torch.Tensor) -> None:
-            den = clock.mark()
+        def consume(i: int, x0: torch.Tensor) -> None:  # decode + frames out (overlap: the worker's stream)
+            dec0 = clock.mark()
             pix = decoder(x0.to(vae.dtype))  # (1, 3, T, H, W)
             dec = clock.mark()
             frames = rgb_frames(pix[0].float())  # to the host: the chunk's frames exist
             if on_frames is not None:
                 on_frames(frames)
             wrote = clock.mark()
-            now = time.perf_counter()
-            rows.append(dict(start=state["start"], den=den, dec=dec, wrote=wrote, wall=now - state["host"],
-                             frames=int(frames.shape[0])))
-            state["start"], state["host"] = clock.mark(), time.perf_counter()
+            now = time.perf_counter()  # wall: from the previous chunk's frames to this one's
+            rows.append(dict(start=denoised[i][0], den=denoised[i][1], dec0=dec0, dec=dec, wrote=wrote,
+                             wall=now - state["host"], frames=int(frames.shape[0])))
+            state["host"] = now
+
+        out = OverlappedOutput(consume, device) if overlap else None
+
+        def on_chunk(i: int, x0: torch.Tensor) -> None:
+            denoised.append((state["start"], clock.mark()))
+            out.submit(i, x0) if out is not None else consume(i, x0)
+            state["start"] = clock.mark()
 
         with torch.no_grad():
             sample_video(model, text, n_chunks * v.chunk_frames, steps,
                          generator=torch.Generator(device=device).manual_seed(0), cache=cache, on_chunk=on_chunk,
                          keep=False)
+        if out is not None:
+            out.finish()
         decoder.close()
         clock.sync()
         return rows
 
     def parts(rows: list[dict]) -> list[dict]:
-        return [dict(denoise_s=clock.between(r["start"], r["den"]), decode_s=clock.between(r["den"], r["dec"]),
+        return [dict(denoise_s=clock.between(r["start"], r["den"]), decode_s=clock.between(r["dec0"], r["dec"]),
                      write_s=clock.between(r["dec"], r["wrote"]), wall_s=r["wall"], frames=r["frames"]) for r in rows]
 
     # time to first frame: a fresh cache, the first chunk (the causal first latent frame: 1 + 4 (K - 1) frames)
@@ -230,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--graphs", action="store_true",
                    help="measure each mode eagerly and with generate.graphs (rows <mode> and <mode>+graphs)")
+    p.add_argument("--overlap", action="store_true",
+                   help="also measure each row with generate.overlap (rows <row>+overlap)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     modes = [m for m in a.modes.split(",") if m]
@@ -252,22 +271,23 @@ def main(argv: list[str] | None = None) -> int:
         over = MODES[mode] if device.type == "cuda" else ["attention.impl=reference", "cache.dtype=float32"]
         cfg = C.load(a.config, [*a.overrides, *over])
         for graphs in (False, True) if a.graphs else (False,):
-            row = f"{mode}+graphs" if graphs else mode
-            results[row] = r = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks,
-                                        graphs)
-            r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
+            for overlap in (False, True) if a.overlap else (False,):
+                row = mode + ("+graphs" if graphs else "") + ("+overlap" if overlap else "")
+                results[row] = r = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks,
+                                            graphs, overlap)
+                r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     v = base.video
     print(f"\nend-to-end generation, batch 1, {v.height}x{v.width}, chunk {v.chunk_frames} latent frames, "
           f"window {base.cache.window_frames} + {base.cache.sink_frames} sinks, VAE {vae_dtype}, {name}")
-    head = f"{'mode':<11} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} " \
+    head = f"{'mode':<20} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} " \
            f"{'first frame s':>14} {'GPU busy':>9} {'peak GB':>8}"
     print(head)
     for mode, r in results.items():
         busy = f"{r['gpu_busy']:.2f}" if r.get("gpu_busy") is not None else "-"
         peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
-        print(f"{mode:<11} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['write_s']:8.3f} {r['wall_s']:8.3f} "
+        print(f"{mode:<20} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['write_s']:8.3f} {r['wall_s']:8.3f} "
               f"{r['video_fps']:10.1f} {r['time_to_first_frame_s']:14.2f} {busy:>9} {peak:>8}")
     for mode, r in results.items():
         if "replayed" in r:
@@ -280,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if text_s is not None:
         print(f"text encoder (umT5{'' if base.model.name == 'tiny' else '-XXL'}, one prompt): {text_s:.3f} s")
     payload = dict(device=name, date=dt.date.today().isoformat(), config=a.config, overrides=a.overrides,
-                   vae_dtype=vae_dtype, write=not a.no_write, graphs=a.graphs, text_encoder_s=text_s,
+                   vae_dtype=vae_dtype, write=not a.no_write, graphs=a.graphs, overlap=a.overlap,
+                   text_encoder_s=text_s,
                    command="python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    modes=results)
     write_result("generate", name, payload, a.results)

@@ -43,14 +43,16 @@ def _load(ckpt, overrides):
 
 
 @pytest.mark.timeout(120)
-def test_growing_mp4_plays_mid_run_and_the_final_mp4_is_the_plain_one(tiny):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_growing_mp4_plays_mid_run_and_the_final_mp4_is_the_plain_one(tiny, overlap):
     ckpt, overrides, tmp = tiny
     # lossless x264: decoded frames are the frames written, whatever the encoder's threads decide (at crf 18 two runs
     # of one command may differ by a few levels)
     overrides = [*overrides, "generate.crf=0"]
     student, cfg, vae, text = _load(ckpt, overrides)
     plain = G.generate(student, cfg, ["a red fox"], text, vae, tmp / "plain", progress=False)
-    student, cfg, vae, text = _load(ckpt, [*overrides, "generate.stream=mp4"])
+    # generate.overlap: the decode and the writes of a chunk run on the output worker while the next one denoises
+    student, cfg, vae, text = _load(ckpt, [*overrides, "generate.stream=mp4", f"generate.overlap={overlap}"])
     seen: list[list[np.ndarray]] = []
 
     def after_chunk(i: int, paths) -> None:
@@ -75,9 +77,10 @@ def test_growing_mp4_plays_mid_run_and_the_final_mp4_is_the_plain_one(tiny):
 
 
 @pytest.mark.timeout(120)
-def test_a_run_that_fails_mid_video_leaves_no_growing_copy(tiny):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_run_that_fails_mid_video_leaves_no_growing_copy(tiny, overlap):
     ckpt, overrides, tmp = tiny
-    student, cfg, vae, text = _load(ckpt, [*overrides, "generate.stream=mp4"])
+    student, cfg, vae, text = _load(ckpt, [*overrides, "generate.stream=mp4", f"generate.overlap={overlap}"])
     grown = []
 
     def fail_after_first_chunk(i: int, paths) -> None:
@@ -160,3 +163,46 @@ def test_stream_settings_are_checked(tiny, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and key in err, err
     assert not (tmp / "out").exists()
+
+
+@pytest.mark.timeout(30)
+def test_overlapped_output_runs_chunks_in_order_off_the_callers_thread():
+    import threading
+
+    seen, release, started = [], threading.Event(), threading.Event()
+
+    def consume(i: int, x: torch.Tensor) -> None:
+        started.set()
+        release.wait(10)
+        seen.append((i, x.clone(), threading.current_thread().name))
+
+    out = G.OverlappedOutput(consume, torch.device("cpu"), depth=2)
+    x = torch.zeros(2)
+    out.submit(0, x)
+    assert started.wait(5)  # chunk 0 is being consumed and blocks there ...
+    x += 1  # ... the caller goes on (the rollout reuses its buffers): chunk 0 keeps its snapshot
+    out.submit(1, x)
+    assert seen == []  # submit did not wait for consume
+    release.set()
+    out.finish()
+    assert [i for i, _, _ in seen] == [0, 1]
+    assert [x.tolist() for _, x, _ in seen] == [[0.0, 0.0], [1.0, 1.0]]
+    assert {name for _, _, name in seen} == {"vmla-generate-output"}
+    out.finish()  # twice is harmless
+
+
+@pytest.mark.timeout(30)
+def test_overlapped_output_raises_a_consumers_failure_in_the_caller():
+    def consume(i: int, x: torch.Tensor) -> None:
+        if i == 1:
+            raise RuntimeError(f"disk full at chunk {i}")
+
+    out = G.OverlappedOutput(consume, torch.device("cpu"))
+    for i in range(2):
+        out.submit(i, torch.zeros(1))
+    with pytest.raises(RuntimeError, match="disk full at chunk 1"):
+        for i in range(2, 50):  # a later submit or the final wait raises it
+            out.submit(i, torch.zeros(1))
+        out.finish()
+    with pytest.raises(RuntimeError, match="disk full"):
+        out.finish()

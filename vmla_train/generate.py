@@ -399,6 +399,62 @@ class StreamingDecoder:
         self.vae.clear_cache()
 
 
+class OverlappedOutput:
+    """Chunk outputs off the denoiser's critical path (``generate.overlap``): ``submit(i, x0)`` snapshots the
+    chunk's latents on the caller's stream and returns at once; one worker thread, in chunk order, runs
+    ``consume(i, latents)`` (the streaming decode, the frames to the host and into the writers) on its own CUDA
+    stream, which waits for the snapshot only. So chunk k decodes and writes while chunk k + 1 denoises. At
+    most ``depth`` chunks wait (memory stays bounded); ``finish()`` waits for the last one. An exception of
+    ``consume`` is raised again by the next ``submit`` or by ``finish``. What ``consume`` computes is what the
+    sequential path computes, in the same order: frames are identical (tests/test_generate.py)."""
+
+    def __init__(self, consume: Callable[[int, torch.Tensor], None], device: torch.device, depth: int = 2):
+        import queue
+        import threading
+
+        self.consume, self.device = consume, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.todo: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="vmla-generate-output", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            while (item := self.todo.get()) is not None:
+                if self.error is None:  # after a failure: drain without work, the caller raises
+                    i, latents, ready = item
+                    try:
+                        if ready is not None:
+                            self.stream.wait_event(ready)
+                        self.consume(i, latents)
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                        self.error = e
+                del item
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, i: int, x0: torch.Tensor) -> None:
+        self._raise()
+        latents = x0.detach().clone()  # the rollout reuses its buffers (and graphs their static outputs)
+        ready = None
+        if self.stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()  # the caller's stream: the snapshot is complete after this point
+            latents.record_stream(self.stream)
+        self.todo.put((i, latents, ready))
+
+    def finish(self) -> None:
+        """Wait for every submitted chunk; raise a failure of one. Safe to call twice."""
+        if self.thread.is_alive():
+            self.todo.put(None)
+            self.thread.join()
+        self._raise()
+
+
 def rgb_frames(pixels: torch.Tensor) -> np.ndarray:
     """Pixels [3, T, H, W] in [-1, 1] -> uint8 RGB frames [T, H, W, 3] for ``Mp4Writer``."""
     return ((pixels.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
@@ -554,7 +610,7 @@ def generate(student: nn.Module, cfg: C.Config, videos: Sequence[str | PromptScr
             decoder = StreamingDecoder(vae)  # one decoder, batch rows decoded together
             done_frames = 0
 
-            def on_chunk(i: int, x0: torch.Tensor) -> None:
+            def consume(i: int, x0: torch.Tensor) -> None:  # chunk i's frames into every output
                 nonlocal done_frames
                 pix = decoder(x0)  # (B, 3, T, H, W)
                 for r in range(b):
@@ -571,11 +627,19 @@ def generate(student: nn.Module, cfg: C.Config, videos: Sequence[str | PromptScr
                 if after_chunk is not None:
                     after_chunk(i, paths)
 
+            # generate.overlap: chunk k is decoded and written by a worker (own CUDA stream) while k + 1 denoises
+            overlap = OverlappedOutput(consume, dev) if g.overlap else None
             switches = [PromptSwitch(c, e.expand(b, -1, -1)) for (c, _), e in zip(plan[1:], embs[1:])]
             try:
-                sample_video(model, embs[0].expand(b, -1, -1), frames, steps, generator=gen, on_chunk=on_chunk,
-                             keep=False, switches=switches, recache=g.recache)
+                sample_video(model, embs[0].expand(b, -1, -1), frames, steps, generator=gen,
+                             on_chunk=overlap.submit if overlap else consume, keep=False, switches=switches,
+                             recache=g.recache)
+                if overlap is not None:
+                    overlap.finish()
             except BaseException:
+                if overlap is not None:  # the worker stops before the files it writes are aborted
+                    with contextlib.suppress(BaseException):
+                        overlap.finish()
                 for w in writers:
                     w.abort()
                 raise
