@@ -5,6 +5,7 @@
                                      [--base-dim 32] [--dim-mult 1 2 4 4] [--temporal-downsample 0 1 1]
                                      [--num-res-blocks 1] [--z-dim 16]
                                      [--kl-weight 1e-5] [--workers N] [--device cuda] [--init-from CODEC]
+                                     [--one-pass]
 
 Calls ``vmla_train.world.codec.train_codec``: clips rendered on the fly by DataLoader workers, L1 + MSE
 + KL, AdamW with bf16 autocast on CUDA, a resumable checkpoint in ``--out``. If ``--time-limit``
@@ -13,7 +14,9 @@ instead fits the number of steps (and the learning-rate schedule) to that many s
 latent statistics go into ``--out/vae/config.json``, and the held-out PSNR of the ``wan.vae_encode`` ->
 ``wan.vae_decode`` round trip and the world metrics of round-tripped full-length clips (the metric
 ceiling) are measured; prints a table (step, loss, train PSNR, seconds) and writes
-``benchmarks/results/<--name>-<device>.json``.
+``benchmarks/results/<--name>-<device>.json``. ``--one-pass``: training steps run the codec over each clip in
+one pass (``wan.vae_encode_whole`` / ``vae_decode_whole``) instead of diffusers' chunk loop (``python
+benchmarks/codec_step.py`` times both).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
     p.add_argument("--z-dim", type=int, default=d.z_dim, help="latent channels (the DiT's model.in_channels)")
     p.add_argument("--kl-weight", type=float, default=1e-5)
+    p.add_argument("--one-pass", action="store_true",
+                   help="training steps run the codec over each clip in one pass, not diffusers' chunk loop "
+                        "(the same function up to rounding; evaluations always take the chunked path)")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: cores - 2, 0 on CPU)")
     p.add_argument("--stats-clips", type=int, default=256, help="clips for latents_mean / latents_std")
     p.add_argument("--eval-clips", type=int, default=64, help="held-out clips for the PSNR")
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                              time_limit_s=a.time_limit, codec=codec, kl_weight=a.kl_weight,
                              num_workers=a.workers, stats_clips=a.stats_clips, eval_clips=a.eval_clips,
                              log_every=a.log_every, budget_s=a.budget, ceiling_clips=a.ceiling_clips,
-                             ceiling_frames=a.ceiling_frames, init_from=a.init_from)
+                             ceiling_frames=a.ceiling_frames, init_from=a.init_from, one_pass=a.one_pass)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -322,3 +322,95 @@ def test_world_codec_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
     # a bad geometry is one line on stderr and exit status 2
     assert bench.main([*args[:7], "8", *args[8:]]) == 2
     assert "num_frames" in capsys.readouterr().err
+
+
+_GEOMETRIES = {  # 8x in space (Wan's strides), 4x in space, and both temporal downsamplings in the first stages
+    "s8": CodecConfig(base_dim=8, z_dim=16),
+    "s4": CodecConfig(base_dim=8, z_dim=16, dim_mult=[1, 2, 4], temperal_downsample=[True, True]),
+    "early": CodecConfig(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], temperal_downsample=[True, True, False]),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("geometry", list(_GEOMETRIES))
+def test_one_pass_codec_equals_diffusers_chunk_loop(geometry):
+    """``wan.vae_encode_whole`` / ``vae_decode_whole`` compute what diffusers' chunked encode / per-latent-frame
+    decode compute (float64: to rounding), for a single frame, one chunk and several, with the attention block."""
+    from diffusers import AutoencoderKLWan
+
+    c = _GEOMETRIES[geometry]
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=c.base_dim, z_dim=c.z_dim, dim_mult=c.dim_mult, num_res_blocks=1,
+                           attn_scales=[], temperal_downsample=c.temperal_downsample).double().eval()
+    g = torch.Generator().manual_seed(1)
+    for frames in (1, 5, 13):
+        x = torch.rand(2, 3, frames, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+        with torch.no_grad():
+            ref = vae.encode(x).latent_dist.parameters  # (B, 2 z, F, h, w)
+            got = wan.vae_encode_whole(vae, x)
+            assert got.shape == ref.shape and (got - ref).abs().max() < 1e-12, (frames, (got - ref).abs().max())
+            z = torch.randn(ref[:, : c.z_dim].shape, generator=g, dtype=torch.float64) * 3  # some pixels clamp
+            ref = vae.decode(z).sample
+            got = wan.vae_decode_whole(vae, z)
+            assert got.shape == ref.shape == (2, 3, frames, 32, 32)
+            assert (got - ref).abs().max() < 1e-12, (frames, (got - ref).abs().max())
+
+
+@pytest.mark.timeout(120)
+def test_one_pass_codec_loss_has_the_chunk_loops_gradient():
+    """The training loss (posterior sample included) and every gradient agree between the two paths."""
+    from vmla_train.world.codec import build_codec, codec_loss
+
+    vae = build_codec(_GEOMETRIES["s8"], seed=0).double().train()
+    x = torch.rand(2, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    grads = []
+    for one_pass in (False, True):
+        vae.zero_grad()
+        torch.manual_seed(3)  # the same posterior noise
+        loss, parts = codec_loss(vae, x, kl_weight=1e-2, one_pass=one_pass)
+        loss.backward()
+        grads.append((loss.item(), parts, {n: p.grad.clone() for n, p in vae.named_parameters()}))
+    (la, pa, ga), (lb, pb, gb) = grads
+    assert la == pytest.approx(lb, rel=1e-12) and pa["kl"] == pytest.approx(pb["kl"], rel=1e-12)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-9, atol=1e-12), n
+
+
+@pytest.mark.timeout(120)
+def test_one_pass_refuses_other_vae_layouts():
+    vae = wan.tiny_vae(0)
+    vae.register_to_config(is_residual=True)
+    with pytest.raises(ValueError, match="is_residual"):
+        wan.vae_encode_whole(vae, torch.zeros(1, 3, 1, 16, 16))
+
+
+@pytest.mark.timeout(120)
+def test_codec_step_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OUT", raising=False)
+    spec = importlib.util.spec_from_file_location("codec_step", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "codec_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--batch", "1", "--frames", "5", "--height", "32", "--width", "32", "--steps", "1", "--device", "cpu",
+            "--results", str(tmp_path)]
+    assert bench.main(args) == 0
+    assert "speed-up" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "codec_step-cpu.json").read_text())["rows"]
+    assert sorted(rows) == ["s4 chunked", "s4 one_pass", "s8 chunked", "s8 one_pass"]
+    for codec in ("s4", "s8"):  # the same weights and noise: the first (warm-up) losses agree
+        assert rows[f"{codec} one_pass"]["losses"][0] == pytest.approx(rows[f"{codec} chunked"]["losses"][0], rel=1e-5)
+    assert bench.main([*args[:-2], "--frames", "6"]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_codec_trains_in_one_pass_to_the_chunked_runs_weights(tmp_path):
+    """A few steps trained with ``one_pass`` land on the chunked run's weights (float32: to rounding) and say so
+    in the report."""
+    a = _train(tmp_path / "chunked")
+    b = _train(tmp_path / "one_pass", one_pass=True)
+    assert b["one_pass"] and not a["one_pass"] and a["steps"] == b["steps"] == 3
+    wa = wan.load_vae(tmp_path / "chunked").state_dict()
+    wb = wan.load_vae(tmp_path / "one_pass").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa)
+    assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], rel=1e-4)

@@ -290,6 +290,67 @@ def tiny_vae(seed: int = 0):
                             temperal_downsample=[False, True, True]).eval()
 
 
+# Whole-clip passes of a Wan2.1 VAE. diffusers runs the causal codec chunk by chunk (encoder: 1 + 4 + 4 ... frames,
+# decoder: one latent frame at a time) with a feature cache, which keeps memory flat at 480p but makes a small
+# codec launch-bound (its training step: ~13 x every kernel for a 49-frame clip). The same computation in one
+# pass: every causal conv is zero-padded in time exactly as the first chunk's is, and its cache is exactly the
+# frames before each chunk, so only the temporal resamplers need care —
+# - downsample3d: the first frame passes; every later chunk convolves (stride 2, no padding) its frames and the
+#   previous chunk's last one, i.e. windows starting at even frames: one strided conv over the whole clip;
+# - upsample3d: the first latent frame passes (diffusers' "Rep" marker); the later ones go through a causal,
+#   zero-padded conv that never sees the first, each giving two frames.
+# Equal to diffusers' chunked encode / decode up to float rounding (tests/test_world_models.py).
+def _whole_resample(m, x: torch.Tensor) -> torch.Tensor:
+    """One pass of a ``WanResample`` over a whole clip [B, C, T, H, W] (the chunked semantics above)."""
+    b, c, t, h, w = x.shape
+    if m.mode == "upsample3d" and t > 1:
+        rest = m.time_conv(x[:, :, 1:])  # (B, 2C, T - 1, H, W): two output frames per input frame
+        rest = rest.reshape(b, 2, c, t - 1, h, w)
+        rest = torch.stack((rest[:, 0], rest[:, 1]), 3).reshape(b, c, 2 * (t - 1), h, w)
+        x = torch.cat([x[:, :, :1], rest], 2)
+    t = x.shape[2]
+    x = m.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # per frame, in space
+    x = x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+    if m.mode == "downsample3d" and t > 1:
+        x = torch.cat([x[:, :, :1], m.time_conv(x)], 2)
+    return x
+
+
+def _check_whole(vae) -> None:
+    if getattr(vae.config, "is_residual", False) or getattr(vae.config, "patch_size", None) is not None:
+        raise ValueError("whole-clip VAE passes cover Wan2.1's VAE layout (is_residual=False, no patch_size)")
+
+
+def vae_encode_whole(vae, video: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, 3, T, H, W] (T = 1 + 4k) -> the posterior's moments [B, 2 z_dim, F, h, w] in one pass
+    (what ``vae.encode`` computes chunk by chunk); differentiable."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+
+    _check_whole(vae)
+    enc = vae.encoder
+    x = enc.conv_in(video)
+    for layer in enc.down_blocks:
+        x = _whole_resample(layer, x) if isinstance(layer, WanResample) else layer(x)
+    x = enc.mid_block(x)
+    x = enc.conv_out(enc.nonlinearity(enc.norm_out(x)))
+    return vae.quant_conv(x)
+
+
+def vae_decode_whole(vae, z: torch.Tensor) -> torch.Tensor:
+    """Unnormalised latents [B, z_dim, F, h, w] -> pixels [B, 3, T, H, W] clamped to [-1, 1] in one pass (what
+    ``vae.decode(z).sample`` computes one latent frame at a time); differentiable."""
+    _check_whole(vae)
+    dec = vae.decoder
+    x = dec.mid_block(dec.conv_in(vae.post_quant_conv(z)))
+    for block in dec.up_blocks:
+        for resnet in block.resnets:
+            x = resnet(x)
+        if block.upsamplers is not None:
+            x = _whole_resample(block.upsamplers[0], x)
+    x = dec.conv_out(dec.nonlinearity(dec.norm_out(x)))
+    return x.clamp(-1.0, 1.0)
+
+
 def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     z = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=like.device).view(1, 1, z, 1, 1)

@@ -134,13 +134,23 @@ def clip_loader(clips: WorldClips, start: int, stop: int, batch_size: int, num_w
 # ----------------------------------------------------------------------------------------------
 # Loss, metrics
 # ----------------------------------------------------------------------------------------------
-def codec_loss(vae, video: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def codec_loss(vae, video: torch.Tensor, kl_weight: float, one_pass: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (L1 + MSE) of a posterior sample + ``kl_weight`` * KL, all per-element means.
 
-    ``video`` [B, 3, T, H, W] in [-1, 1]; returns (loss, {"rec", "kl", "psnr"}).
+    ``video`` [B, 3, T, H, W] in [-1, 1]; returns (loss, {"rec", "kl", "psnr"}). ``one_pass``: the codec runs
+    over each clip in one pass (``wan.vae_encode_whole`` / ``vae_decode_whole``) instead of diffusers' chunk
+    loop; the same function of the weights up to float rounding.
     """
-    post = vae.encode(video).latent_dist  # mean / logvar [B, C, F, h, w]
-    recon = vae.decode(post.sample()).sample.float()  # (B, 3, T, H, W)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from .. import wan
+
+    if one_pass:
+        post = DiagonalGaussianDistribution(wan.vae_encode_whole(vae, video))
+        recon = wan.vae_decode_whole(vae, post.sample()).float()
+    else:
+        post = vae.encode(video).latent_dist  # mean / logvar [B, C, F, h, w]
+        recon = vae.decode(post.sample()).sample.float()  # (B, 3, T, H, W)
     err = recon - video
     mse = err.square().mean()
     rec = err.abs().mean() + mse
@@ -258,7 +268,7 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
                 kl_weight: float = 1e-5, fps: int = 16, warmup_steps: int = 100, save_every: int = 500,
                 log_every: int = 50, num_workers: int | None = None, stats_clips: int = 256, eval_clips: int = 64,
                 budget_s: float | None = None, ceiling_clips: int = 32, ceiling_frames: int = 81,
-                init_from: str | Path | None = None,
+                init_from: str | Path | None = None, one_pass: bool = False,
                 log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """Train (or resume) the world codec in ``out_dir``; returns the report (``done`` False if stopped
     by ``time_limit_s``: run the same call again to continue).
@@ -270,6 +280,9 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
     ``steps``, fixed after the warm-up and saved with the state, so a resumed run keeps it.
     ``init_from`` (fresh runs): start from the weights of another codec of the same widths (a folder
     ``wan.load_vae`` reads: a run's OUT or OUT/vae), e.g. to continue a short-clip run on longer clips.
+    ``one_pass``: training steps run the codec over each clip in one pass (``codec_loss``), not chunk by chunk
+    (equal up to rounding, so a run may change it on resume); the evaluations always use ``wan.vae_encode`` /
+    ``wan.vae_decode``, the path every consumer takes.
     """
     t_start = time.time()
     out = Path(out_dir)
@@ -338,7 +351,7 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, parts = codec_loss(vae, video.to(device, non_blocking=True), kl_weight)
+            loss, parts = codec_loss(vae, video.to(device, non_blocking=True), kl_weight, one_pass)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -376,7 +389,7 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
                   stats_clips=stats_clips, train_s=round(trained_s, 1), total_s=round(time.time() - t_start, 1),
                   device=_device_name(device), date=datetime.date.today().isoformat(),
                   params=sum(p.numel() for p in vae.parameters()), latents_mean=mean, latents_std=std,
-                  settings=settings, history=history)
+                  settings=settings, one_pass=one_pass, history=history)
     atomic_write_text(report_path, json.dumps(json_finite(report), indent=1, allow_nan=False))  # a perfect PSNR: null
     log(f"held-out PSNR {value:.2f} dB over {eval_clips} clips; model in {vae_dir}; report {report_path}")
     if ceiling:
