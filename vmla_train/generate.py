@@ -406,7 +406,7 @@ class OverlappedOutput:
     stream, which waits for the snapshot only. So chunk k decodes and writes while chunk k + 1 denoises. At
     most ``depth`` chunks wait (memory stays bounded); ``finish()`` waits for the last one. An exception of
     ``consume`` is raised again by the next ``submit`` or by ``finish``. What ``consume`` computes is what the
-    sequential path computes, in the same order: frames are identical (tests/test_generate.py)."""
+    sequential path computes, in the same order: frames are identical (tests/test_generate_streaming.py)."""
 
     def __init__(self, consume: Callable[[int, torch.Tensor], None], device: torch.device, depth: int = 2):
         import queue
