@@ -414,3 +414,15 @@ def test_codec_trains_in_one_pass_to_the_chunked_runs_weights(tmp_path):
     wb = wan.load_vae(tmp_path / "one_pass").state_dict()
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa)
     assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], rel=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_vae_encode_one_pass_gives_the_chunked_latents():
+    """``wan.vae_encode(one_pass=True)`` (``prep.encode.one_pass``): the normalised posterior mode of the chunk
+    loop, float32 rounding apart."""
+    vae = wan.tiny_vae(0)
+    vae.register_to_config(latents_mean=[0.1 * i for i in range(16)], latents_std=[1.0 + 0.05 * i for i in range(16)])
+    x = torch.rand(2, 3, 9, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    a, b = wan.vae_encode(vae, x), wan.vae_encode(vae, x, one_pass=True)
+    assert a.shape == b.shape == (2, 3, 16, 4, 4)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()

@@ -516,6 +516,7 @@ class EncodeConfig:
     decoder_restart_every: int = 200  # clips per decoder process before it is replaced (decord leaks after seeks)
     latent_dtype: str = "float16"  # stored latents/text: float16 | bfloat16 (bf16 bits as uint16 .npy)
     batch_size: int = 1  # clips per VAE call
+    one_pass: bool = False  # encode each clip in one pass of the VAE (wan.vae_encode_whole), not diffusers' chunk loop: equal latents to rounding, memory grows with the clip (small frames only)
     device: str = "auto"  # auto | cpu | cuda
     vae_dtype: str = "float32"  # VAE compute dtype
     text_dtype: str = "bfloat16"  # umT5 compute dtype

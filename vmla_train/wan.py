@@ -359,10 +359,15 @@ def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def vae_encode(vae, video: torch.Tensor) -> torch.Tensor:
-    """Pixels [B, 3, T, H, W] in [-1, 1] -> normalised latents [B, F, C, h, w] (float32, posterior mode)."""
+def vae_encode(vae, video: torch.Tensor, one_pass: bool = False) -> torch.Tensor:
+    """Pixels [B, 3, T, H, W] in [-1, 1] -> normalised latents [B, F, C, h, w] (float32, posterior mode).
+    ``one_pass``: ``vae_encode_whole`` instead of diffusers' chunk loop (equal to rounding; memory grows with
+    the clip: for small frames)."""
     dtype = next(vae.parameters()).dtype
-    z = vae.encode(video.to(dtype)).latent_dist.mode().float().transpose(1, 2)  # (B, F, C, h, w)
+    if one_pass:
+        z = vae_encode_whole(vae, video.to(dtype))[:, : vae.config.z_dim].float().transpose(1, 2)  # the mode
+    else:
+        z = vae.encode(video.to(dtype)).latent_dist.mode().float().transpose(1, 2)  # (B, F, C, h, w)
     mean, std = _latent_stats(vae, z)
     return (z - mean) / std
 

@@ -83,7 +83,7 @@ class Encoder:
 
         x = torch.from_numpy(np.stack(frames)).to(self.device)  # (B, F, H, W, 3) uint8
         x = x.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)  # (B, 3, F, H, W) in [-1, 1]
-        return wan.vae_encode(self.vae, x).cpu()
+        return wan.vae_encode(self.vae, x, one_pass=self.cfg.prep.encode.one_pass).cpu()
 
     @torch.no_grad()
     def prompts(self, captions: list[str]) -> list[torch.Tensor]:
