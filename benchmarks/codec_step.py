@@ -11,7 +11,8 @@ through the encoder, one latent frame at a time through the decoder, with its fe
 runs ``wan.vae_encode_whole`` / ``vae_decode_whole`` over the whole clip. The first step of each is a
 warm-up (cuDNN autotuning), the median of the next ``--steps`` is reported with the peak memory, and the two
 paths' losses on the same weights and noise are compared (equal up to float rounding; fp32 on a CPU, bf16
-autocast on CUDA). Prints a table; writes ``benchmarks/results/codec_step-<device>.json``.
+autocast on CUDA). Prints a table row by row; writes ``benchmarks/results/codec_step-<device>.json`` after every
+row (a run cut off by a time limit keeps the rows it measured).
 """
 
 from __future__ import annotations
@@ -80,27 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     video = torch.rand(a.batch, 3, a.frames, a.height, a.width, generator=torch.Generator().manual_seed(0))
     video = video.mul(2).sub(1).to(device)
-    rows = {}
+    rows: dict[str, dict] = {}
+    payload = dict(device=name, date=dt.date.today().isoformat(), batch=a.batch, frames=a.frames, height=a.height,
+                   width=a.width, steps=a.steps, command="python benchmarks/codec_step.py " + " ".join(
+                       argv if argv is not None else sys.argv[1:]), rows=rows)
+    print(f"\nworld codec training step, batch {a.batch} x {a.frames} frames of {a.height}x{a.width}, {name}")
+    print(f"{'codec path':<14} {'step s':>8} {'clips/s':>9} {'peak GB':>8} {'first loss':>11} {'speed-up':>9}",
+          flush=True)
     for codec in a.codecs:
         start = build_codec(CODECS[codec], seed=0).state_dict()
         for one_pass in (False, True):
             vae = build_codec(CODECS[codec], seed=0).to(device).train()
             vae.load_state_dict(start)
-            rows[f"{codec} {'one_pass' if one_pass else 'chunked'}"] = time_path(vae, video, one_pass, a.steps, device)
+            key = f"{codec} {'one_pass' if one_pass else 'chunked'}"
+            rows[key] = r = time_path(vae, video, one_pass, a.steps, device)
             del vae
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\nworld codec training step, batch {a.batch} x {a.frames} frames of {a.height}x{a.width}, {name}")
-    print(f"{'codec path':<14} {'step s':>8} {'clips/s':>9} {'peak GB':>8} {'first loss':>11} {'speed-up':>9}")
-    for key, r in rows.items():
-        base = rows[key.split()[0] + " chunked"]
-        peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
-        print(f"{key:<14} {r['step_s']:8.3f} {a.batch / r['step_s']:9.1f} {peak:>8} {r['losses'][0]:11.5f} "
-              f"{base['step_s'] / r['step_s']:8.2f}x")
-    payload = dict(device=name, date=dt.date.today().isoformat(), batch=a.batch, frames=a.frames, height=a.height,
-                   width=a.width, steps=a.steps, command="python benchmarks/codec_step.py " + " ".join(
-                       argv if argv is not None else sys.argv[1:]), rows=rows)
-    write_result("codec_step", name, payload, a.results)
+            peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
+            print(f"{key:<14} {r['step_s']:8.3f} {a.batch / r['step_s']:9.1f} {peak:>8} {r['losses'][0]:11.5f} "
+                  f"{rows[codec + ' chunked']['step_s'] / r['step_s']:8.2f}x", flush=True)
+            write_result("codec_step", name, payload, a.results)  # after every row: a cut-off run keeps its rows
     return 0
 
 

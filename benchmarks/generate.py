@@ -24,7 +24,8 @@ and not counted. Per counted chunk, on one stream, in order:
 Reported: medians of each, video frames/s = frames per chunk / median wall, time to first frame (prompt
 encoding if measured + first chunk's denoise + decode, from a fresh cache), the GPU's busy fraction (the
 summed kernel time of ``--profile-chunks`` chunks under ``torch.profiler`` over their unprofiled wall
-time), and peak memory. Prints a table; writes ``benchmarks/results/generate-<device>.json``.
+time), and peak memory. Prints a table row by row and writes ``benchmarks/results/generate-<device>.json``
+after every row (a run cut off by a time limit keeps the rows it measured).
 
 ``--graphs``: each mode is measured twice in one call, eagerly (row ``<mode>``) and with ``generate.graphs``
 (row ``<mode>+graphs``: the full-window forwards replayed from CUDA graphs, ``vmla_train/graphs.py``), with the
@@ -232,6 +233,21 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
     return out
 
 
+def _row_line(mode: str, r: dict, results: dict) -> str:
+    """The table row of ``mode``; a graphs row adds its replay counts and memory on a second line."""
+    busy = f"{r['gpu_busy']:.2f}" if r.get("gpu_busy") is not None else "-"
+    peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
+    line = (f"{mode:<20} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['write_s']:8.3f} {r['wall_s']:8.3f} "
+            f"{r['video_fps']:10.1f} {r['time_to_first_frame_s']:14.2f} {busy:>9} {peak:>8}")
+    if "replayed" in r:
+        line += (f"\n  {r['replayed']} forwards replayed, {r['eager']} eager in the measured video (its --warmup "
+                 f"chunks included); {r['captures']} graphs, static buffers {r['static_mb']:.1f} MB")
+        eager = results.get(mode.replace("+graphs", ""))
+        if r.get("peak_reserved_gb") is not None and eager is not None:  # a graph pool is reserved between replays
+            line += f"; peak reserved {r['peak_reserved_gb']:.2f} GB against {eager['peak_reserved_gb']:.2f} GB eager"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "videomla-1.3b.yaml"))
@@ -266,7 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     text_s = (time_text_encoder(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                 base.model.text_len, base.model.text_dim if base.model.name == "tiny" else None)
               if a.text_encoder else None)
-    results = {}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    v = base.video
+    results: dict[str, dict] = {}
+    payload = dict(device=name, date=dt.date.today().isoformat(), config=a.config, overrides=a.overrides,
+                   vae_dtype=vae_dtype, write=not a.no_write, graphs=a.graphs, overlap=a.overlap,
+                   text_encoder_s=text_s,
+                   command="python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   modes=results)
+    print(f"\nend-to-end generation, batch 1, {v.height}x{v.width}, chunk {v.chunk_frames} latent frames, "
+          f"window {base.cache.window_frames} + {base.cache.sink_frames} sinks, VAE {vae_dtype}, {name}")
+    if text_s is not None:
+        print(f"text encoder (umT5{'' if base.model.name == 'tiny' else '-XXL'}, one prompt): {text_s:.3f} s")
+    print(f"{'mode':<20} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} "
+          f"{'first frame s':>14} {'GPU busy':>9} {'peak GB':>8}", flush=True)
     for mode in modes:
         over = MODES[mode] if device.type == "cuda" else ["attention.impl=reference", "cache.dtype=float32"]
         cfg = C.load(a.config, [*a.overrides, *over])
@@ -276,35 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[row] = r = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks,
                                             graphs, overlap)
                 r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    v = base.video
-    print(f"\nend-to-end generation, batch 1, {v.height}x{v.width}, chunk {v.chunk_frames} latent frames, "
-          f"window {base.cache.window_frames} + {base.cache.sink_frames} sinks, VAE {vae_dtype}, {name}")
-    head = f"{'mode':<20} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} " \
-           f"{'first frame s':>14} {'GPU busy':>9} {'peak GB':>8}"
-    print(head)
-    for mode, r in results.items():
-        busy = f"{r['gpu_busy']:.2f}" if r.get("gpu_busy") is not None else "-"
-        peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
-        print(f"{mode:<20} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['write_s']:8.3f} {r['wall_s']:8.3f} "
-              f"{r['video_fps']:10.1f} {r['time_to_first_frame_s']:14.2f} {busy:>9} {peak:>8}")
-    for mode, r in results.items():
-        if "replayed" in r:
-            line = (f"{mode}: {r['replayed']} forwards replayed, {r['eager']} eager in the measured video (its "
-                    f"--warmup chunks included); {r['captures']} graphs, static buffers {r['static_mb']:.1f} MB")
-            if r.get("peak_reserved_gb") is not None:  # a graph's pool is reserved, not allocated, between replays
-                line += (f"; peak reserved {r['peak_reserved_gb']:.2f} GB against "
-                         f"{results[mode.split('+')[0]]['peak_reserved_gb']:.2f} GB eager")
-            print(line)
-    if text_s is not None:
-        print(f"text encoder (umT5{'' if base.model.name == 'tiny' else '-XXL'}, one prompt): {text_s:.3f} s")
-    payload = dict(device=name, date=dt.date.today().isoformat(), config=a.config, overrides=a.overrides,
-                   vae_dtype=vae_dtype, write=not a.no_write, graphs=a.graphs, overlap=a.overlap,
-                   text_encoder_s=text_s,
-                   command="python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   modes=results)
-    write_result("generate", name, payload, a.results)
+                print(_row_line(row, r, results), flush=True)
+                write_result("generate", name, payload, a.results)  # after every row: a cut-off run keeps its rows
     return 0
 
 
