@@ -412,7 +412,7 @@ class OverlappedOutput:
         import queue
         import threading
 
-        self.consume, self.device = consume, device
+        self.consume = consume
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.todo: "queue.Queue" = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -431,7 +431,7 @@ class OverlappedOutput:
                         self.consume(i, latents)
                     except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                         self.error = e
-                del item
+                del item  # the chunk's latents are freed before the worker waits for the next one
 
     def _raise(self) -> None:
         if self.error is not None:
