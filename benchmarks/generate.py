@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure each mode eagerly and with generate.graphs (rows <mode> and <mode>+graphs)")
     p.add_argument("--overlap", action="store_true",
                    help="also measure each row with generate.overlap (rows <row>+overlap)")
+    p.add_argument("--vae-autotune", action="store_true",
+                   help="cuDNN autotuning (torch.backends.cudnn.benchmark) for the VAE's convolutions")
+    p.add_argument("--vae-channels-last", action="store_true", help="the VAE's weights in channels_last_3d layout")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     modes = [m for m in a.modes.split(",") if m]
@@ -278,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     vae_dtype = a.vae_dtype if device.type == "cuda" else "float32"  # the CPU path is for checking the script
+    torch.backends.cudnn.benchmark = a.vae_autotune
     vae = build_vae(base, device, getattr(torch, vae_dtype))
+    if a.vae_channels_last:  # the 5-D (Conv3d) weights; cuDNN then runs the convolutions in NDHWC
+        for prm in vae.parameters():
+            if prm.dim() == 5:
+                prm.data = prm.data.contiguous(memory_format=torch.channels_last_3d)
     text_s = (time_text_encoder(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                 base.model.text_len, base.model.text_dim if base.model.name == "tiny" else None)
               if a.text_encoder else None)
@@ -286,12 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     v = base.video
     results: dict[str, dict] = {}
     payload = dict(device=name, date=dt.date.today().isoformat(), config=a.config, overrides=a.overrides,
-                   vae_dtype=vae_dtype, write=not a.no_write, graphs=a.graphs, overlap=a.overlap,
+                   vae_dtype=vae_dtype, vae_autotune=a.vae_autotune, vae_channels_last=a.vae_channels_last,
+                   write=not a.no_write, graphs=a.graphs, overlap=a.overlap,
                    text_encoder_s=text_s,
                    command="python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    modes=results)
     print(f"\nend-to-end generation, batch 1, {v.height}x{v.width}, chunk {v.chunk_frames} latent frames, "
-          f"window {base.cache.window_frames} + {base.cache.sink_frames} sinks, VAE {vae_dtype}, {name}")
+          f"window {base.cache.window_frames} + {base.cache.sink_frames} sinks, VAE {vae_dtype}"
+          f"{', cuDNN autotune' if a.vae_autotune else ''}{', channels-last' if a.vae_channels_last else ''}, {name}")
     if text_s is not None:
         print(f"text encoder (umT5{'' if base.model.name == 'tiny' else '-XXL'}, one prompt): {text_s:.3f} s")
     print(f"{'mode':<20} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} "

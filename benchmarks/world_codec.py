@@ -4,7 +4,7 @@
                                      [--height 64] [--width 64] [--frames 17] [--batch 16] [--lr 2e-4]
                                      [--base-dim 32] [--dim-mult 1 2 4 4] [--temporal-downsample 0 1 1]
                                      [--num-res-blocks 1] [--z-dim 16]
-                                     [--kl-weight 1e-5] [--workers N] [--device cuda] [--init-from CODEC]
+                                     [--kl-weight 1e-5] [--workers N] [--device cuda] [--init-from CODEC [--inflate]]
                                      [--one-pass]
 
 Calls ``vmla_train.world.codec.train_codec``: clips rendered on the fly by DataLoader workers, L1 + MSE
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
     p.add_argument("--z-dim", type=int, default=d.z_dim, help="latent channels (the DiT's model.in_channels)")
     p.add_argument("--kl-weight", type=float, default=1e-5)
+    p.add_argument("--inflate", action="store_true",
+                   help="with --init-from a codec trained on --frames 1: start from it applied frame by frame")
     p.add_argument("--one-pass", action="store_true",
                    help="training steps run the codec over each clip in one pass, not diffusers' chunk loop "
                         "(the same function up to rounding; evaluations always take the chunked path)")
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                              time_limit_s=a.time_limit, codec=codec, kl_weight=a.kl_weight,
                              num_workers=a.workers, stats_clips=a.stats_clips, eval_clips=a.eval_clips,
                              log_every=a.log_every, budget_s=a.budget, ceiling_clips=a.ceiling_clips,
-                             ceiling_frames=a.ceiling_frames, init_from=a.init_from, one_pass=a.one_pass)
+                             ceiling_frames=a.ceiling_frames, init_from=a.init_from, inflate=a.inflate,
+                             one_pass=a.one_pass)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

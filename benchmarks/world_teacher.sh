@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Build the world's frozen models and its teacher from nothing, with the project's own commands:
 #
-#   codec (benchmarks/world_codec.py) -> vmla-world models (codec + text encoder) -> vmla-data world (clips)
+#   [codec (benchmarks/world_codec.py)] -> vmla-world models (codec + text encoder) -> vmla-data world (clips)
 #   -> vmla-data raw -> vmla-data encode -> vmla-data negative-embedding
 #   -> vmla-train fit configs/world/world-pretrain.yaml -> export -> vmla-convert --to diffusers (the teacher, bf16)
 #   -> vmla-world sample-teacher on held-out prompts (adherence, Fréchet distance against the held-out floor)
 #
-#   bash benchmarks/world_teacher.sh [STAGE ...]     stages: codec clips data fit teacher eval (default: all)
+#   bash benchmarks/world_teacher.sh [STAGE ...]     stages: codec models clips data fit teacher eval
+#                                                    (default: all but codec: the shipped codec, checkpoints/world)
 #
 # Every stage resumes: run the same command again after an interruption (or after FIT_SECONDS stopped the
 # fit) and finished work is kept. Settings (environment, defaults in brackets): WORLD_DIR [runs/world],
-# CLIPS [20000], WORKERS [cores - 2], CODEC_BUDGET seconds [300], CODEC_FRAMES [49], CODEC_ARGS (extra
-# world_codec.py flags, e.g. --init-from a shorter-clip codec, --dim-mult 1 2 4 for 4x in space: every later stage
-# takes video.vae_stride from the codec's config),
+# CLIPS [20000], WORKERS [cores - 2], CODEC [checkpoints/world/vae; $W/codec/vae once the codec stage ran]
+# (the codec the models folder takes), CODEC_IMAGE_BUDGET seconds [360] (the codec on single frames),
+# CODEC_BUDGET seconds [380] (then on clips), CODEC_FRAMES [49], CODEC_ARGS (extra world_codec.py flags for
+# both phases, e.g. --dim-mult 1 2 4 for 4x in space: every later stage takes video.vae_stride from the codec's
+# config),
 # FIT_SECONDS (stop the fit with SIGUSR1 after that many seconds: it checkpoints and exits; empty = run to
 # train.num_steps), FIT_ARGS (extra key=value for the fit), FIT_FROM (a diffusers teacher folder whose weights
 # start a fresh fit: continues a teacher trained elsewhere, optimizer restarted), EVAL_PROMPTS [64], EVAL_STEPS [48], DEVICE [cuda],
@@ -23,7 +26,7 @@ W=${WORLD_DIR:-runs/world}
 CLIPS=${CLIPS:-20000}
 WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 DEVICE=${DEVICE:-cuda}
-STAGES=${*:-codec clips data fit teacher eval}
+STAGES=${*:-models clips data fit teacher eval}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 say() { echo "[$(date -u +%H:%M:%S)] world_teacher: $*"; }
 source benchmarks/world_common.sh
@@ -33,10 +36,20 @@ PREP=("prep.raw.csv=[$W/clips/world.csv]" "prep.raw.videos=[$W/clips/videos]" "p
 
 if has codec; then
   say "codec"
-  # clips longer than the codec's temporal receptive field: trained on 9 frames it fails past frame ~12 (benchmarks/README.md)
-  python benchmarks/world_codec.py --out "$W/codec" --frames "${CODEC_FRAMES:-49}" --batch 16 --steps 100000 \
-    --lr 3e-4 --budget "${CODEC_BUDGET:-300}" --workers "$WORKERS" --device "$DEVICE" ${CODEC_ARGS:-}
-  [[ -d "$W/models" ]] || vmla-world models "$W/models" --vae "$W/codec/vae"
+  # two phases (benchmarks/README.md, "World codec"): single frames (fast steps, the spatial code), then that
+  # codec inflated to a frame-by-frame clip codec and trained on clips longer than its temporal receptive
+  # field (trained on 9 frames a codec fails past frame ~12)
+  python benchmarks/world_codec.py --out "$W/codec-image" --frames 1 --batch 64 --steps 100000 --lr 3e-4 \
+    --budget "${CODEC_IMAGE_BUDGET:-360}" --one-pass --ceiling-clips 0 --workers "$WORKERS" --device "$DEVICE" \
+    ${CODEC_ARGS:-}
+  python benchmarks/world_codec.py --out "$W/codec" --frames "${CODEC_FRAMES:-49}" --batch 32 --steps 100000 \
+    --lr 2e-4 --budget "${CODEC_BUDGET:-380}" --one-pass --init-from "$W/codec-image" --inflate --workers "$WORKERS" \
+    --device "$DEVICE" ${CODEC_ARGS:-}
+fi
+if has models; then
+  [[ -z "${CODEC:-}" && -d "$W/codec/vae" ]] && CODEC=$W/codec/vae
+  say "models: codec ${CODEC:=checkpoints/world/vae} + the world's text encoder"
+  [[ -d "$W/models" ]] || vmla-world models "$W/models" --vae "$CODEC"
 fi
 if has clips; then
   say "clips"

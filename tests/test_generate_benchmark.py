@@ -20,7 +20,7 @@ def test_generate_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--device", "cpu", "--chunks", "2", "--warmup", "1",
-            "--modes", "bf16", "--text-encoder", "--overlap", "--results", str(tmp_path)]
+            "--modes", "bf16", "--text-encoder", "--overlap", "--vae-channels-last", "--results", str(tmp_path)]
     assert bench.main(args) == 0
     assert "video fps" in capsys.readouterr().out
     result = json.loads((tmp_path / "generate-cpu.json").read_text())
@@ -34,7 +34,7 @@ def test_generate_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
     assert r["time_to_first_frame_s"] == pytest.approx(
         result["text_encoder_s"] + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"])
     o = result["modes"]["bf16+overlap"]  # decode + frames out on the output worker while the next chunk denoises
-    assert result["overlap"] and len(o["per_chunk"]) == 2
+    assert result["overlap"] and result["vae_channels_last"] and len(o["per_chunk"]) == 2
     assert all(row[k] > 0 for row in o["per_chunk"] for k in ("denoise_s", "decode_s", "wall_s"))
     assert o["video_fps"] == pytest.approx(o["frames_per_chunk"] / o["wall_s"])
     assert bench.main([*args[:-2], "--modes", "fp4", "--results", str(tmp_path)]) == 2

@@ -290,7 +290,8 @@ def test_graphs_off_cuda_run_eagerly():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
 def test_config_key():
-    assert C.load(None, []).generate.graphs is False
+    assert C.load(None, []).generate.graphs is True
+    assert C.load(None, ["generate.graphs=false"]).generate.graphs is False
     assert C.load(None, ["generate.graphs=true"]).generate.graphs is True
     with pytest.raises(C.ConfigError) as e:
         C.load(None, ["generate.graphs=maybe"])

@@ -642,8 +642,8 @@ class GenerateConfig:
     crf: int = 18  # x264 quality (lower = better)
     stream: str = "none"  # frames out per chunk: none | mp4 (growing '<file>.partial.mp4', removed at the end) | pipe (raw rgb24 on stdout)
     recache: bool = True  # at a prompt switch, re-run the cache pass over the cached clean frames with the new text; false: only the text changes
-    overlap: bool = False  # decode + write chunk k on a worker thread (its own CUDA stream) while chunk k + 1 denoises; frames identical
-    graphs: bool = False  # replay each chunk's student forwards from CUDA graphs once the cache window is full (vmla_train/graphs.py); CUDA only: on a CPU the forwards run eagerly, with a logged line
+    overlap: bool = True  # decode + write chunk k on a worker thread (its own CUDA stream) while chunk k + 1 denoises; frames identical; false: one after the other
+    graphs: bool = True  # replay each chunk's student forwards from CUDA graphs once the cache window is full (vmla_train/graphs.py); CUDA only: on a CPU the forwards run eagerly, with a logged line
 
     def __post_init__(self) -> None:
         if self.stream not in STREAM_OUTPUTS:

@@ -20,6 +20,10 @@ the mean image (~15 dB) for hundreds of steps, while 1e-4 .. 3e-4 fit (measured 
 base_dim 16). ``budget_s`` fits the run to a time budget: after the first ``warmup_steps`` steps the step
 rate is measured and the step count (hence the cosine schedule) is fixed so training ends in time.
 
+The recipe that works (the shipped codec, checkpoints/world): train on single frames first (``num_frames=1``:
+cheap steps, the spatial code), then ``init_from`` that codec with ``inflate=True`` (``inflate_temporal``) and
+train on clips longer than the codec's temporal receptive field (49 frames).
+
 The final phase also measures the **metric ceiling**: the world metrics (``metrics.evaluate_many``) of
 held-out clips at the world's full length (``ceiling_frames``) after the ``wan.vae_encode`` ->
 ``wan.vae_decode`` round trip, scored against their own scenes. A generator can score no better than its
@@ -94,6 +98,35 @@ def build_codec(cfg: CodecConfig, seed: int = 0):
                             temperal_downsample=list(cfg.temperal_downsample),
                             latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim,
                             scale_factor_temporal=cfg.temporal_stride, scale_factor_spatial=cfg.spatial_stride)
+
+
+
+@torch.no_grad()
+def inflate_temporal(vae) -> None:
+    """Turn a codec trained on single frames into a frame-by-frame clip codec, in place.
+
+    On one frame every causal 3D convolution sees only its last temporal tap (the two before it read the
+    causal zero padding), and the resamplers' time convolutions never run, so image training leaves those
+    weights at their random start. Here every other tap is zeroed (each 3D convolution becomes the trained
+    2D one, applied per frame) and the time convolutions become "keep the newest frame": the encoder's 2x
+    temporal downsamplers pass every second frame on, the decoder's upsamplers repeat each frame twice.
+    The result codes latent frame j from pixel frame 4j alone (the first frame alone for j = 0) and decodes
+    it, with the image codec's weights, into the 4 frames of its group: the image codec's quality on every
+    4th frame, a held copy between them, and a start for training on clips that does not throw the spatial
+    code away.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    time_convs = {id(m.time_conv) for m in vae.modules() if isinstance(m, WanResample) and hasattr(m, "time_conv")}
+    for m in vae.modules():
+        if not isinstance(m, WanCausalConv3d) or m.kernel_size[0] == 1:
+            continue
+        m.weight[:, :, :-1].zero_()
+        if id(m) in time_convs:  # [k * C, C, 3, 1, 1]: the newest frame, k = 1 (down) or 2 (up) copies
+            c = m.in_channels
+            eye = torch.eye(c, dtype=m.weight.dtype, device=m.weight.device)
+            m.weight[:, :, -1, 0, 0] = eye.repeat(m.out_channels // c, 1)
+            m.bias.zero_()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +301,7 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
                 kl_weight: float = 1e-5, fps: int = 16, warmup_steps: int = 100, save_every: int = 500,
                 log_every: int = 50, num_workers: int | None = None, stats_clips: int = 256, eval_clips: int = 64,
                 budget_s: float | None = None, ceiling_clips: int = 32, ceiling_frames: int = 81,
-                init_from: str | Path | None = None, one_pass: bool = False,
+                init_from: str | Path | None = None, inflate: bool = False, one_pass: bool = False,
                 log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """Train (or resume) the world codec in ``out_dir``; returns the report (``done`` False if stopped
     by ``time_limit_s``: run the same call again to continue).
@@ -277,9 +310,12 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
     phase (latent statistics over ``stats_clips`` clips, held-out PSNR over ``eval_clips``, the metric
     ceiling over ``ceiling_clips`` clips of ``ceiling_frames`` frames; 0 clips skips it) comes after.
     ``budget_s`` (fresh runs only): seconds of training; ``steps`` becomes the number that fits, at most
-    ``steps``, fixed after the warm-up and saved with the state, so a resumed run keeps it.
+    ``steps``, fixed after the warm-up and saved with the state, so a resumed run keeps it; if training then
+    runs past the budget anyway (later steps slower than the timed ones), it ends at that step.
     ``init_from`` (fresh runs): start from the weights of another codec of the same widths (a folder
     ``wan.load_vae`` reads: a run's OUT or OUT/vae), e.g. to continue a short-clip run on longer clips.
+    ``inflate`` (with ``init_from``, a codec trained on single frames): ``inflate_temporal`` after loading, so
+    clip training starts from the image codec applied frame by frame.
     ``one_pass``: training steps run the codec over each clip in one pass (``codec_loss``), not chunk by chunk
     (equal up to rounding, so a run may change it on resume); the evaluations always use ``wan.vae_encode`` /
     ``wan.vae_decode``, the path every consumer takes.
@@ -293,6 +329,8 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
             or height % codec.spatial_stride or width % codec.spatial_stride):
         raise ValueError(f"train_codec: clips need num_frames = 1 + {codec.temporal_stride}k and height/width "
                          f"multiples of {codec.spatial_stride}; got {num_frames}x{height}x{width}")
+    if inflate and not init_from:
+        raise ValueError("train_codec: inflate needs init_from (the codec trained on single frames to inflate)")
     if steps < 0 or batch_size < 1 or stats_clips < 1 or eval_clips < 1 or ceiling_clips < 0:
         raise ValueError(f"train_codec: needs steps >= 0 and batch_size, stats_clips, eval_clips >= 1; got "
                          f"steps={steps}, batch_size={batch_size}, stats_clips={stats_clips}, eval_clips={eval_clips}")
@@ -301,7 +339,7 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
                               "choose another out_dir")
     settings = dict(height=height, width=width, num_frames=num_frames, batch_size=batch_size, lr=lr, seed=seed,
                     steps=steps, kl_weight=kl_weight, fps=fps, warmup_steps=warmup_steps, codec=asdict(codec),
-                    init_from=str(init_from) if init_from else None)
+                    init_from=str(init_from) if init_from else None, inflate=inflate)
     if num_workers is None:
         num_workers = 0 if device.type == "cpu" else max(1, min(14, (os.cpu_count() or 2) - 2))
 
@@ -329,7 +367,9 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
                 return report
     elif init_from:
         _load_weights(vae, Path(init_from))
-        log(f"initialised from {init_from}")
+        if inflate:
+            inflate_temporal(vae)
+        log(f"initialised from {init_from}" + (", inflated to a frame-by-frame clip codec" if inflate else ""))
 
     def save() -> None:
         _save_atomic(dict(model=vae.state_dict(), optimizer=opt.state_dict(), step=step, history=history,
@@ -366,6 +406,9 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
             break
         if step % save_every == 0:
             save()
+        if budget_s is not None and fitted is not None and time.time() - t_loop > budget_s and step < steps:
+            fitted = steps = step  # over budget (the fitted rate was optimistic, e.g. a full prefetch queue)
+            log(f"budget {budget_s:.0f} s spent at step {step}: training ends here")
         if step >= steps:  # a budget may have shortened the run
             break
     save()
