@@ -11,7 +11,7 @@
 #
 # Every stage resumes: run the same command again after an interruption (or after FIT_SECONDS stopped the
 # fit) and finished work is kept. Settings (environment, defaults in brackets): WORLD_DIR [runs/world],
-# CLIPS [20000], WORKERS [cores - 2], CODEC [checkpoints/world/vae; $W/codec/vae once the codec stage ran]
+# CLIPS [20000], WORKERS [cores - 2], CODEC [checkpoints/world/models/vae; $W/codec/vae once the codec stage ran]
 # (the codec the models folder takes), CODEC_IMAGE_BUDGET seconds [360] (the codec on single frames),
 # CODEC_BUDGET seconds [380] (then on clips), CODEC_FRAMES [49], CODEC_ARGS (extra world_codec.py flags for
 # both phases, e.g. --dim-mult 1 2 4 for 4x in space: every later stage takes video.vae_stride from the codec's
@@ -48,7 +48,7 @@ if has codec; then
 fi
 if has models; then
   [[ -z "${CODEC:-}" && -d "$W/codec/vae" ]] && CODEC=$W/codec/vae
-  say "models: codec ${CODEC:=checkpoints/world/vae} + the world's text encoder"
+  say "models: codec ${CODEC:=checkpoints/world/models/vae} + the world's text encoder"
   [[ -d "$W/models" ]] || vmla-world models "$W/models" --vae "$CODEC"
 fi
 if has clips; then

@@ -499,16 +499,16 @@ def test_vae_encode_one_pass_gives_the_chunked_latents():
 
 
 # ----------------------------------------------------------------------------------------------
-# The shipped world codec (checkpoints/world)
+# The shipped world codec (checkpoints/world/models)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_shipped_world_codec_reconstructs_held_out_clips():
-    """checkpoints/world/vae is the trained codec: it loads through ``wan.load_vae`` with Wan2.1's strides and
+    """checkpoints/world/models/vae is the trained codec: it loads through ``wan.load_vae`` with Wan2.1's strides and
     reconstructs held-out world clips at its measured quality (28.9 dB over 64 clips of 49 frames on the GPU);
     the same widths with seeded random weights fall far below (so the bound tells trained from untrained)."""
     from vmla_train.world.codec import EVAL, WorldClips, build_codec, psnr
 
-    shipped = ROOT / "checkpoints" / "world"
+    shipped = ROOT / "checkpoints" / "world" / "models"
     vae = wan.load_vae(shipped, dtype=torch.float32).eval()
     c = vae.config
     assert (c.scale_factor_temporal, c.scale_factor_spatial, c.z_dim) == (4, 8, 16)
@@ -523,3 +523,15 @@ def test_shipped_world_codec_reconstructs_held_out_clips():
     assert round_trip_db(vae) > 27.0
     random = build_codec(CodecConfig(base_dim=c.base_dim, dim_mult=list(c.dim_mult), z_dim=c.z_dim), seed=0).eval()
     assert round_trip_db(random) < 20.0
+
+
+@pytest.mark.timeout(120)
+def test_shipped_world_models_folder_is_what_vmla_world_models_builds(tmp_path):
+    """checkpoints/world/models is `vmla-world models OUT --vae <its codec>`: the same codec, tokenizer and
+    seeded text encoder, file for file."""
+    from vmla_train.world.evaluate import main
+
+    shipped = ROOT / "checkpoints" / "world" / "models"
+    assert main(["models", str(tmp_path / "m"), "--vae", str(shipped / "vae")]) == 0
+    for part in ("vae", "tokenizer", "text_encoder"):
+        assert _digest(tmp_path / "m" / part) == _digest(shipped / part), part

@@ -20,7 +20,7 @@ the mean image (~15 dB) for hundreds of steps, while 1e-4 .. 3e-4 fit (measured 
 base_dim 16). ``budget_s`` fits the run to a time budget: after the first ``warmup_steps`` steps the step
 rate is measured and the step count (hence the cosine schedule) is fixed so training ends in time.
 
-The recipe that works (the shipped codec, checkpoints/world): train on single frames first (``num_frames=1``:
+The recipe that works (the shipped codec, checkpoints/world/models): train on single frames first (``num_frames=1``:
 cheap steps, the spatial code), then ``init_from`` that codec with ``inflate=True`` (``inflate_temporal``) and
 train on clips longer than the codec's temporal receptive field (49 frames).
 
