@@ -24,8 +24,10 @@ and not counted. Per counted chunk, on one stream, in order:
 Reported: medians of each, video frames/s = frames per chunk / median wall, time to first frame (prompt
 encoding if measured + first chunk's denoise + decode, from a fresh cache), the GPU's busy fraction (the
 summed kernel time of ``--profile-chunks`` chunks under ``torch.profiler`` over their unprofiled wall
-time), and peak memory. Prints a table row by row and writes ``benchmarks/results/generate-<device>.json``
-after every row (a run cut off by a time limit keeps the rows it measured).
+time), peak memory, and the decode's achieved TFLOP/s (its FLOPs per chunk counted by torch's FLOP counter
+on a meta-device copy of the VAE: the distance to its floor). Prints a table row by row and writes
+``benchmarks/results/generate-<device>.json`` after every row (a run cut off by a time limit keeps the rows
+it measured).
 
 ``--graphs``: each mode is measured twice in one call, eagerly (row ``<mode>``) and with ``generate.graphs``
 (row ``<mode>+graphs``: the full-window forwards replayed from CUDA graphs, ``vmla_train/graphs.py``), with the
@@ -113,6 +115,25 @@ def build_vae(cfg: C.Config, device: torch.device, dtype: torch.dtype):
     if cfg.model.name == "tiny":
         return wan.tiny_vae(0).to(device=device, dtype=dtype).eval()
     return AutoencoderKLWan().to(device=device, dtype=dtype).eval()
+
+
+def decode_flops(vae, cfg: C.Config) -> float:
+    """FLOPs of one steady-state chunk's streaming decode (``video.chunk_frames`` latent frames at the config's
+    latent size, after a first chunk), counted by torch's FLOP counter on a meta-device copy of ``vae``'s
+    architecture: shapes only, no memory and no time."""
+    from diffusers import AutoencoderKLWan
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta = AutoencoderKLWan.from_config(vae.config).eval()
+    v = cfg.video
+    shape = (1, v.chunk_frames, cfg.model.in_channels, v.height // v.vae_stride[1], v.width // v.vae_stride[2])
+    decoder = StreamingDecoder(meta)
+    with torch.no_grad():
+        decoder(torch.zeros(shape, device="meta"))  # the first chunk (the causal first latent frame)
+        with FlopCounterMode(display=False) as counter:
+            decoder(torch.zeros(shape, device="meta"))
+    return float(counter.get_total_flops())
 
 
 def time_text_encoder(device: torch.device, dtype: torch.dtype, text_len: int, tiny_dim: int | None) -> float:
@@ -237,8 +258,8 @@ def _row_line(mode: str, r: dict, results: dict) -> str:
     """The table row of ``mode``; a graphs row adds its replay counts and memory on a second line."""
     busy = f"{r['gpu_busy']:.2f}" if r.get("gpu_busy") is not None else "-"
     peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
-    line = (f"{mode:<20} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['write_s']:8.3f} {r['wall_s']:8.3f} "
-            f"{r['video_fps']:10.1f} {r['time_to_first_frame_s']:14.2f} {busy:>9} {peak:>8}")
+    line = (f"{mode:<20} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['decode_tflops']:9.1f} {r['write_s']:8.3f} "
+            f"{r['wall_s']:8.3f} {r['video_fps']:10.1f} {r['time_to_first_frame_s']:14.2f} {busy:>9} {peak:>8}")
     if "replayed" in r:
         line += (f"\n  {r['replayed']} forwards replayed, {r['eager']} eager in the measured video (its --warmup "
                  f"chunks included); {r['captures']} graphs, static buffers {r['static_mb']:.1f} MB")
@@ -304,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{', cuDNN autotune' if a.vae_autotune else ''}{', channels-last' if a.vae_channels_last else ''}, {name}")
     if text_s is not None:
         print(f"text encoder (umT5{'' if base.model.name == 'tiny' else '-XXL'}, one prompt): {text_s:.3f} s")
-    print(f"{'mode':<20} {'denoise s':>10} {'decode s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} "
+    flops = decode_flops(vae, base)
+    payload["decode_tflop_per_chunk"] = flops / 1e12
+    print(f"VAE decode of a chunk ({v.chunk_frames} latent frames): {flops / 1e12:.2f} TFLOP (counted)")
+    print(f"{'mode':<20} {'denoise s':>10} {'decode s':>9} {'dec TF/s':>9} {'write s':>8} {'wall s':>8} {'video fps':>10} "
           f"{'first frame s':>14} {'GPU busy':>9} {'peak GB':>8}", flush=True)
     for mode in modes:
         over = MODES[mode] if device.type == "cuda" else ["attention.impl=reference", "cache.dtype=float32"]
@@ -315,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[row] = r = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks,
                                             graphs, overlap)
                 r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
+                r["decode_tflops"] = flops / r["decode_s"] / 1e12  # the decode's achieved rate (median chunk)
                 print(_row_line(row, r, results), flush=True)
                 write_result("generate", name, payload, a.results)  # after every row: a cut-off run keeps its rows
     return 0

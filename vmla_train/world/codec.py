@@ -20,9 +20,9 @@ the mean image (~15 dB) for hundreds of steps, while 1e-4 .. 3e-4 fit (measured 
 base_dim 16). ``budget_s`` fits the run to a time budget: after the first ``warmup_steps`` steps the step
 rate is measured and the step count (hence the cosine schedule) is fixed so training ends in time.
 
-The recipe that works (the shipped codec, checkpoints/world/models): train on single frames first (``num_frames=1``:
-cheap steps, the spatial code), then ``init_from`` that codec with ``inflate=True`` (``inflate_temporal``) and
-train on clips longer than the codec's temporal receptive field (49 frames).
+The recipe that works (the shipped codec, checkpoints/world/models): train on single frames first
+(``num_frames=1``: cheap steps, the spatial code), then ``init_from`` that codec with ``inflate=True``
+(``inflate_temporal``) and train on clips longer than the codec's temporal receptive field (49 frames).
 
 The final phase also measures the **metric ceiling**: the world metrics (``metrics.evaluate_many``) of
 held-out clips at the world's full length (``ceiling_frames``) after the ``wan.vae_encode`` ->
@@ -98,7 +98,6 @@ def build_codec(cfg: CodecConfig, seed: int = 0):
                             temperal_downsample=list(cfg.temperal_downsample),
                             latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim,
                             scale_factor_temporal=cfg.temporal_stride, scale_factor_spatial=cfg.spatial_stride)
-
 
 
 @torch.no_grad()
