@@ -314,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     v = base.video
     results: dict[str, dict] = {}
-    payload = dict(device=name, date=dt.date.today().isoformat(), config=a.config, overrides=a.overrides,
+    config = Path(a.config).resolve()
+    payload = dict(device=name, date=dt.date.today().isoformat(),
+                   config=str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else a.config,
+                   overrides=a.overrides,
                    vae_dtype=vae_dtype, vae_autotune=a.vae_autotune, vae_channels_last=a.vae_channels_last,
                    write=not a.no_write, graphs=a.graphs, overlap=a.overlap,
                    text_encoder_s=text_s,

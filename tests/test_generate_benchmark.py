@@ -31,6 +31,7 @@ def test_generate_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
         assert row["wall_s"] >= row["denoise_s"] and row["frames"] == 4 * 3  # 3 latent frames -> 12 video frames
     assert r["video_fps"] == pytest.approx(r["frames_per_chunk"] / r["wall_s"])
     assert result["decode_tflop_per_chunk"] > 0  # counted on the meta device
+    assert result["config"] == "configs/tiny.yaml"  # the repository's configs are recorded relative to it
     assert r["decode_tflops"] == pytest.approx(result["decode_tflop_per_chunk"] / r["decode_s"])
     assert r["first_chunk"]["frames"] == 1 + 4 * 2  # the causal first latent frame
     assert r["time_to_first_frame_s"] == pytest.approx(
