@@ -7,7 +7,7 @@
 #   -> vmla-world sample-teacher on held-out prompts (adherence, Fréchet distance against the held-out floor)
 #
 #   bash benchmarks/world_teacher.sh [STAGE ...]     stages: codec models clips data fit teacher eval
-#                                                    (default: all but codec: the shipped codec, checkpoints/world)
+#                                                    (default: all but codec: the shipped codec, checkpoints/world/models)
 #
 # Every stage resumes: run the same command again after an interruption (or after FIT_SECONDS stopped the
 # fit) and finished work is kept. Settings (environment, defaults in brackets): WORLD_DIR [runs/world],
