@@ -267,6 +267,19 @@ def test_codec_budget_is_a_hard_cap(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(120)
+def test_codec_resumes_a_state_saved_before_the_inflate_setting(tmp_path):
+    """A state written before ``inflate`` was a setting resumes as the run it was (inflate off)."""
+    _train(tmp_path / "run", steps=2)
+    path = tmp_path / "run" / "codec-train" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["settings"]["inflate"]
+    torch.save(state, path)
+    assert _train(tmp_path / "run", steps=3)["steps"] == 3
+    with pytest.raises(ValueError, match="other settings"):
+        _train(tmp_path / "run", steps=4, inflate=True, init_from=tmp_path / "run")
+
+
+@pytest.mark.timeout(120)
 def test_codec_init_from_starts_from_another_codec(codec_dir, tmp_path):
     """``init_from`` copies a codec's weights into a fresh run (0 steps: the same weights come out), and a
     codec of other widths is refused with one line naming the folder."""

@@ -55,6 +55,7 @@ from ..config import ModelConfig, atomic_write_text, json_finite
 from ..student_io import AtomicDir
 
 TRAIN, STATS, EVAL, CEILING = 0, 1, 2, 3  # clip streams: training, latent statistics, held-out PSNR, metric ceiling
+SETTINGS_ADDED = dict(inflate=False)  # settings newer than some saved states: what those runs did
 
 
 @dataclass
@@ -347,8 +348,8 @@ def train_codec(out_dir: str | Path, height: int = 64, width: int = 64, num_fram
     step, history, trained_s, fitted = 0, [], 0.0, None  # fitted: the step count a budget fixed
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
-                   if k != "steps" and state["settings"].get(k) != v}
+        saved = {**SETTINGS_ADDED, **state["settings"]}
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if k != "steps" and saved.get(k) != v}
         if changed:
             raise ValueError(f"train_codec: '{state_path}' was trained with other settings {changed} "
                              "(saved, requested); pass resume=False or another out_dir")
