@@ -127,7 +127,7 @@ def decode_flops(vae, cfg: C.Config) -> float:
     with torch.device("meta"):
         meta = AutoencoderKLWan.from_config(vae.config).eval()
     v = cfg.video
-    shape = (1, v.chunk_frames, cfg.model.in_channels, v.height // v.vae_stride[1], v.width // v.vae_stride[2])
+    shape = (1, v.chunk_frames, cfg.model.in_channels, v.latent_height, v.latent_width)
     decoder = StreamingDecoder(meta)
     with torch.no_grad():
         decoder(torch.zeros(shape, device="meta"))  # the first chunk (the causal first latent frame)
