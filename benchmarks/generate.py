@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", action="store_true",
                    help="also measure each row with generate.overlap (rows <row>+overlap)")
     p.add_argument("--vae-autotune", action="store_true",
-                   help="cuDNN autotuning (torch.backends.cudnn.benchmark) for the VAE's convolutions")
+                   help="cuDNN autotuning (torch.backends.cudnn.benchmark: every convolution of the run, the VAE's "
+                        "above all)")
     p.add_argument("--vae-channels-last", action="store_true", help="the VAE's weights in channels_last_3d layout")
     a = p.parse_args(argv)
     device = torch.device(a.device)
