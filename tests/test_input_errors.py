@@ -1,7 +1,8 @@
 """Wrong inputs to the command-line mains end in one line on stderr naming the thing and what to do, with
 exit status 2, before anything heavy loads: wrong Wan model folders, shard patterns that match nothing,
-a folder or the wrong shard kind, a training run folder given to vmla-generate, a CUDA device on a machine
-without one, a folder given as a config or prompts file; and ``vmla-train info | head -1`` ends quietly."""
+a folder or the wrong shard kind, a missing negative-prompt embedding, a training run folder given to
+vmla-generate, a CUDA device on a machine without one, a folder given as a config or prompts file; and
+``vmla-train info | head -1`` ends quietly."""
 
 from __future__ import annotations
 
@@ -181,6 +182,15 @@ def test_fit_wrong_teacher_folder(folders, tmp_path, capsys, no_workers):
     assert cli.main(["fit", str(SELF_FORCING), f"runtime.run_dir={tmp_path / 'run'}",
                      f"train.teacher_path={folders / 'pipe' / 'vae'}"]) == 2
     _one_line_error(capsys, "train.teacher_path", "WanTransformer3DModel", "holds transformer/")
+
+
+@pytest.mark.timeout(30)
+def test_fit_missing_negative_embedding_file(tmp_path, capsys, no_workers):
+    """The world teacher's config reads it (train.text_dropout); a path to nothing is named before any work."""
+    neg = tmp_path / "negative.safetensors"
+    assert cli.main(["fit", str(ROOT / "configs/world/world-pretrain.yaml"), f"runtime.run_dir={tmp_path / 'run'}",
+                     "data.source=synthetic", "runtime.device=cpu", f"dmd.negative_embedding={neg}"]) == 2
+    _one_line_error(capsys, "config key 'dmd.negative_embedding'", f"no file '{neg}'", "vmla-data negative-embedding")
 
 
 @pytest.mark.timeout(30)

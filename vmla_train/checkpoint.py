@@ -214,7 +214,8 @@ def read_train_state(folder: Path) -> dict:
 # and how fast it runs, what it logs, validates and saves (a trailing '.' covers a section). Every other key
 # (model, attention, cache, video, schedule, optim, dmd, the rest of train/data/runtime/strategy, prep) changes
 # the meaning of the run and needs checkpoint.allow_config_change=true. Listed in docs/fault-tolerance.md.
-FREE_KEYS = ("train.num_steps", "train.max_consecutive_skips", "train.gradient_checkpointing", "train.allow_random_roles",
+FREE_KEYS = ("train.num_steps", "train.max_consecutive_skips", "train.gradient_checkpointing", "train.compile",
+             "train.allow_random_roles",
              "runtime.progress", "runtime.run_dir", "runtime.device",
              "data.num_workers", "data.prefetch_factor", "data.max_open_shards", "strategy.offload",
              "logging.", "checkpoint.", "validation.", "debug.", "demo.", "convert.", "generate.")

@@ -178,7 +178,7 @@ def check_fit_inputs(cfg: C.Config) -> None:
     (shard files and their kind, the prompts file) and the Wan folders the stage loads (teacher, critic,
     sample VAE, text encoder). Raises ``ConfigError`` / ``CheckpointError`` / ``FileNotFoundError`` naming
     the config key, what was expected and what was found."""
-    from . import data, wan
+    from . import data, recipe, wan
 
     C.resolve_device(cfg.runtime.device, "runtime.device")
     kind = data.STAGE_KINDS[cfg.train.stage.value]
@@ -194,6 +194,10 @@ def check_fit_inputs(cfg: C.Config) -> None:
         wan.transformer_folder(cfg.train.critic_path, key="train.critic_path")
     if cfg.logging.vae_path:
         wan.vae_folder(cfg.logging.vae_path, key="logging.vae_path")
+    neg = cfg.dmd.negative_embedding
+    if neg and recipe.reads_negative(cfg) and not Path(neg).is_file():
+        raise C.ConfigError(f"config key 'dmd.negative_embedding': no file '{neg}'; make it with `vmla-data "
+                            f"negative-embedding {neg} PREP_CONFIG` (the text encoder the training data used)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -268,6 +268,7 @@ class TrainConfig:
     critic_path: str = ""  # diffusers Wan folder the critic starts from; "" = a copy of the teacher (needed when train.teacher_size differs from the student's)
     teacher_size: str = ""  # named size of teacher/critic (MODEL_SIZES); "" = model.name
     gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
+    compile: str = ""  # torch.compile backend for each student block's cacheless forward ("inductor": fuses the float32 modulation arithmetic; the first iteration compiles); "" = eager. Cached rollouts stay eager
     rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
     text_dropout: float = 0.0  # pretrain: probability a sample's text becomes dmd.negative_embedding (learns the unconditional score CFG needs)
     ema_decay: float = 0.0  # pretrain / adapt / ode_init: EMA of the student weights, exported with `export --ema` (0 = none; self_forcing: dmd.ema_decay)
@@ -421,7 +422,7 @@ class CheckpointConfig:
     on_write_error: str = "stop"  # a failed checkpoint write (e.g. disk full): stop (raise) | continue training
     checksums: bool = True  # SHA-256 of every file in the manifest, verified at resume and when a student folder loads (sizes are always checked)
     save_timeout_s: float = 1800.0  # seconds every rank gets to write its part of a checkpoint and agree; past it each waiting rank stops with one line naming the folder and the failed rank (a rank that died or left a collective save); 0 = wait forever
-    allow_config_change: bool = False  # resume although keys that change the run's meaning differ from the checkpoint's config (every key but train.num_steps/max_consecutive_skips/gradient_checkpointing/allow_random_roles, runtime.progress/run_dir/device, data.num_workers/prefetch_factor/max_open_shards, strategy.offload, logging.*, checkpoint.*, validation.*, debug.*, and the sections fit does not read: demo.*, convert.*, generate.*; see docs/fault-tolerance.md)
+    allow_config_change: bool = False  # resume although keys that change the run's meaning differ from the checkpoint's config (every key but train.num_steps/max_consecutive_skips/gradient_checkpointing/compile/allow_random_roles, runtime.progress/run_dir/device, data.num_workers/prefetch_factor/max_open_shards, strategy.offload, logging.*, checkpoint.*, validation.*, debug.*, and the sections fit does not read: demo.*, convert.*, generate.*; see docs/fault-tolerance.md)
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 1 or self.keep_last < 1:

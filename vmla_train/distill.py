@@ -84,9 +84,7 @@ class DistillationModule(L.LightningModule):
         if cfg.train.stage == C.Stage.causal_cd:  # both start as the student's (stage-1) weights, frozen
             self.cd_frozen = copy.deepcopy(student).requires_grad_(False).eval()
             self.cd_target = copy.deepcopy(student).requires_grad_(False).eval()
-        cd_guided = cfg.train.stage == C.Stage.causal_cd and cfg.cd.guidance_scale != 1.0
-        uses_neg = critic is not None or cfg.train.text_dropout > 0 or cd_guided
-        self.neg_text = recipe.negative_text(cfg) if uses_neg else None  # [1, Lt, text_dim]
+        self.neg_text = recipe.negative_text(cfg) if recipe.reads_negative(cfg) else None  # [1, Lt, text_dim]
         self.rollout_dtype = next(student.parameters()).dtype
         self.snapshot_cache = cfg.train.gradient_checkpointing
         self.vae = None  # loaded on the first sample video
@@ -108,6 +106,8 @@ class DistillationModule(L.LightningModule):
         student = recipe.build_student(cfg)
         teacher = recipe.build_teacher(cfg) if sf or cfg.validation.every_n_steps > 0 else None
         critic = recipe.build_critic(cfg, teacher) if sf else None
+        if cfg.train.compile:
+            parallel.apply_compile(student, cfg.train.compile)
         if cfg.train.gradient_checkpointing:
             for model in (student, critic):
                 if model is not None:

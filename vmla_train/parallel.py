@@ -29,6 +29,7 @@ import contextlib
 import functools
 import math
 import os
+import types
 
 import torch
 from torch import nn
@@ -157,27 +158,58 @@ def apply_gradient_checkpointing(model: nn.Module) -> int:
     """Recompute every transformer block in backward (non-reentrant). Returns the blocks wrapped.
 
     Works on our student (``blocks``: ``WanBlock``) and diffusers' Wan (``blocks``: ``WanTransformerBlock``)
-    alike, without touching the model files.
+    alike, without touching the model files. The wrapper is a method bound to its block, so a deep copy of
+    the model (the causal-CD target and frozen model) recomputes its own blocks, not the original's.
     """
-    from torch.utils.checkpoint import checkpoint
-
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no 'blocks' to checkpoint")
     for block in blocks:
         if getattr(block, "_vmla_checkpointed", False):
             continue
-        inner = block.forward
-
-        @functools.wraps(inner)
-        def wrapped(*args, _inner=inner, **kwargs):
-            if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = wrapped
+        block._vmla_inner = block.forward  # bound: the class's forward, or apply_compile's
+        block.forward = types.MethodType(_checkpointed_forward, block)
         block._vmla_checkpointed = True
     return len(blocks)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled():
+        return self._vmla_inner(*args, **kwargs)
+    return checkpoint(self._vmla_inner, *args, use_reentrant=False, **kwargs)
+
+
+def apply_compile(model: nn.Module, backend: str) -> int:
+    """``torch.compile`` every block's forward with ``backend`` where it runs without a KV cache (training's
+    full forwards); a cached forward (rollouts, generation) stays eager. Returns the blocks wrapped.
+
+    Our student's blocks only (``WanBlock``: the cache travels in their ``inp``). One compiled function per
+    block class and backend, with the block (its parameters) as an input, so the blocks share one graph;
+    the wrapper is bound to its block as in ``apply_gradient_checkpointing``. Apply it before that one
+    (the checkpoint then recomputes the compiled block)."""
+    from .student import WanBlock
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(isinstance(b, WanBlock) for b in blocks):
+        raise ValueError(f"train.compile: {type(model).__name__} has no WanBlock 'blocks' to compile")
+    for block in blocks:
+        if getattr(block, "_vmla_checkpointed", False):
+            raise ValueError("train.compile: compile the blocks before wrapping them in gradient checkpointing")
+        block._vmla_compile = backend
+        block.forward = types.MethodType(_compiled_forward, block)
+    return len(blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(cls: type, backend: str):
+    return torch.compile(cls.forward, backend=backend, dynamic=False)  # a cache of compiled code, per backend
+
+
+def _compiled_forward(self: nn.Module, x, mod, text, inp, layer, frames):
+    fn = type(self).forward if inp.cache is not None else _compiled(type(self), self._vmla_compile)
+    return fn(self, x, mod, text, inp, layer, frames)
 
 
 def gathered(module: nn.Module, zero3: bool):

@@ -69,6 +69,14 @@ def build_critic(cfg: C.Config, teacher: nn.Module, device: torch.device | str =
     return critic.train()
 
 
+def reads_negative(cfg: C.Config) -> bool:
+    """Whether the fit of ``cfg`` reads the negative prompt's embedding: self_forcing (the critic's and the
+    real score's guidance), pretrain with ``train.text_dropout``, causal_cd with guidance."""
+    t = cfg.train
+    cd_guided = t.stage == C.Stage.causal_cd and cfg.cd.guidance_scale != 1.0
+    return t.stage == C.Stage.self_forcing or t.text_dropout > 0 or cd_guided
+
+
 def negative_text(cfg: C.Config) -> torch.Tensor:
     """Embedding [1, Lt, text_dim] of Wan's negative prompt (``wan.WAN_NEGATIVE_PROMPT``), precomputed in
     ``dmd.negative_embedding`` (safetensors key 'text'). Without one, a fixed random embedding where it cannot

@@ -1,0 +1,152 @@
+"""Training step of a latents stage (the world teacher's pretraining by default) with and without
+``train.compile``: seconds per step, samples/s, MFU, peak GPU memory, and optionally the top GPU kernels.
+
+    python benchmarks/pretrain_step.py                                  # world teacher, batch 256, eager vs inductor
+    python benchmarks/pretrain_step.py --compile "" --profile 5          # where an eager step's GPU time goes
+    python benchmarks/pretrain_step.py --config configs/pretrain-debug.yaml --batch 2 --compile ",aot_eager"  # CPU smoke
+
+The step is the fit's own (``DistillationModule.from_config`` -> ``fabric.setup`` -> ``train.update_role``
+with ``training_step``), on synthetic latents and text at the config's geometry (``data.source=synthetic``;
+a seeded stand-in for the negative prompt's embedding when the config's file is absent),
+bf16-mixed on CUDA as ``configs/world/world-pretrain.yaml`` trains. The first ``--warmup`` steps (compilation
+included) are not timed; their time is reported as ``first_steps_s``. MFU = the loop's own FLOP count
+(``flops.FlopCounter``) / (step time x the GPU's dense bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vmla_train import config as C
+from vmla_train import data, parallel, recipe, train
+from vmla_train.distill import DistillationModule
+from vmla_train.ema import EMA
+from vmla_train.flops import FlopCounter, peak_tflops
+from vmla_train.state import TrainState
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args, backend: str) -> dict:
+    cpu = args.device == "cpu"
+    overrides = ["data.source=synthetic", "data.num_workers=0", f"data.batch_size={args.batch}",
+                 f"data.synthetic_samples={args.batch}", f"train.global_batch_size={args.batch}",
+                 "logging.wandb_mode=disabled", "strategy.name=single", f"runtime.run_dir={args.out_dir}/run",
+                 f"strategy.accelerator={'cpu' if cpu else 'cuda'}", f"runtime.device={args.device}"]
+    overrides += ["strategy.precision=32-true"] if cpu else []
+    overrides += [f"train.compile={backend}"] if backend else []
+    cfg = C.load(ROOT / args.config, overrides + args.overrides)
+    if recipe.reads_negative(cfg) and not Path(cfg.dmd.negative_embedding).is_file():
+        # timing only: a seeded stand-in of the negative prompt's embedding at the config's text geometry
+        from safetensors.torch import save_file
+
+        neg = Path(args.out_dir) / "run" / "negative-stand-in.safetensors"
+        neg.parent.mkdir(parents=True, exist_ok=True)
+        m = cfg.model
+        save_file({"text": torch.randn(1, m.text_len, m.text_dim, generator=torch.Generator().manual_seed(0))}, neg)
+        cfg = C.load(ROOT / args.config, overrides + args.overrides + [f"dmd.negative_embedding={neg}"])
+    torch._dynamo.reset()
+    fabric = parallel.build_fabric(cfg, 1)
+    dev = fabric.device
+    torch.manual_seed(0)
+    module = DistillationModule.from_config(cfg)
+    flops = FlopCounter(cfg, module.student, module.teacher, module.critic)
+    opt, *_ = module.configure_optimizers()
+    student, opt = fabric.setup(module.student, opt)
+    module.use_engines(student, None, dev, parallel.compute_dtype(cfg, fabric))
+    kind = data.STAGE_KINDS[cfg.train.stage.value]
+    loader = data.build_loader(cfg, kind, 0, 1)
+    state = TrainState(fabric, cfg, module, opt, None, EMA(0.0, 0, keep=False), loader, "", 1)
+    batch = next(loader).to(dev)  # one batch, reused: the loader's speed is not what this measures
+
+    def step(i: int) -> None:
+        gen = torch.Generator(device=dev).manual_seed(i)
+        train.update_role(state, "student", lambda b: module.training_step(b, gen, None), [batch])
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        step(i)
+    _sync(dev)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        step(args.warmup + i)
+    _sync(dev)
+    dt = (time.perf_counter() - t0) / args.steps
+    f = flops.student(args.batch)
+    peak = peak_tflops(dev)
+    row = {"compile": backend or "eager", "batch": args.batch, "s_per_step": round(dt, 4),
+           "samples_per_s": round(args.batch / dt, 1), "first_steps_s": round(first, 1), "warmup": args.warmup,
+           "steps": args.steps, "tflop_per_step": round(f / 1e12, 3),
+           "mfu": round(f / dt / (peak * 1e12), 4) if peak else None,
+           "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None}
+    if args.profile and dev.type == "cuda":
+        row["top_kernels"] = _profile(step, args.profile, args.top)
+    print(" | ".join(f"{k} {v}" for k, v in row.items() if k != "top_kernels"), flush=True)
+    for k in row.get("top_kernels", []):
+        print(f"    {k['ms_per_step']:8.2f} ms  {k['calls_per_step']:6.0f} calls  {k['name'][:100]}")
+    return row
+
+
+def _profile(step, n: int, top: int) -> list[dict]:
+    """The ``top`` GPU kernels by total device time over ``n`` steps, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            step(10_000 + i)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    rows = [{"name": "(all kernels)", "ms_per_step": round(total / 1e3 / n, 3),
+             "calls_per_step": sum(e.count for e in events) / n}]
+    rows += [{"name": e.key, "ms_per_step": round(e.self_device_time_total / 1e3 / n, 3), "calls_per_step": e.count / n}
+             for e in events[:top]]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/world/world-pretrain.yaml")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--compile", default=",inductor", help="comma-separated train.compile backends ('' = eager)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--profile", type=int, default=0, help="profile this many more steps per variant (CUDA)")
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
+    p.add_argument("--json", default="", help="output JSON (default benchmarks/results/pretrain_step-<device>.json)")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = p.parse_args(argv)
+    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    rows = [run(args, b) for b in args.compile.split(",")]
+    out = Path(args.json or Path(args.out_dir) / f"pretrain_step-{dev_name.replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = (ROOT / args.config).resolve()
+    cfg_name = cfg_path.relative_to(ROOT).as_posix() if cfg_path.is_relative_to(ROOT) else str(cfg_path)
+    result = {"device": dev_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "config": cfg_name, "overrides": args.overrides, "rows": rows}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
