@@ -83,20 +83,21 @@ def test_compiled_blocks_equal_the_eager_blocks_and_cached_forwards_stay_eager()
 
 @pytest.mark.timeout(120)
 def test_train_compile_wraps_the_student_and_keeps_the_loss():
-    """``train.compile`` through ``DistillationModule.from_config`` (the fit's path): the pretrain loss of
-    one batch equals the eager module's, and a causal-CD module's target and frozen copies keep their own
+    """``train.compile`` through ``DistillationModule.from_config`` (the fit's path): the pretrain and adapt
+    losses of one batch equal the eager module's, and a causal-CD module's target and frozen copies keep their own
     weights when the student trains (gradient checkpointing on, as configs/causal_cd.yaml has it)."""
     from vmla_train import data
 
-    losses = {}
-    for backend in ("", "aot_eager"):
-        cfg = C.load("configs/pretrain-debug.yaml", [f"train.compile={backend}"] if backend else [])
-        torch.manual_seed(0)
-        module = DistillationModule.from_config(cfg)
-        assert all(getattr(b, "_vmla_compile", "") == backend for b in module.student.blocks)
-        batch = next(data.build_loader(cfg, "latents", 0, 1))
-        losses[backend] = float(module.training_step(batch, torch.Generator().manual_seed(3))[0].detach())
-    assert abs(losses["aot_eager"] - losses[""]) < 1e-5 * abs(losses[""]), losses
+    for config in ("pretrain-debug", "adapt-debug"):  # bidirectional; block-causal (a masked forward)
+        losses = {}
+        for backend in ("", "aot_eager"):
+            cfg = C.load(f"configs/{config}.yaml", [f"train.compile={backend}"] if backend else [])
+            torch.manual_seed(0)
+            module = DistillationModule.from_config(cfg)
+            assert all(getattr(b, "_vmla_compile", "") == backend for b in module.student.blocks)
+            batch = next(data.build_loader(cfg, "latents", 0, 1))
+            losses[backend] = float(module.training_step(batch, torch.Generator().manual_seed(3))[0].detach())
+        assert abs(losses["aot_eager"] - losses[""]) < 1e-5 * abs(losses[""]), (config, losses)
 
     cfg = C.load("configs/causal_cd-debug.yaml", ["train.gradient_checkpointing=true", "train.compile=aot_eager"])
     torch.manual_seed(0)
