@@ -75,6 +75,8 @@ def test_compiled_blocks_equal_the_eager_blocks_and_cached_forwards_stay_eager()
     with torch.no_grad():
         student(x[:1, : cfg.video.chunk_frames], t[:1], text[:1], cache=cache, write_cache=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    with pytest.raises(C.ConfigError, match="config key 'train.compile'.*ZeRO-3"):
+        C.load(None, ["model.name=tiny", "train.compile=inductor", "strategy.name=deepspeed", "strategy.zero_stage=3"])
     with pytest.raises(ValueError, match="before wrapping them in gradient checkpointing"):
         fresh = WanStudent(cfg)
         parallel.apply_gradient_checkpointing(fresh)

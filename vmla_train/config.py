@@ -268,7 +268,7 @@ class TrainConfig:
     critic_path: str = ""  # diffusers Wan folder the critic starts from; "" = a copy of the teacher (needed when train.teacher_size differs from the student's)
     teacher_size: str = ""  # named size of teacher/critic (MODEL_SIZES); "" = model.name
     gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
-    compile: str = ""  # torch.compile backend for each student block's cacheless forward ("inductor": fuses the float32 modulation arithmetic; the first iteration compiles); "" = eager. Cached rollouts stay eager
+    compile: str = ""  # torch.compile backend for each student block's cacheless forward ("inductor": fuses the float32 modulation arithmetic; the first iteration compiles); "" = eager. Cached rollouts stay eager; not with DeepSpeed ZeRO-3
     rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
     text_dropout: float = 0.0  # pretrain: probability a sample's text becomes dmd.negative_embedding (learns the unconditional score CFG needs)
     ema_decay: float = 0.0  # pretrain / adapt / ode_init: EMA of the student weights, exported with `export --ema` (0 = none; self_forcing: dmd.ema_decay)
@@ -725,6 +725,11 @@ class Config:
         if self.train.context == Context.teacher_forcing and self.train.stage != Stage.adapt:
             _fail("train.context", "diffusion_forcing unless train.stage=adapt (causal_cd always uses clean context; "
                   "the other stages have no noisy context)", f"teacher_forcing with stage={self.train.stage.value}")
+        s = self.strategy
+        if self.train.compile and s.name == "deepspeed" and s.zero_stage == 3:
+            # ZeRO-3's per-module parameter hooks make dynamo recompile at every block until it gives up (eager)
+            _fail("train.compile", "'' (eager) with DeepSpeed ZeRO-3 (its parameter hooks defeat the compiled "
+                  "blocks); ZeRO-2 compiles", f"{self.train.compile!r} with strategy.zero_stage=3")
         if self.train.text_dropout > 0 and (self.train.stage != Stage.pretrain or not self.dmd.negative_embedding):
             _fail("train.text_dropout", "0 unless train.stage=pretrain with a dmd.negative_embedding file (the text "
                   "a dropped sample sees; `vmla-data negative-embedding` writes it)",
