@@ -35,8 +35,9 @@ class EMA:
             dev = next(iter(params.values())).device
             if next(iter(self.shadow.values())).device != dev:  # loaded from a checkpoint on the CPU
                 self.shadow = {k: v.to(dev) for k, v in self.shadow.items()}
-            for n, p in params.items():
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+            # one multi-tensor kernel instead of a launch per parameter (the same lerp per element)
+            torch._foreach_lerp_([self.shadow[n] for n in params], [p.detach().float() for p in params.values()],
+                                 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.shadow.items()}
