@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py [--chunks 12] [--modes bf16,8bit] [--vae-dtype bfloat16] [--no-write]
                                   [--text-encoder] [--profile-chunks 2] [--config CONFIG] [--device cuda] [--graphs]
-                                  [--overlap]
+                                  [--overlap] [--switch]
 
 What a user of ``vmla-generate`` waits for, part by part, at the real geometry with random weights of the
 real architectures: the student of ``--config`` (default ``configs/videomla-1.3b.yaml``: 480x832, chunks
@@ -41,6 +41,10 @@ misses between replays).
 frames to the host and the writes of chunk k run on ``OverlappedOutput``'s worker thread and CUDA stream while
 chunk k + 1 denoises. ``decode_s`` / ``write_s`` are then times on the worker's stream, ``wall_s`` the host time
 between two chunks' frames reaching the host (in the steady state the slower of the two pipelines).
+
+``--switch``: every row also times a prompt switch in the steady state (``measure_switch``): the switch
+chunk's denoising with the re-cache of the whole window under the new text (``generate.recache``) against the
+chunks around it; its cost in seconds and in chunk denoise times.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ from vmla_train import schedule  # noqa: E402
 from vmla_train.dataprep.video import Mp4Writer  # noqa: E402
 from vmla_train.generate import OverlappedOutput, StreamingDecoder, rgb_frames  # noqa: E402
 from vmla_train.graphs import ChunkGraphs, cache_pass_patterns  # noqa: E402
-from vmla_train.rollout import sample_video  # noqa: E402
+from vmla_train.rollout import PromptSwitch, sample_video  # noqa: E402
 from vmla_train.student import WanStudent  # noqa: E402
 
 GB = 1 << 30
@@ -165,10 +169,11 @@ def time_text_encoder(device: torch.device, dtype: torch.dtype, text_len: int, t
 
 
 def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int, write: bool,
-             profile_chunks: int, graphs: bool = False, overlap: bool = False) -> dict:
+             profile_chunks: int, graphs: bool = False, overlap: bool = False, switch: bool = False) -> dict:
     """One mode: counted chunks after ``warmup`` ones; the per-part times of each, the first chunk's latency.
     ``graphs``: the student's full-window forwards replayed from CUDA graphs (``ChunkGraphs``); ``overlap``:
-    decode + frames out on ``OverlappedOutput``'s worker and stream while the next chunk denoises."""
+    decode + frames out on ``OverlappedOutput``'s worker and stream while the next chunk denoises; ``switch``:
+    the cost of a prompt switch with its re-cache (``measure_switch``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     student = build_student(cfg, device, dtype)
     model = ChunkGraphs(student) if graphs else student  # graphs: one cache, reset per video, its graphs kept
@@ -180,8 +185,9 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
         torch.cuda.empty_cache()  # the reserved peak counts this mode's memory only
         torch.cuda.reset_peak_memory_stats(device)
 
-    def one_video(n_chunks: int, full: bool, on_frames=None) -> list[dict]:
-        """``n_chunks`` chunks of one video: per chunk the marks and host times."""
+    def one_video(n_chunks: int, full: bool, on_frames=None, switch_at: int | None = None) -> list[dict]:
+        """``n_chunks`` chunks of one video: per chunk the marks and host times. ``switch_at``: a prompt
+        switch (with the re-cache of the window) before that chunk, counted in its ``denoise_s``."""
         cache = model.new_cache(1, device)
         if full:
             cache.fill_random(cache.num_slots + 2 * v.chunk_frames)  # a long video's steady state
@@ -211,9 +217,10 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
             state["start"] = clock.mark()
 
         with torch.no_grad():
+            switches = [] if switch_at is None else [PromptSwitch(switch_at, torch.randn_like(text))]
             sample_video(model, text, n_chunks * v.chunk_frames, steps,
                          generator=torch.Generator(device=device).manual_seed(0), cache=cache, on_chunk=on_chunk,
-                         keep=False)
+                         keep=False, switches=switches, recache=True)
         if out is not None:
             out.finish()
         decoder.close()
@@ -244,6 +251,9 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
     if graphs:  # the counted video's forwards: replayed, run eagerly (a CPU runs them all eagerly)
         out |= dict(replayed=model.counts["replay"] - counts["replay"], eager=model.counts["eager"] - counts["eager"],
                     captures=model.counts["capture"], static_mb=model.nbytes() / 2**20)
+    if switch:
+        out["switch"] = measure_switch(lambda n, at: parts(one_video(n, full=False, switch_at=at)), cfg,
+                                       model.new_cache(1, device))
     if profile_chunks and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -254,12 +264,33 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
     return out
 
 
+def measure_switch(video, cfg: C.Config, cache) -> dict:
+    """A prompt switch in the steady state: one video from an empty cache, long enough that the clean frames
+    of this video fill every slot (sinks + window), then two chunks, the switch (``generate.recache``: the
+    window re-run under the new text) before the next, and two more. ``video(n, at)`` -> per-chunk parts.
+    Reported: the switch chunk's denoise time (re-cache included), the median of the four full-cache chunks
+    around it, their difference (the switch's cost) and that cost over a chunk's median denoise time."""
+    fill = -(-cache.num_slots // cache.chunk_frames)  # chunks until the clean frames fill every slot
+    at = fill + 2
+    rows = video(at + 3, at)
+    around = [rows[i]["denoise_s"] for i in (at - 2, at - 1, at + 1, at + 2)]
+    base = statistics.median(around)
+    cost = rows[at]["denoise_s"] - base
+    return dict(chunk=at, recached_slots=cache.num_slots, switch_chunk_denoise_s=rows[at]["denoise_s"],
+                median_denoise_s=base, switch_cost_s=cost, cost_in_chunks=cost / base)
+
+
 def _row_line(mode: str, r: dict, results: dict) -> str:
     """The table row of ``mode``; a graphs row adds its replay counts and memory on a second line."""
     busy = f"{r['gpu_busy']:.2f}" if r.get("gpu_busy") is not None else "-"
     peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
     line = (f"{mode:<20} {r['denoise_s']:10.3f} {r['decode_s']:9.3f} {r['decode_tflops']:9.1f} {r['write_s']:8.3f} "
             f"{r['wall_s']:8.3f} {r['video_fps']:10.1f} {r['time_to_first_frame_s']:14.2f} {busy:>9} {peak:>8}")
+    if "switch" in r:
+        w = r["switch"]
+        line += (f"\n  prompt switch (re-cache of {w['recached_slots']} cache frames) before chunk {w['chunk']}: "
+                 f"{w['switch_chunk_denoise_s']:.3f} s against {w['median_denoise_s']:.3f} s, costs "
+                 f"{w['switch_cost_s']:.3f} s = {w['cost_in_chunks']:.2f} chunk denoise times")
     if "replayed" in r:
         line += (f"\n  {r['replayed']} forwards replayed, {r['eager']} eager in the measured video (its --warmup "
                  f"chunks included); {r['captures']} graphs, static buffers {r['static_mb']:.1f} MB")
@@ -290,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cuDNN autotuning (torch.backends.cudnn.benchmark: every convolution of the run, the VAE's "
                         "above all)")
     p.add_argument("--vae-channels-last", action="store_true", help="the VAE's weights in channels_last_3d layout")
+    p.add_argument("--switch", action="store_true",
+                   help="also time a prompt switch with its re-cache in the steady state (per row)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     modes = [m for m in a.modes.split(",") if m]
@@ -320,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                    config=str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else a.config,
                    overrides=a.overrides,
                    vae_dtype=vae_dtype, vae_autotune=a.vae_autotune, vae_channels_last=a.vae_channels_last,
-                   write=not a.no_write, graphs=a.graphs, overlap=a.overlap,
+                   write=not a.no_write, graphs=a.graphs, overlap=a.overlap, switch=a.switch,
                    text_encoder_s=text_s,
                    command="python benchmarks/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    modes=results)
@@ -341,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             for overlap in (False, True) if a.overlap else (False,):
                 row = mode + ("+graphs" if graphs else "") + ("+overlap" if overlap else "")
                 results[row] = r = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks,
-                                            graphs, overlap)
+                                            graphs, overlap, a.switch)
                 r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
                 r["decode_tflops"] = flops / r["decode_s"] / 1e12  # the decode's achieved rate (median chunk)
                 print(_row_line(row, r, results), flush=True)

@@ -20,7 +20,8 @@ def test_generate_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--device", "cpu", "--chunks", "2", "--warmup", "1",
-            "--modes", "bf16", "--text-encoder", "--overlap", "--vae-channels-last", "--results", str(tmp_path)]
+            "--modes", "bf16", "--text-encoder", "--overlap", "--vae-channels-last", "--switch", "--results",
+            str(tmp_path)]
     assert bench.main(args) == 0
     assert "video fps" in capsys.readouterr().out
     result = json.loads((tmp_path / "generate-cpu.json").read_text())
@@ -40,4 +41,9 @@ def test_generate_benchmark_tiny_cpu_run(tmp_path, monkeypatch, capsys):
     assert result["overlap"] and result["vae_channels_last"] and len(o["per_chunk"]) == 2
     assert all(row[k] > 0 for row in o["per_chunk"] for k in ("denoise_s", "decode_s", "wall_s"))
     assert o["video_fps"] == pytest.approx(o["frames_per_chunk"] / o["wall_s"])
+    for row in (r, o):  # the switch chunk re-runs the window: its extra time is the switch's cost
+        w = row["switch"]
+        assert w["switch_cost_s"] == pytest.approx(w["switch_chunk_denoise_s"] - w["median_denoise_s"])
+        assert w["cost_in_chunks"] == pytest.approx(w["switch_cost_s"] / w["median_denoise_s"])
+        assert w["recached_slots"] > 0 and w["chunk"] >= 2
     assert bench.main([*args[:-2], "--modes", "fp4", "--results", str(tmp_path)]) == 2
