@@ -102,7 +102,7 @@ def run(args, backend: str) -> dict:
 
 
 def _profile(step, n: int, top: int) -> list[dict]:
-    """The ``top`` GPU kernels by total device time over ``n`` steps, per step."""
+    """The ``top`` GPU kernels by their summed GPU time over ``n`` steps, per step."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
