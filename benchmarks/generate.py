@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py [--chunks 12] [--modes bf16,8bit] [--vae-dtype bfloat16] [--no-write]
                                   [--text-encoder] [--profile-chunks 2] [--config CONFIG] [--device cuda] [--graphs]
-                                  [--overlap] [--switch]
+                                  [--overlap] [--switch] [--top-kernels N]
 
 What a user of ``vmla-generate`` waits for, part by part, at the real geometry with random weights of the
 real architectures: the student of ``--config`` (default ``configs/videomla-1.3b.yaml``: 480x832, chunks
@@ -44,7 +44,8 @@ between two chunks' frames reaching the host (in the steady state the slower of 
 
 ``--switch``: every row also times a prompt switch in the steady state (``measure_switch``): the switch
 chunk's denoising with the re-cache of the whole window under the new text (``generate.recache``) against the
-chunks around it; its cost in seconds and in chunk denoise times.
+chunks around it; its cost in seconds and in chunk denoise times. ``--top-kernels N``: the N GPU kernels of
+the profiled chunks with the most summed time, per chunk (where the denoiser's and the decode's time goes).
 """
 
 from __future__ import annotations
@@ -169,11 +170,13 @@ def time_text_encoder(device: torch.device, dtype: torch.dtype, text_len: int, t
 
 
 def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int, write: bool,
-             profile_chunks: int, graphs: bool = False, overlap: bool = False, switch: bool = False) -> dict:
+             profile_chunks: int, graphs: bool = False, overlap: bool = False, switch: bool = False,
+             top_kernels: int = 0) -> dict:
     """One mode: counted chunks after ``warmup`` ones; the per-part times of each, the first chunk's latency.
     ``graphs``: the student's full-window forwards replayed from CUDA graphs (``ChunkGraphs``); ``overlap``:
     decode + frames out on ``OverlappedOutput``'s worker and stream while the next chunk denoises; ``switch``:
-    the cost of a prompt switch with its re-cache (``measure_switch``)."""
+    the cost of a prompt switch with its re-cache (``measure_switch``); ``top_kernels``: that many GPU kernels
+    of the profiled chunks by their summed time (CUDA)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     student = build_student(cfg, device, dtype)
     model = ChunkGraphs(student) if graphs else student  # graphs: one cache, reset per video, its graphs kept
@@ -259,8 +262,13 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             prof_rows = one_video(profile_chunks, full=True)
-        kernel_s = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6  # microseconds -> s
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        kernel_s = sum(e.self_device_time_total for e in events) / 1e6  # microseconds -> s
         out["gpu_busy"] = kernel_s / (out["wall_s"] * len(prof_rows))
+        if top_kernels:  # where a chunk's GPU time goes: the kernels by summed time, per chunk
+            events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+            out["top_kernels"] = [dict(name=e.key, ms_per_chunk=e.self_device_time_total / 1e3 / len(prof_rows),
+                                       calls_per_chunk=e.count / len(prof_rows)) for e in events[:top_kernels]]
     return out
 
 
@@ -291,6 +299,8 @@ def _row_line(mode: str, r: dict, results: dict) -> str:
         line += (f"\n  prompt switch (re-cache of {w['recached_slots']} cache frames) before chunk {w['chunk']}: "
                  f"{w['switch_chunk_denoise_s']:.3f} s against {w['median_denoise_s']:.3f} s, costs "
                  f"{w['switch_cost_s']:.3f} s = {w['cost_in_chunks']:.2f} chunk denoise times")
+    for k in r.get("top_kernels", []):
+        line += f"\n    {k['ms_per_chunk']:8.2f} ms {k['calls_per_chunk']:7.0f} calls  {k['name'][:90]}"
     if "replayed" in r:
         line += (f"\n  {r['replayed']} forwards replayed, {r['eager']} eager in the measured video (its --warmup "
                  f"chunks included); {r['captures']} graphs, static buffers {r['static_mb']:.1f} MB")
@@ -321,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cuDNN autotuning (torch.backends.cudnn.benchmark: every convolution of the run, the VAE's "
                         "above all)")
     p.add_argument("--vae-channels-last", action="store_true", help="the VAE's weights in channels_last_3d layout")
+    p.add_argument("--top-kernels", type=int, default=0,
+                   help="print and record this many GPU kernels of the profiled chunks by their summed time")
     p.add_argument("--switch", action="store_true",
                    help="also time a prompt switch with its re-cache in the steady state (per row)")
     a = p.parse_args(argv)
@@ -374,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             for overlap in (False, True) if a.overlap else (False,):
                 row = mode + ("+graphs" if graphs else "") + ("+overlap" if overlap else "")
                 results[row] = r = run_mode(cfg, vae, device, a.chunks, a.warmup, not a.no_write, a.profile_chunks,
-                                            graphs, overlap, a.switch)
+                                            graphs, overlap, a.switch, a.top_kernels)
                 r["time_to_first_frame_s"] = (text_s or 0.0) + r["first_chunk"]["denoise_s"] + r["first_chunk"]["decode_s"]
                 r["decode_tflops"] = flops / r["decode_s"] / 1e12  # the decode's achieved rate (median chunk)
                 print(_row_line(row, r, results), flush=True)
