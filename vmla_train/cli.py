@@ -300,13 +300,45 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _destroy_process_group() -> None:
+EXIT_GRACE_S = 60.0  # a finished rank's teardown (process group, exit hooks) gets this long, then it leaves anyway
+
+
+def _destroy_process_group(grace_s: float = EXIT_GRACE_S) -> None:
     """Tear down the process group a distributed run made, so no communication thread (gloo, NCCL,
-    DeepSpeed) outlives the interpreter and aborts the process at exit."""
+    DeepSpeed) outlives the interpreter and aborts the process at exit. The teardown runs on a daemon
+    thread for at most ``grace_s``: a rank whose run finished is not held by a peer that already left."""
+    import threading
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        t = threading.Thread(target=dist.destroy_process_group, name="destroy_process_group", daemon=True)
+        t.start()
+        t.join(grace_s)
+        if t.is_alive():
+            print(f"warning: the process group's teardown did not finish in {grace_s:g} s; leaving it",
+                  file=sys.stderr, flush=True)
+
+
+def _leave(rc: int, grace_s: float = EXIT_GRACE_S) -> None:
+    """Leave a rank of a multi-process job with status ``rc``: the Python exit hooks (W&B's among them),
+    then ``os._exit``. A hook that hangs (a W&B service a Slurm requeue killed under an earlier process)
+    cannot keep a finished rank, and with it its Slurm job, alive: after ``grace_s`` one line on stderr and
+    the same exit."""
+    import threading
+
+    def cut_short() -> None:
+        print(f"warning: exit hooks still running after {grace_s:g} s; exiting with status {rc}",
+              file=sys.stderr, flush=True)
+        os._exit(rc)
+
+    timer = threading.Timer(grace_s, cut_short)
+    timer.daemon = True
+    timer.start()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _multi_process_rank() -> bool:
@@ -319,13 +351,10 @@ def entry() -> None:
     Python exit hooks (W&B's among them) and leaves with ``os._exit``: communication threads of gloo /
     DeepSpeed's shared-memory op that survive ``destroy_process_group`` otherwise abort the process in
     interpreter teardown ("terminate called without an active exception", exit -6) after a run that
-    finished and wrote everything."""
+    finished and wrote everything. Both the teardown and the hooks are bounded (``EXIT_GRACE_S``)."""
     rc = main()
     if _multi_process_rank():
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+        _leave(rc)
     sys.exit(rc)
 
 
