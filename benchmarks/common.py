@@ -6,7 +6,14 @@ import json
 import os
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` as recorded in a result: relative to the repository when inside it, else as given."""
+    p = Path(path).resolve()
+    return p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else str(path)
 
 
 def device_slug(device: str) -> str:

@@ -63,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import repo_relative, write_result  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train import schedule  # noqa: E402
 from vmla_train.dataprep.video import Mp4Writer  # noqa: E402
@@ -255,7 +255,7 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
         out |= dict(replayed=model.counts["replay"] - counts["replay"], eager=model.counts["eager"] - counts["eager"],
                     captures=model.counts["capture"], static_mb=model.nbytes() / 2**20)
     if switch:
-        out["switch"] = measure_switch(lambda n, at: parts(one_video(n, full=False, switch_at=at)), cfg,
+        out["switch"] = measure_switch(lambda n, at: parts(one_video(n, full=False, switch_at=at)),
                                        model.new_cache(1, device))
     if profile_chunks and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -272,7 +272,7 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
     return out
 
 
-def measure_switch(video, cfg: C.Config, cache) -> dict:
+def measure_switch(video, cache) -> dict:
     """A prompt switch in the steady state: one video from an empty cache, long enough that the clean frames
     of this video fill every slot (sinks + window), then two chunks, the switch (``generate.recache``: the
     window re-run under the new text) before the next, and two more. ``video(n, at)`` -> per-chunk parts.
@@ -360,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     v = base.video
     results: dict[str, dict] = {}
-    config = Path(a.config).resolve()
-    payload = dict(device=name, date=dt.date.today().isoformat(),
-                   config=str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else a.config,
+    payload = dict(device=name, date=dt.date.today().isoformat(), config=repo_relative(a.config),
                    overrides=a.overrides,
                    vae_dtype=vae_dtype, vae_autotune=a.vae_autotune, vae_channels_last=a.vae_channels_last,
                    write=not a.no_write, graphs=a.graphs, overlap=a.overlap, switch=a.switch,

@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from vmla_train import config as C
-from vmla_train import data, parallel, recipe, train
-from vmla_train.distill import DistillationModule
-from vmla_train.ema import EMA
-from vmla_train.flops import FlopCounter, peak_tflops
-from vmla_train.state import TrainState
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, repo_relative, write_result  # noqa: E402
+from vmla_train import config as C  # noqa: E402
+from vmla_train import data, parallel, recipe, train  # noqa: E402
+from vmla_train.distill import DistillationModule  # noqa: E402
+from vmla_train.ema import EMA  # noqa: E402
+from vmla_train.flops import FlopCounter, peak_tflops  # noqa: E402
+from vmla_train.state import TrainState  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:
@@ -38,11 +41,11 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(args, backend: str) -> dict:
+def run(args, backend: str, scratch: Path) -> dict:
     cpu = args.device == "cpu"
     overrides = ["data.source=synthetic", "data.num_workers=0", f"data.batch_size={args.batch}",
                  f"data.synthetic_samples={args.batch}", f"train.global_batch_size={args.batch}",
-                 "logging.wandb_mode=disabled", "strategy.name=single", f"runtime.run_dir={args.out_dir}/run",
+                 "logging.wandb_mode=disabled", "strategy.name=single", f"runtime.run_dir={scratch / 'run'}",
                  f"strategy.accelerator={'cpu' if cpu else 'cuda'}", f"runtime.device={args.device}"]
     overrides += ["strategy.precision=32-true"] if cpu else []
     overrides += [f"train.compile={backend}"] if backend else []
@@ -51,8 +54,7 @@ def run(args, backend: str) -> dict:
         # timing only: a seeded stand-in of the negative prompt's embedding at the config's text geometry
         from safetensors.torch import save_file
 
-        neg = Path(args.out_dir) / "run" / "negative-stand-in.safetensors"
-        neg.parent.mkdir(parents=True, exist_ok=True)
+        neg = scratch / "negative-stand-in.safetensors"
         m = cfg.model
         save_file({"text": torch.randn(1, m.text_len, m.text_dim, generator=torch.Generator().manual_seed(0))}, neg)
         cfg = C.load(ROOT / args.config, overrides + args.overrides + [f"dmd.negative_embedding={neg}"])
@@ -129,22 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", type=int, default=0, help="profile this many more steps per variant (CUDA)")
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
-    p.add_argument("--json", default="", help="output JSON (default benchmarks/results/pretrain_step-<device>.json)")
+    p.add_argument("--results", default=str(RESULTS), help="folder of pretrain_step-<device>.json")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = p.parse_args(argv)
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    rows = [run(args, b) for b in args.compile.split(",")]
-    out = Path(args.json or Path(args.out_dir) / f"pretrain_step-{dev_name.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path = (ROOT / args.config).resolve()
-    cfg_name = cfg_path.relative_to(ROOT).as_posix() if cfg_path.is_relative_to(ROOT) else str(cfg_path)
+    with tempfile.TemporaryDirectory() as scratch:  # the run folder and a stand-in negative embedding
+        rows = [run(args, b, Path(scratch)) for b in args.compile.split(",")]
     result = {"device": dev_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "config": cfg_name, "overrides": args.overrides, "rows": rows}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+              "config": repo_relative(ROOT / args.config), "overrides": args.overrides, "rows": rows}
+    write_result("pretrain_step", dev_name, result, args.results)
     return 0
 
 

@@ -130,7 +130,7 @@ def test_inductor_blocks_equal_the_eager_blocks_on_cuda():
 
 
 @pytest.mark.timeout(180)
-def test_pretrain_step_benchmark_tiny_cpu_run(tmp_path, capsys):
+def test_pretrain_step_benchmark_tiny_cpu_run(tmp_path, capsys, monkeypatch):
     """benchmarks/pretrain_step.py end to end on CPU at the tiny geometry (numbers mean nothing here): one row
     per variant, rates derived from the measured step time, the config recorded relative to the repository."""
     import importlib.util
@@ -141,10 +141,10 @@ def test_pretrain_step_benchmark_tiny_cpu_run(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("pretrain_bench", root / "benchmarks" / "pretrain_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = tmp_path / "r.json"
+    monkeypatch.delenv("OUT", raising=False)  # write_result also copies into $OUT when it is set
+    out = tmp_path / "pretrain_step-cpu.json"
     assert bench.main(["--config", str(root / "configs/pretrain-debug.yaml"), "--batch", "2", "--compile", ",aot_eager",
-                       "--device", "cpu", "--warmup", "1", "--steps", "2", "--out-dir", str(tmp_path),
-                       "--json", str(out)]) == 0
+                       "--device", "cpu", "--warmup", "1", "--steps", "2", "--results", str(tmp_path)]) == 0
     assert "compile aot_eager" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["config"] == "configs/pretrain-debug.yaml"

@@ -33,6 +33,7 @@ import types
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import config as C
 
@@ -174,8 +175,6 @@ def apply_gradient_checkpointing(model: nn.Module) -> int:
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
-    from torch.utils.checkpoint import checkpoint
-
     if not torch.is_grad_enabled():
         return self._vmla_inner(*args, **kwargs)
     return checkpoint(self._vmla_inner, *args, use_reentrant=False, **kwargs)
