@@ -2,6 +2,7 @@
 ``train.compile``: seconds per step, samples/s, MFU, peak GPU memory, and optionally the top GPU kernels.
 
     python benchmarks/pretrain_step.py                                  # world teacher, batch 256, eager vs inductor
+    python benchmarks/pretrain_step.py --batch 256,512 --compile inductor,inductor:reduce-overhead  # a mode: CUDA graphs
     python benchmarks/pretrain_step.py --compile "" --profile 5          # where an eager step's GPU time goes
     python benchmarks/pretrain_step.py --config configs/pretrain-debug.yaml --batch 2 --compile ",aot_eager"  # CPU smoke
 
@@ -41,14 +42,16 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(args, backend: str, scratch: Path) -> dict:
+def run(args, batch_size: int, variant: str, scratch: Path) -> dict:
+    """One row: ``variant`` = ``backend[:mode]`` (``train.compile`` and ``train.compile_mode``; "" = eager)."""
     cpu = args.device == "cpu"
-    overrides = ["data.source=synthetic", "data.num_workers=0", f"data.batch_size={args.batch}",
-                 f"data.synthetic_samples={args.batch}", f"train.global_batch_size={args.batch}",
+    backend, _, mode = variant.partition(":")
+    overrides = ["data.source=synthetic", "data.num_workers=0", f"data.batch_size={batch_size}",
+                 f"data.synthetic_samples={batch_size}", f"train.global_batch_size={batch_size}",
                  "logging.wandb_mode=disabled", "strategy.name=single", f"runtime.run_dir={scratch / 'run'}",
                  f"strategy.accelerator={'cpu' if cpu else 'cuda'}", f"runtime.device={args.device}"]
     overrides += ["strategy.precision=32-true"] if cpu else []
-    overrides += [f"train.compile={backend}"] if backend else []
+    overrides += [f"train.compile='{backend}'", f"train.compile_mode='{mode}'"]  # '' = eager, whatever the config says
     cfg = C.load(ROOT / args.config, overrides + args.overrides)
     if recipe.reads_negative(cfg) and not Path(cfg.dmd.negative_embedding).is_file():
         # timing only: a seeded stand-in of the negative prompt's embedding at the config's text geometry
@@ -88,10 +91,10 @@ def run(args, backend: str, scratch: Path) -> dict:
         step(args.warmup + i)
     _sync(dev)
     dt = (time.perf_counter() - t0) / args.steps
-    f = flops.student(args.batch)
+    f = flops.student(batch_size)
     peak = peak_tflops(dev)
-    row = {"compile": backend or "eager", "batch": args.batch, "s_per_step": round(dt, 4),
-           "samples_per_s": round(args.batch / dt, 1), "first_steps_s": round(first, 1), "warmup": args.warmup,
+    row = {"compile": backend or "eager", "compile_mode": mode, "batch": batch_size, "s_per_step": round(dt, 4),
+           "samples_per_s": round(batch_size / dt, 1), "first_steps_s": round(first, 1), "warmup": args.warmup,
            "steps": args.steps, "tflop_per_step": round(f / 1e12, 3),
            "mfu": round(f / dt / (peak * 1e12), 4) if peak else None,
            "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None}
@@ -101,6 +104,20 @@ def run(args, backend: str, scratch: Path) -> dict:
     for k in row.get("top_kernels", []):
         print(f"    {k['ms_per_step']:8.2f} ms  {k['calls_per_step']:6.0f} calls  {k['name'][:100]}")
     return row
+
+
+def try_run(args, batch_size: int, variant: str, scratch: Path) -> dict:
+    """``run``, or a row that names the variant and its error (a mode that fails is a result too)."""
+    try:
+        return run(args, batch_size, variant, scratch)
+    except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
+        backend, _, mode = variant.partition(":")
+        row = {"compile": backend or "eager", "compile_mode": mode, "batch": batch_size,
+               "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return row
 
 
 def _profile(step, n: int, top: int) -> list[dict]:
@@ -124,8 +141,9 @@ def _profile(step, n: int, top: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/world/world-pretrain.yaml")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--compile", default=",inductor", help="comma-separated train.compile backends ('' = eager)")
+    p.add_argument("--batch", default="256", help="comma-separated batch sizes (a row per batch and variant)")
+    p.add_argument("--compile", default=",inductor",
+                   help="comma-separated train.compile backends, each optionally :train.compile_mode ('' = eager)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as scratch:  # the run folder and a stand-in negative embedding
-        rows = [run(args, b, Path(scratch)) for b in args.compile.split(",")]
+        rows = [try_run(args, int(b), v, Path(scratch)) for b in args.batch.split(",") for v in args.compile.split(",")]
     result = {"device": dev_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "config": repo_relative(ROOT / args.config), "overrides": args.overrides, "rows": rows}
     write_result("pretrain_step", dev_name, result, args.results)

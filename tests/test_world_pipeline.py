@@ -39,7 +39,8 @@ CPU = ["runtime.device=cpu", "runtime.progress=false"]
 ODE = ["prep.ode.num_steps=4", "prep.ode.keep_indices=[0,2,4]"]
 FIT = [*MODEL, *CPU, f"train.num_steps={STEPS}", "train.global_batch_size=1",
        "data.batch_size=1", "data.num_workers=0", "strategy.precision=32-true", "logging.wandb_mode=disabled",
-       f"checkpoint.every_n_steps={STEPS}", "logging.sample_every_n_steps=0", "validation.every_n_steps=0"]
+       f"checkpoint.every_n_steps={STEPS}", "logging.sample_every_n_steps=0", "validation.every_n_steps=0",
+       "train.compile=''"]
 PREP = [*MODEL, *CPU, *ODE, "prep.raw.num_workers=0", "prep.encode.decode_workers=1", "prep.ode.dtype=float32"]
 PROMPT = "a small red circle drifts to the left quickly"
 

@@ -215,7 +215,7 @@ def read_train_state(folder: Path) -> dict:
 # (model, attention, cache, video, schedule, optim, dmd, the rest of train/data/runtime/strategy, prep) changes
 # the meaning of the run and needs checkpoint.allow_config_change=true. Listed in docs/fault-tolerance.md.
 FREE_KEYS = ("train.num_steps", "train.max_consecutive_skips", "train.gradient_checkpointing", "train.compile",
-             "train.allow_random_roles",
+             "train.compile_mode", "train.allow_random_roles",
              "runtime.progress", "runtime.run_dir", "runtime.device",
              "data.num_workers", "data.prefetch_factor", "data.max_open_shards", "strategy.offload",
              "logging.", "checkpoint.", "validation.", "debug.", "demo.", "convert.", "generate.")

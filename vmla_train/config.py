@@ -60,6 +60,10 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# torch.compile's modes (inductor's): train.compile_mode
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class ModelConfig:
     """The Wan2.1 DiT geometry shared by the student, the teacher and the critic."""
@@ -269,6 +273,7 @@ class TrainConfig:
     teacher_size: str = ""  # named size of teacher/critic (MODEL_SIZES); "" = model.name
     gradient_checkpointing: bool = False  # recompute each block in backward (student and critic)
     compile: str = ""  # torch.compile backend for each student block's cacheless forward ("inductor": fuses the float32 modulation arithmetic; the first iteration compiles); "" = eager. Cached rollouts stay eager; not with DeepSpeed ZeRO-3
+    compile_mode: str = ""  # torch.compile mode with train.compile=inductor: "" (inductor's default) | default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     rollout_frames: int = 0  # self-forcing rollout length in latent frames; 0 = video.latent_frames
     text_dropout: float = 0.0  # pretrain: probability a sample's text becomes dmd.negative_embedding (learns the unconditional score CFG needs)
     ema_decay: float = 0.0  # pretrain / adapt / ode_init: EMA of the student weights, exported with `export --ema` (0 = none; self_forcing: dmd.ema_decay)
@@ -422,7 +427,7 @@ class CheckpointConfig:
     on_write_error: str = "stop"  # a failed checkpoint write (e.g. disk full): stop (raise) | continue training
     checksums: bool = True  # SHA-256 of every file in the manifest, verified at resume and when a student folder loads (sizes are always checked)
     save_timeout_s: float = 1800.0  # seconds every rank gets to write its part of a checkpoint and agree; past it each waiting rank stops with one line naming the folder and the failed rank (a rank that died or left a collective save); 0 = wait forever
-    allow_config_change: bool = False  # resume although keys that change the run's meaning differ from the checkpoint's config (every key but train.num_steps/max_consecutive_skips/gradient_checkpointing/compile/allow_random_roles, runtime.progress/run_dir/device, data.num_workers/prefetch_factor/max_open_shards, strategy.offload, logging.*, checkpoint.*, validation.*, debug.*, and the sections fit does not read: demo.*, convert.*, generate.*; see docs/fault-tolerance.md)
+    allow_config_change: bool = False  # resume although keys that change the run's meaning differ from the checkpoint's config (every key but train.num_steps/max_consecutive_skips/gradient_checkpointing/compile/compile_mode/allow_random_roles, runtime.progress/run_dir/device, data.num_workers/prefetch_factor/max_open_shards, strategy.offload, logging.*, checkpoint.*, validation.*, debug.*, and the sections fit does not read: demo.*, convert.*, generate.*; see docs/fault-tolerance.md)
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 1 or self.keep_last < 1:
@@ -730,6 +735,9 @@ class Config:
             # ZeRO-3's per-module parameter hooks make dynamo recompile at every block until it gives up (eager)
             _fail("train.compile", "'' (eager) with DeepSpeed ZeRO-3 (its parameter hooks defeat the compiled "
                   "blocks); ZeRO-2 compiles", f"{self.train.compile!r} with strategy.zero_stage=3")
+        if self.train.compile_mode and (self.train.compile != "inductor" or self.train.compile_mode not in COMPILE_MODES):
+            _fail("train.compile_mode", f"one of {', '.join(COMPILE_MODES)} with train.compile=inductor (the modes "
+                  "are inductor's), or ''", f"{self.train.compile_mode!r} with train.compile={self.train.compile!r}")
         if self.train.text_dropout > 0 and (self.train.stage != Stage.pretrain or not self.dmd.negative_embedding):
             _fail("train.text_dropout", "0 unless train.stage=pretrain with a dmd.negative_embedding file (the text "
                   "a dropped sample sees; `vmla-data negative-embedding` writes it)",

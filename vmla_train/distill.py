@@ -107,7 +107,7 @@ class DistillationModule(L.LightningModule):
         teacher = recipe.build_teacher(cfg) if sf or cfg.validation.every_n_steps > 0 else None
         critic = recipe.build_critic(cfg, teacher) if sf else None
         if cfg.train.compile:
-            parallel.apply_compile(student, cfg.train.compile)
+            parallel.apply_compile(student, cfg.train.compile, cfg.train.compile_mode)
         if cfg.train.gradient_checkpointing:
             for model in (student, critic):
                 if model is not None:

@@ -180,12 +180,13 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     return checkpoint(self._vmla_inner, *args, use_reentrant=False, **kwargs)
 
 
-def apply_compile(model: nn.Module, backend: str) -> int:
+def apply_compile(model: nn.Module, backend: str, mode: str = "") -> int:
     """``torch.compile`` every block's forward with ``backend`` where it runs without a KV cache (training's
     full forwards); a cached forward (rollouts, generation) stays eager. Returns the blocks wrapped.
 
     Our student's blocks only (``WanBlock``: the cache travels in their ``inp``). One compiled function per
-    block class and backend, with the block (its parameters) as an input, so the blocks share one graph;
+    block class, backend and ``mode`` (torch.compile's, inductor only; "" = its default), with the block (its
+    parameters) as an input, so the blocks share one graph;
     the wrapper is bound to its block as in ``apply_gradient_checkpointing``. Apply it before that one
     (the checkpoint then recomputes the compiled block)."""
     from .student import WanBlock
@@ -196,18 +197,19 @@ def apply_compile(model: nn.Module, backend: str) -> int:
     for block in blocks:
         if getattr(block, "_vmla_checkpointed", False):
             raise ValueError("train.compile: compile the blocks before wrapping them in gradient checkpointing")
-        block._vmla_compile = backend
+        block._vmla_compile = (backend, mode)
         block.forward = types.MethodType(_compiled_forward, block)
     return len(blocks)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(cls: type, backend: str):
-    return torch.compile(cls.forward, backend=backend, dynamic=False)  # a cache of compiled code, per backend
+def _compiled(cls: type, backend: str, mode: str):
+    # a cache of compiled code, per backend and mode
+    return torch.compile(cls.forward, backend=backend, mode=mode or None, dynamic=False)
 
 
 def _compiled_forward(self: nn.Module, x, mod, text, inp, layer, frames):
-    fn = type(self).forward if inp.cache is not None else _compiled(type(self), self._vmla_compile)
+    fn = type(self).forward if inp.cache is not None else _compiled(type(self), *self._vmla_compile)
     return fn(self, x, mod, text, inp, layer, frames)
 
 
