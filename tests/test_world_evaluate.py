@@ -220,6 +220,54 @@ def test_sample_teacher_uses_the_shared_euler_sampler(models):
     assert len(videos) == 1 and np.array_equal(videos[0], want.numpy())
 
 
+@pytest.mark.timeout(60)
+def test_euler_sample_from_a_middle_step_continues_the_full_run(models):
+    """``start=k`` on the latents after k steps finishes exactly as the run from noise does (the restarts of
+    benchmarks/teacher_noise.py)."""
+    model = wan.load_wan_transformer(models["teacher"], "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    noise, text = torch.randn(2, 2, 16, 8, 8, generator=gen), torch.randn(2, 16, 32, generator=gen)
+    neg = torch.randn(1, 16, 32, generator=gen)
+    full, kept = wan.euler_sample(model, noise, text, 5, 5.0, 16, neg, 3.0, keep=[2, 5])
+    rest, kept2 = wan.euler_sample(model, kept[2], text, 5, 5.0, 16, neg, 3.0, keep=[2], start=2)
+    assert torch.equal(rest, full) and torch.equal(kept2[2], kept[2])
+    last, _ = wan.euler_sample(model, full, text, 5, 5.0, 16, neg, 3.0, start=5)  # no step left: unchanged
+    assert torch.equal(last, full)
+    with pytest.raises(ValueError, match="start=6"):
+        wan.euler_sample(model, noise, text, 5, 5.0, start=6)
+
+
+@pytest.mark.timeout(120)
+def test_teacher_noise_benchmark_tiny_cpu_run(models, world, tmp_path, monkeypatch, capsys):
+    """benchmarks/teacher_noise.py on the tiny teacher (numbers mean nothing here): every restart and noise
+    level reported, the reconstruction row first, results relative to nothing outside the run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("teacher_noise", ROOT / "benchmarks" / "teacher_noise.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.delenv("OUT", raising=False)
+    args = ["--teacher", str(models["teacher"]), "--models", str(tmp_path / "m"), "--world", str(world),
+            "--clips", "2", "--steps", "4", "--starts", "4,2,0", "--sigmas", "0.5,0.9", "--text-len", "16",
+            "--device", "cpu", "--results", str(tmp_path)]
+    (tmp_path / "m").mkdir()
+    for sub, src in (("vae", models["vae"] / "vae"), ("tokenizer", models["text_encoder"] / "tokenizer"),
+                     ("text_encoder", models["text_encoder"] / "text_encoder")):
+        (tmp_path / "m" / sub).symlink_to(src)
+    assert bench.main(args) == 0
+    result = json.loads((tmp_path / "teacher_noise-cpu.json").read_text())
+    assert [r["start_step"] for r in result["restarts"]] == [4, 2, 0] and result["restarts"][0]["sigma"] == 0
+    assert [r["sigma"] for r in result["x0_error"]] == [0.5, 0.9] and result["clips"] == 2
+    for r in result["restarts"]:
+        assert 0 <= r["adherence"] <= 1 and r["objects"] >= 2
+    for r in result["x0_error"]:
+        assert r["x0_error"] > 0 and r["negative_over_prompt"] == pytest.approx(r["x0_error_negative"] / r["x0_error"],
+                                                                               rel=1e-2)
+    assert "restart at step  2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--starts"):
+        bench.main(args[:-2] + ["--starts", "5", "--results", str(tmp_path)])
+
+
 @pytest.mark.timeout(90)
 def test_bad_prompt_exits_2_naming_the_word(tmp_path):
     prompts = tmp_path / "prompts.txt"

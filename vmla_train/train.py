@@ -251,15 +251,20 @@ def update_role(state: TrainState, role: str, loss_of, batches: list, inject: bo
     base_lr, steps = (o.student_lr, c.student_steps) if role == "student" else (o.critic_lr, c.critic_steps)
     set_lr(optimizer, base_lr, steps, o.warmup_steps)  # 1.
     out: dict[str, float] = {}
-    finite = True
+    finite, logged = [], []
     for i, batch in enumerate(batches):
         loss, metrics = loss_of(batch)  # 2.
         loss = loss * float("nan") if inject else loss  # debug.inject_nan_steps (test hook)
-        finite = finite and bool(torch.isfinite(loss.detach()))
+        finite.append(torch.isfinite(loss.detach()).all())  # on the device: no wait before the backward
         parallel.backward(fabric, loss, engine, optimizer, state.accumulation, last=i == len(batches) - 1)  # 3.
+        logged.append(metrics)
+    # read on the host only now, once every backward is queued (a GPU never idles between forward and backward)
+    finite_loss = bool(torch.stack(finite).all())
+    for metrics in logged:
         for k, v in metrics.items():
             out[k] = out.get(k, 0.0) + float(v) / state.accumulation
-    out[f"grad_norm/{role}"], stepped = parallel.optimizer_step(fabric, engine, optimizer, o.grad_clip, finite)  # 4.
+    out[f"grad_norm/{role}"], stepped = parallel.optimizer_step(fabric, engine, optimizer, o.grad_clip,  # 4.
+                                                                finite_loss)
     out[f"skipped/{role}"] = float(not stepped)
     return out
 

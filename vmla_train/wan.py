@@ -225,21 +225,25 @@ def wan_flow(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_l
 @torch.no_grad()
 def euler_sample(model, noise: torch.Tensor, text: torch.Tensor, num_steps: int, shift: float,
                  text_len: int | None = None, negative: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                 keep: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                 keep: Sequence[int] = (), start: int = 0) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The teacher's many-step sampler: flow-matching Euler from ``noise`` [B, F, C, H, W] (sigma = 1) to
     sigma = 0 over ``schedule.euler_sigmas(num_steps, shift)``, in float32.
 
     With ``negative`` [1, Lt, text_dim], classifier-free guidance ``schedule.guide(cond, uncond,
     guidance_scale)``: the negative prompt runs as the second half of one doubled batch. Returns the
     final latents and ``{k: latents after k steps}`` for ``k`` in ``keep`` (0 = the noise).
+    ``start`` > 0: ``noise`` is the latents at step ``start`` (sigma = ``euler_sigmas[start]``, e.g. clean
+    latents noised to it) and the sampler runs the remaining steps only.
     """
     b = noise.shape[0]
     sigmas = schedule.euler_sigmas(num_steps, shift)  # (num_steps + 1,) float64, 1 -> 0
+    if not 0 <= start <= num_steps:
+        raise ValueError(f"euler_sample: start={start} outside 0..{num_steps}")
     if negative is not None:
         text = torch.cat([text, negative.to(text).expand(b, -1, -1)])  # (2B, Lt, D): cond, then uncond
     x = noise.float()
-    kept = {0: x} if 0 in keep else {}
-    for k in range(num_steps):
+    kept = {start: x} if start in keep else {}
+    for k in range(start, num_steps):
         xin = x if negative is None else torch.cat([x, x])
         t = torch.full((xin.shape[0],), schedule.NUM_TRAIN_TIMESTEPS * float(sigmas[k]), device=x.device)
         flow = wan_flow(model, xin, t, text, text_len).float()
