@@ -258,7 +258,7 @@ def update_role(state: TrainState, role: str, loss_of, batches: list, inject: bo
         finite.append(torch.isfinite(loss.detach()).all())  # on the device: no wait before the backward
         parallel.backward(fabric, loss, engine, optimizer, state.accumulation, last=i == len(batches) - 1)  # 3.
         logged.append(metrics)
-    # read on the host only now, once every backward is queued (a GPU never idles between forward and backward)
+    # read on the host only now, once every backward is queued (the host queues the backward while the forward runs)
     finite_loss = bool(torch.stack(finite).all())
     for metrics in logged:
         for k, v in metrics.items():
