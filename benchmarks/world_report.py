@@ -89,26 +89,32 @@ def within(a: float, b: float, rel: float, key: str) -> bool:
     return a >= b * (1 - rel) - 1e-9
 
 
-def rank_part(world: Path, variants: list[str], device: str, out: Path) -> dict:
+def rank_part(world: Path, variants: list[str], device: str, out: Path, calib_clips: int = 16) -> dict:
     """The rank study of the teacher and each MLA variant's c_kv occupation (init and after adaptation); its
-    CSV / JSON / PNG folders go into this report's ``out`` folder."""
+    CSV / JSON / PNG folders go into this report's ``out`` folder. Activations are measured on the first
+    ``calib_clips`` encoded world clips (``<world>/train``, the input the models were trained on) where that
+    folder holds them, else on seeded Gaussian latents (recorded in the result)."""
     from vmla_train.analyze import rank_study
+    from vmla_train.data import expand_shards, shard_counts
 
+    pattern = str(world / "train" / "raw-*.tar")
+    available = sum(shard_counts(expand_shards(pattern))) if calib_clips > 0 else 0
+    calib = [f"convert.calib_data={pattern}", f"convert.calib_samples={min(calib_clips, available)}"] if available else []
     ranks = {}
     teacher = rank_study(world / "teacher", out / "rank-teacher",
-                         overrides=["attention.kind=mha", f"runtime.device={device}"])
+                         overrides=["attention.kind=mha", f"runtime.device={device}", *calib])
     layers = teacher["layers"]
-    acts = [v for row in layers for k, v in row.items() if k.startswith("act_")]
+    acts = [v for row in layers for k, v in row.items() if k.startswith(("act_k_", "act_v_"))]
     ranks["teacher"] = {"dim": teacher["dim"], "w_k": [r["w_k"] for r in layers], "w_v": [r["w_v"] for r in layers],
                       "w_kv": [r["w_kv"] for r in layers], "median_activation_rank": median(acts) if acts else None,
-                      "tokens_per_bucket": teacher["tokens_per_bucket"]}
+                      "tokens_per_bucket": teacher["tokens_per_bucket"], "calibration": teacher["calibration"]}
     for tag in variants:
         for when, name in (("init", "student-converted"), ("adapted", "student-adapt")):
             folder = world / tag / name
             if not (folder / "config.yaml").is_file() or C.load(folder / "config.yaml").attention.kind != C.AttentionKind.mla:
                 continue
             r = rank_study(folder, out / f"rank-{tag}-{when}", config_paths=[folder / "config.yaml"],
-                           overrides=[f"runtime.device={device}"])
+                           overrides=[f"runtime.device={device}", *calib])
             ranks.setdefault(tag, {})[when] = {"d_c": r["d_c"], "c_occupation": [row["c_occupation"] for row in r["layers"]]}
     return ranks
 
@@ -174,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-seconds", type=float, default=60.0, help="the long horizon (>= 4x the training length)")
     p.add_argument("--eight-bit", default="mla", help="variant also generated with the 8-bit cache ('' = none)")
     p.add_argument("--no-rank", action="store_true", help="skip the rank study")
+    p.add_argument("--calib-clips", type=int, default=16,
+                   help="encoded world clips (<world>/train) the rank study's activations are measured on (0 = "
+                        "seeded Gaussian latents, also used when the world has no encoded clips)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--name", default="world_report")
     p.add_argument("--results", default=str(RESULTS))
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             rep = generate_and_score(student, prompts, world, base_dir / f"{tag}-{horizon}", seconds, a.device, extra)
             row[horizon] = summary(rep)
         rows[tag] = row
-    ranks = {} if a.no_rank else rank_part(world, a.variants, a.device, base_dir)
+    ranks = {} if a.no_rank else rank_part(world, a.variants, a.device, base_dir, a.calib_clips)
     result = {"device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu",
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "world": str(world), "stage": a.stage,
               "prompts": a.prompts, "long_seconds": a.long_seconds, "eval_folder": str(base_dir),

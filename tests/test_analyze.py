@@ -17,6 +17,7 @@ from vmla_train.student import WanStudent
 
 QUIET = dict(log=lambda *a: None)
 CALIB = ["convert.calib_samples=2", "convert.calib_timesteps=[900,300]"]
+MHA = CALIB + ["attention.kind=mha"]  # a Wan checkpoint's own attention, as the rank study reads it
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,64 @@ def test_rank_study_of_a_wan_checkpoint(tiny_wan, tmp_path):
         assert r["w_kv"] == R.effective_rank(torch.cat([wk, wv])) >= max(r["w_k"], r["w_v"])
         for t in (900, 300):
             assert 1 <= r[f"act_k_t{t}"] <= min(res["dim"], res["tokens_per_bucket"])
+            assert max(r[f"act_k_t{t}"], r[f"act_v_t{t}"]) <= r[f"act_kv_t{t}"] <= r[f"act_k_t{t}"] + r[f"act_v_t{t}"]
     assert res["tokens_per_bucket"] == 2 * 3 * 8 * 8  # samples x frames x (16/2) x (16/2) tokens
+
+
+def _latent_shards(folder, latents, texts):
+    """One latents shard (as `vmla-data encode` writes them: float32 npy members, an index) of these clips."""
+    import webdataset as wds
+
+    from vmla_train.data import INDEX_NAME, encode_array
+
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "train-000000.tar")) as w:
+        for i, (x, t) in enumerate(zip(latents, texts)):
+            w.write({"__key__": f"clip{i:05d}", "latents.npy": encode_array(x, "float32"),
+                     "text.npy": encode_array(t, "float32"), "txt": f"caption {i}",
+                     "json": json.dumps({"dtype": "float32"}).encode()})
+    (folder / INDEX_NAME).write_text(json.dumps({"kind": "latents", "shards": {"train-000000.tar": len(latents)}}))
+    return str(folder / "*.tar")
+
+
+@pytest.mark.timeout(60)
+def test_calibration_on_encoded_clips_equals_the_gaussian_path_on_the_same_tensors(tiny_wan, tmp_path):
+    """convert.calib_data replaces the seeded Gaussian clean latents and text by the shards' own (the noise
+    stays the same draw): shards holding exactly the Gaussian path's tensors give identical block inputs."""
+    src, _ = tiny_wan
+    source = V.WanSource(src)
+    cfg = V.build_config(source, [], MHA)
+    m, cc = cfg.model, cfg.convert
+    gen = torch.Generator().manual_seed(cc.seed)  # the Gaussian path's draws, in its order
+    nf, hh, ww = cc.calib_latent_shape
+    x0 = torch.randn(cc.calib_samples, nf, m.in_channels, hh, ww, generator=gen)
+    torch.randn(cc.calib_samples, len(cc.calib_timesteps), nf, m.in_channels, hh, ww, generator=gen)  # the noise
+    text = torch.randn(cc.calib_samples, cc.calib_text_tokens, m.text_dim, generator=gen)
+    pattern = _latent_shards(tmp_path / "shards", x0, text)
+    cfg_data = V.build_config(source, [], MHA + [f"convert.calib_data={pattern}"])
+    latents, emb = V.calibration_clips(cfg_data)
+    assert torch.equal(latents, x0) and torch.equal(emb, text)
+    a, b = V.Calibration(source, cfg), V.Calibration(source, cfg_data)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.text_emb, b.text_emb)
+    assert torch.equal(a.step(0, source.block(0)), b.step(0, source.block(0)))
+    res = A.rank_study(src, tmp_path / "rank", overrides=CALIB + [f"convert.calib_data={pattern}"], **QUIET)
+    assert res["calibration"]["data"] == pattern and res["tokens_per_bucket"] == 2 * 3 * 8 * 8
+
+
+@pytest.mark.timeout(60)
+def test_calibration_data_errors_name_the_key(tiny_wan, tmp_path):
+    src, _ = tiny_wan
+    source = V.WanSource(src)
+    missing = str(tmp_path / "none" / "*.tar")
+    with pytest.raises(V.ConversionError, match="convert.calib_data.*matches no files"):
+        V.calibration_clips(V.build_config(source, [], MHA + [f"convert.calib_data={missing}"]))
+    m = V.build_config(source, [], MHA).model
+    pattern = _latent_shards(tmp_path / "one", [torch.randn(3, m.in_channels, 16, 16)], [torch.randn(4, m.text_dim)])
+    with pytest.raises(V.ConversionError, match="'convert.calib_samples'=2: .* holds 1 clips"):
+        V.calibration_clips(V.build_config(source, [], MHA + [f"convert.calib_data={pattern}"]))
+    odd = _latent_shards(tmp_path / "odd", [torch.randn(3, m.in_channels, 15, 16)] * 2, [torch.randn(4, m.text_dim)] * 2)
+    with pytest.raises(V.ConversionError, match="not divisible by the patch"):
+        V.Calibration(source, V.build_config(source, [], MHA + [f"convert.calib_data={odd}"]))
 
 
 @pytest.mark.timeout(60)

@@ -6,8 +6,10 @@ CKPT is a Wan2.1-T2V checkpoint (original or diffusers layout) or a student fold
 
 - the ``convert.energy`` (99 %) effective rank of the self-attention K and V projections and of
   ``[W_k; W_v]`` (for an MLA student: of the effective ``W_uk W_dkv`` and ``W_uv W_dkv``);
-- the effective rank of the K and V activations on calibration latents (``convert.calib_*``: seeded
-  latents noised to each timestep bucket, run through the checkpoint's own blocks);
+- the effective rank of the K and V activations, and of both together (``act_kv``: what one shared latent
+  per token must hold), on calibration latents (``convert.calib_*``: seeded
+  latents, or with ``convert.calib_data`` encoded clips and their captions, noised to each timestep bucket,
+  run through the checkpoint's own blocks);
 - for an MLA student, the rank occupation of ``c_kv``: effective rank of the latent activations / d_c.
 
 Writes ``rank.csv``, ``rank.json`` and ``rank.png`` (matplotlib, Agg) into DIR. An activation rank cannot
@@ -73,9 +75,13 @@ def rank_study(ckpt: str | Path, out: str | Path, config_paths: Sequence[str | P
                "w_kv": effective_rank(torch.cat([wk, wv]), cc.energy)}
         for j, t in enumerate(buckets):
             xt = x[:, j].reshape(-1, x.shape[-1])  # (S*L, D)
+            acts = {}
             for name in ("k", "v") + (("c",) if kind == C.AttentionKind.mla else ()):
                 w, b = proj[name]
-                row[f"act_{name}_t{t:g}"] = activation_rank(xt @ w.t() + b, cc.energy)
+                acts[name] = xt @ w.t() + b
+                row[f"act_{name}_t{t:g}"] = activation_rank(acts[name], cc.energy)
+            # K and V together: what one shared latent per token has to hold (MLA's d_c)
+            row[f"act_kv_t{t:g}"] = activation_rank(torch.cat([acts["k"], acts["v"]], -1), cc.energy)
             if kind == C.AttentionKind.mla:
                 row[f"c_occupation_t{t:g}"] = row[f"act_c_t{t:g}"] / cfg.attention.d_c
         if kind == C.AttentionKind.mla:
@@ -87,7 +93,8 @@ def rank_study(ckpt: str | Path, out: str | Path, config_paths: Sequence[str | P
         "checkpoint": str(source.folder), "layout": source.layout, "kind": kind.value, "energy": cc.energy,
         "dim": cfg.model.dim, "d_c": cfg.attention.d_c if kind == C.AttentionKind.mla else None,
         "timestep_buckets": buckets, "tokens_per_bucket": int(x.shape[0] * x.shape[2]),
-        "calibration": {"samples": n_samples, "latent_shape": cc.calib_latent_shape, "seed": cc.seed},
+        "calibration": {"samples": n_samples, "latent_shape": cc.calib_latent_shape, "data": cc.calib_data or "gaussian",
+                        "seed": cc.seed},
         "layers": rows,
     }
     with student_io.AtomicDir(out, overwrite=True) as tmp:

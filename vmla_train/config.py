@@ -600,6 +600,7 @@ class ConvertConfig:
     calib_timesteps: list[float] = field(default_factory=lambda: [999.0, 750.0, 500.0, 250.0])  # timestep buckets
     calib_latent_shape: list[int] = field(default_factory=lambda: [3, 16, 16])  # calibration latent [frames, height, width]
     calib_text_tokens: int = 16  # non-zero text tokens per calibration prompt (the rest zero-padded)
+    calib_data: str = ""  # shard pattern of encoded clips (`vmla-data encode`): calibrate on the first calib_samples clips' latents and text instead of seeded Gaussian ones (calib_latent_shape / calib_text_tokens then come from the data); "" = Gaussian
     energy: float = 0.99  # energy fraction of the effective rank
     dtype: str = "source"  # output weights: source (keep the checkpoint's dtype) | float32 | bfloat16 | float16
     max_shard_gb: float = 4.0  # shard the output safetensors past this size

@@ -515,12 +515,47 @@ def random_mla(wan: dict[str, torch.Tensor], cfg: C.Config, generator: torch.Gen
 # ----------------------------------------------------------------------------------------------
 # Calibration: seeded latents and text through the source's own blocks, streamed layer by layer
 # ----------------------------------------------------------------------------------------------
+def calibration_clips(cfg: C.Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``convert.calib_samples`` clips of the shards ``convert.calib_data`` (``vmla-data encode``'s
+    latents shards, in shard order): latents [n, F, C, H, W] and text embeddings [n, Lt, text_dim], float32.
+    One line naming the key when the pattern matches nothing, holds other shards or too few clips."""
+    from . import data
+
+    cc = cfg.convert
+    try:
+        paths = data.check_shards(cc.calib_data, "latents", key="convert.calib_data")
+        source = data._ShardSource(C.replace(cfg, data=C.replace(cfg.data, shards=cc.calib_data)), "latents")
+    except (OSError, ValueError) as e:
+        raise ConversionError(str(e).replace("data.shards", "convert.calib_data")) from None
+    if len(source) < cc.calib_samples:
+        raise ConversionError(f"config key 'convert.calib_samples'={cc.calib_samples}: convert.calib_data "
+                              f"({len(paths)} shards) holds {len(source)} clips")
+    samples = [source.sample(i) for i in range(cc.calib_samples)]
+    m = cfg.model
+    shapes = {tuple(s["latents"].shape) for s in samples}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4 or next(iter(shapes))[1] != m.in_channels:
+        raise ConversionError(f"config key 'convert.calib_data': latents of shapes {sorted(shapes)}; expected one "
+                              f"[F, {m.in_channels}, H, W] shape (the model's model.in_channels)")
+    texts = [torch.as_tensor(s["text"]).float() for s in samples]
+    if any(t.shape[-1] != m.text_dim for t in texts):
+        raise ConversionError(f"config key 'convert.calib_data': text embeddings of width {texts[0].shape[-1]}, "
+                              f"the model reads model.text_dim={m.text_dim}")
+    lt = min(max(t.shape[0] for t in texts), m.text_len)
+    text = torch.zeros(len(texts), lt, m.text_dim)
+    for i, t in enumerate(texts):
+        text[i, : min(len(t), lt)] = t[:lt]
+    latents = torch.stack([torch.as_tensor(s["latents"]).float() for s in samples])
+    return latents, text
+
+
 class Calibration:
     """Runs calibration latents through a checkpoint block by block, exposing each block's attn1 input.
 
     The batch holds ``calib_samples`` seeded Gaussian latents x0 (shape ``calib_latent_shape``) noised to
     every timestep of ``calib_timesteps`` (x_t = (1 - sigma) x0 + sigma eps), with seeded Gaussian text
-    embeddings of ``calib_text_tokens`` tokens. Only the non-block weights and one block are materialised.
+    embeddings of ``calib_text_tokens`` tokens; with ``calib_data``, the first ``calib_samples`` clips of
+    those encoded shards (their latents and text embeddings) instead, for a trained checkpoint's own input
+    distribution. Only the non-block weights and one block are materialised.
     """
 
     def __init__(self, source: WanSource, src_cfg: C.Config, device: torch.device | str = "cpu"):
@@ -536,14 +571,23 @@ class Calibration:
             mod.load_state_dict({k[len(name) + 1:]: v for k, v in top.items() if k.startswith(name + ".")})
         gen = torch.Generator().manual_seed(cc.seed)
         m = src_cfg.model
-        nf, hh, ww = cc.calib_latent_shape
+        n, ts = cc.calib_samples, torch.tensor(cc.calib_timesteps, dtype=torch.float64)
+        clips = calibration_clips(src_cfg) if cc.calib_data else None  # (latents, text) of encoded clips
+        if clips is not None:
+            nf, _, hh, ww = clips[0].shape[1:]
+            key = f"the clips of convert.calib_data={cc.calib_data!r} ([F, C, H, W] = {list(clips[0].shape[1:])})"
+        else:
+            nf, hh, ww = cc.calib_latent_shape
+            key = f"config key 'convert.calib_latent_shape'={cc.calib_latent_shape}"
         pt, ph, pw = m.patch_size
         if nf % pt or hh % ph or ww % pw:
-            raise ConversionError(f"config key 'convert.calib_latent_shape'={cc.calib_latent_shape}: not divisible by the patch {m.patch_size}")
-        n, ts = cc.calib_samples, torch.tensor(cc.calib_timesteps, dtype=torch.float64)
+            raise ConversionError(f"{key}: not divisible by the patch {m.patch_size}")
+        # the same draws either way (clips only replace x0 and text): the noise is the Gaussian path's
         x0 = torch.randn(n, nf, m.in_channels, hh, ww, generator=gen)
         eps = torch.randn(n, len(ts), nf, m.in_channels, hh, ww, generator=gen)
         text = torch.randn(n, min(cc.calib_text_tokens, m.text_len), m.text_dim, generator=gen)
+        if clips is not None:
+            x0, text = clips
         x0 = x0[:, None].expand(-1, len(ts), -1, -1, -1, -1)
         t = ts[None].expand(n, -1)
         self.t = t.reshape(-1)  # (B,) with B = samples * timesteps, sample-major
@@ -724,7 +768,8 @@ def _report(source: WanSource, cfg: C.Config, layers: list[dict], files: list[st
                    "factorization": cc.factorization if mla and cc.init == "spectral" else None},
         "kv_values_per_token": C.kv_values_per_token(cfg), "kv_reduction": C.kv_reduction(cfg),
         "calibration": {"samples": cc.calib_samples, "timesteps": cc.calib_timesteps, "latent_shape": cc.calib_latent_shape,
-                        "text_tokens": cc.calib_text_tokens, "seed": cc.seed, "energy": cc.energy},
+                        "text_tokens": cc.calib_text_tokens, "data": cc.calib_data or "gaussian", "seed": cc.seed,
+                        "energy": cc.energy},
         "errors": "relative Frobenius norms on the calibration batch: K = the per-head key Wan's attention sees "
                   "(after its RMSNorm, before RoPE) vs MLA's key mapped back to Wan's head coordinates; V = per-head "
                   "values; attention output = self-attention block output (to_out applied), bidirectional",
