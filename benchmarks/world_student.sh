@@ -21,6 +21,7 @@
 # attention.d_r=32 for a milder compression); per fit STAGE_SECONDS (ADAPT_SECONDS, ODEINIT_SECONDS,
 # SF_SECONDS: stop that fit with SIGUSR1 after so many seconds, it checkpoints and exits; empty = run to
 # train.num_steps; CD_SECONDS too) and STAGE_ARGS (ADAPT_ARGS, ODEINIT_ARGS, CD_ARGS, SF_ARGS: extra key=value);
+# CALIB_CLIPS [16]: encoded world clips the conversion factorises the activations of (0 = the weights' SVD);
 # SF_FROM [ode_init]: the export self-forcing starts from; ODE_FROM [teacher]; ODE_PAIRS [4096] teacher
 # trajectories; EVAL_PROMPTS [64]; EVAL_SECONDS [5.0625 = 81 frames]; EVAL_ARGS (extra key=value for
 # vmla-generate); STUDENT [sf]: which exported student the eval stage scores (converted adapt ode_init causal_cd sf).
@@ -57,8 +58,14 @@ fit() {
 
 if has convert; then
   say "convert: teacher -> MLA student"
-  vmla-convert "$W/teacher" "$V/student-converted" "$STRIDE" ${STUDENT_ARGS:-} --config configs/world/world-adapt.yaml \
-    --overwrite
+  # the spectral init from the teacher's K/V activations on the world's own clips (CALIB_CLIPS of them): on the
+  # 15 944-iteration teacher its attention-output error is 0.23 against 0.57 from the weights' SVD
+  # (benchmarks/README.md, "World student init"); CALIB_CLIPS=0: the weights' SVD
+  CALIB=()
+  (( ${CALIB_CLIPS:-16} > 0 )) && CALIB=(convert.factorization=activations "convert.calib_data=$W/train/raw-*.tar"
+                                        "convert.calib_samples=${CALIB_CLIPS:-16}")
+  vmla-convert "$W/teacher" "$V/student-converted" "$STRIDE" "${CALIB[@]}" ${STUDENT_ARGS:-} \
+    --config configs/world/world-adapt.yaml --overwrite
 fi
 if has adapt; then
   say "adapt"
