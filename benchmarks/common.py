@@ -31,3 +31,11 @@ def write_result(prefix: str, device: str, payload: dict, folder: str | Path = R
         os.replace(tmp, d / name)
     print(f"wrote {path}")
     return path
+
+
+def gpu_kernels(prof) -> list:
+    """The GPU kernels of a ``torch.profiler`` run, the most summed device time first: its key averages with
+    device time, less user annotations (``Optimizer.step#...`` and the like span kernels already counted)."""
+    events = [e for e in prof.key_averages()
+              if e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)]
+    return sorted(events, key=lambda e: e.self_device_time_total, reverse=True)

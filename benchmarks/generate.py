@@ -63,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import repo_relative, write_result  # noqa: E402
+from benchmarks.common import gpu_kernels, repo_relative, write_result  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train import schedule  # noqa: E402
 from vmla_train.dataprep.video import Mp4Writer  # noqa: E402
@@ -262,11 +262,10 @@ def run_mode(cfg: C.Config, vae, device: torch.device, chunks: int, warmup: int,
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             prof_rows = one_video(profile_chunks, full=True)
-        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        events = gpu_kernels(prof)
         kernel_s = sum(e.self_device_time_total for e in events) / 1e6  # microseconds -> s
         out["gpu_busy"] = kernel_s / (out["wall_s"] * len(prof_rows))
         if top_kernels:  # where a chunk's GPU time goes: the kernels by summed time, per chunk
-            events.sort(key=lambda e: e.self_device_time_total, reverse=True)
             out["top_kernels"] = [dict(name=e.key, ms_per_chunk=e.self_device_time_total / 1e3 / len(prof_rows),
                                        calls_per_chunk=e.count / len(prof_rows)) for e in events[:top_kernels]]
     return out

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, repo_relative, write_result  # noqa: E402
+from benchmarks.common import RESULTS, gpu_kernels, repo_relative, write_result  # noqa: E402
 from vmla_train import config as C  # noqa: E402
 from vmla_train import data, parallel, recipe, train  # noqa: E402
 from vmla_train.distill import DistillationModule  # noqa: E402
@@ -128,8 +128,7 @@ def _profile(step, n: int, top: int) -> list[dict]:
         for i in range(n):
             step(10_000 + i)
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    events = gpu_kernels(prof)
     total = sum(e.self_device_time_total for e in events)
     rows = [{"name": "(all kernels)", "ms_per_step": round(total / 1e3 / n, 3),
              "calls_per_step": sum(e.count for e in events) / n}]

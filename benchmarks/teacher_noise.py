@@ -40,7 +40,7 @@ from vmla_train.world.captions import parse_prompt  # noqa: E402
 from vmla_train.world.openvid import HELDOUT_SCENES, MANIFEST, SCENES, read_scenes  # noqa: E402
 from vmla_train.world.render import render  # noqa: E402
 
-OBJECT_KEYS = ("present_ok", "shape_ok", "size_ok", "direction_ok", "adheres")
+OBJECT_KEYS = metrics.OBJECT_CHECKS
 
 
 def world_clips(world: Path, n: int, split: str) -> tuple[list[str], np.ndarray, float]:
@@ -75,15 +75,11 @@ def x0_errors(model, x0, text, negative, sigmas, text_len, gen) -> list[dict]:
 
 
 def score(videos: list[np.ndarray], captions: list[str], fps: float) -> dict:
-    adherence, objects = [], {k: [] for k in OBJECT_KEYS}
-    for v, c in zip(videos, captions):
-        r = metrics.evaluate(v, parse_prompt(c), fps=fps)
-        adherence.append(r["adherence"])
-        for o in r["objects"]:
-            for k in OBJECT_KEYS:
-                objects[k].append(float(o[k]))
-    return {"adherence": round(float(np.mean(adherence)), 3),
-            **{k: round(float(np.mean(v)), 3) for k, v in objects.items()}, "objects": len(objects["adheres"])}
+    """Adherence and the per-object checks of ``videos`` against their captions."""
+    r = metrics.evaluate_many(((v, parse_prompt(c)) for v, c in zip(videos, captions)), fps=fps)
+    return {"adherence": round(r["adherence"], 3),
+            **{k: round(v, 3) for k, v in r["per_object"].items() if k in OBJECT_KEYS},
+            "objects": r["per_object"]["objects"]}
 
 
 def main(argv: list[str] | None = None) -> int:

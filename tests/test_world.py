@@ -267,6 +267,22 @@ def test_frechet_distance_is_zero_on_itself_and_positive_on_corrupted_sets():
         frechet_distance(feats[:1], feats)
 
 
+@pytest.mark.timeout(60)
+def test_per_object_checks_are_rates_over_every_prompted_object():
+    """evaluate_many's ``per_object``: each check's mean over all objects of all videos (not per video), perfect
+    on ground truth; a frozen clip keeps its objects but loses their directions."""
+    scenes = [scene(seed) for seed in range(6)]
+    real = evaluate_many([(render(sc, T), sc) for sc in scenes])["per_object"]
+    assert real["objects"] == sum(len(sc.objects) for sc in scenes)
+    assert all(real[k] == 1.0 for k in ("present_ok", "shape_ok", "size_ok", "direction_ok", "adheres"))
+    results = [evaluate(np.repeat(render(sc, T)[:1], T, axis=0), sc) for sc in scenes]
+    frozen = evaluate_many([(np.repeat(render(sc, T)[:1], T, axis=0), sc) for sc in scenes])["per_object"]
+    objects = [o for r in results for o in r["objects"]]
+    assert frozen["direction_ok"] == pytest.approx(np.mean([o["direction_ok"] for o in objects]))
+    assert frozen["direction_ok"] < 0.5
+    assert frozen["present_ok"] == 1.0
+
+
 @pytest.mark.timeout(30)
 def test_drift_is_zero_on_ground_truth_and_positive_when_late_segments_break():
     for seed in range(6):

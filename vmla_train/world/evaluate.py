@@ -260,6 +260,11 @@ def report_table(result: dict, reference: Reference | None = None) -> str:
         if key not in result:
             continue
         rows.append((label, f"{result[key]:.3f}", f"{gt[key]:.3f}" if key in gt else "-", better))
+    ours, theirs = result.get("per_object") or {}, gt.get("per_object") or {}
+    for key in metrics.OBJECT_CHECKS[:-1]:  # present, shape, size, direction: the parts of object adherence
+        if ours.get(key) is not None:
+            rows.append((f"objects {key[:-3]}", f"{ours[key]:.3f}",
+                         f"{theirs[key]:.3f}" if theirs.get(key) is not None else "-", "1"))
     if "frechet_distance" in result:
         rows.append(("Fréchet distance", f"{result['frechet_distance']:.2f}", f"{result['frechet_floor']:.2f} (floor)",
                      "floor"))

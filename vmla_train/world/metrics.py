@@ -85,6 +85,7 @@ STILL = 0.25  # |m| below this fraction of |v|: "still"
 CODEC_PX = 4  # px a lossy codec may pull a bounding box in from the frame border (module doc)
 HIDDEN_AREA = 0.6  # area fraction an object can show the frame before it is fully behind another (module doc)
 SCORES = ("adherence", "object_adherence", "identity")  # higher is better, in [0, 1]
+OBJECT_CHECKS = ("present_ok", "shape_ok", "size_ok", "direction_ok", "adheres")  # per prompted object, 0 or 1
 ERRORS = ("motion_error", "physics_error", "background")  # lower is better
 DRIFT_FLOOR = {"motion_error": 0.25, "physics_error": 0.25, "background": 0.02}  # error scale below which changes are noise
 _INTERNAL = ("class_direction", "class_consistent", "consistent", "run_start")  # per-object keys left out of results
@@ -639,7 +640,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, ridge: float = 1e-3) -> float
 def evaluate_many(items: Iterable[tuple[np.ndarray, Scene | PromptSpec]], fps: float | None = None,
                   segment_seconds: float = 1.0, reference: np.ndarray | None = None, **kwargs) -> dict:
     """``evaluate`` over (frames, target) pairs: means of every metric, mean curves per segment, mean
-    drift, and - given ``reference`` features [M, D] (e.g. of held-out real clips) - the Fréchet distance
+    drift, the rate of each per-object check over all prompted objects (``per_object``), and - given ``reference`` features [M, D] (e.g. of held-out real clips) - the Fréchet distance
     of these videos' features to them. ``kwargs`` go to ``evaluate``."""
     results = [evaluate(f, t, fps, segment_seconds, **kwargs) for f, t in items]
     if not results:
@@ -650,6 +651,9 @@ def evaluate_many(items: Iterable[tuple[np.ndarray, Scene | PromptSpec]], fps: f
     out["curves"] = {k: [float(np.mean([r["segments"][k][i] for r in results if len(r["segments"][k]) > i]))
                          for i in range(n_seg)] for k in (*SCORES, *ERRORS)}
     out["drift"] = {k: float(np.mean([r["drift"][k] for r in results])) for k in results[0]["drift"]}
+    objects = [o for r in results for o in r["objects"]]  # per prompted object, over all videos
+    out["per_object"] = {k: float(np.mean([o[k] for o in objects])) if objects else None for k in OBJECT_CHECKS}
+    out["per_object"]["objects"] = len(objects)
     out["num_videos"] = len(results)
     feats = np.array([r["features"] for r in results])
     out["features"] = feats.tolist()
