@@ -12,8 +12,8 @@
 # Every stage resumes: run the same command again after an interruption (or after FIT_SECONDS stopped the
 # fit) and finished work is kept. Settings (environment, defaults in brackets): WORLD_DIR [runs/world],
 # CLIPS [20000], SPLIT [0] (the world stream the clips come from: continue a teacher on fresh scenes with another
-# split; the held-out prompts stay those of stream 1000), WORKERS [cores - 2], CODEC [checkpoints/world/models/vae; $W/codec/vae once the codec stage ran]
-# (the codec the models folder takes), CODEC_IMAGE_BUDGET seconds [360] (the codec on single frames),
+# split; the held-out prompts stay those of stream 1000), WORKERS [cores - 2],
+# CODEC [checkpoints/world/models/vae; $W/codec/vae once the codec stage ran] (the codec the models folder takes), CODEC_IMAGE_BUDGET seconds [360] (the codec on single frames),
 # CODEC_BUDGET seconds [380] (then on clips), CODEC_FRAMES [49], CODEC_ARGS (extra world_codec.py flags for
 # both phases, e.g. --dim-mult 1 2 4 for 4x in space: every later stage takes video.vae_stride from the codec's
 # config),

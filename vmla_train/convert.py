@@ -522,14 +522,13 @@ def calibration_clips(cfg: C.Config) -> tuple[torch.Tensor, torch.Tensor]:
     from . import data
 
     cc = cfg.convert
-    try:
-        paths = data.check_shards(cc.calib_data, "latents", key="convert.calib_data")
+    try:  # the shard reader checks the pattern (files, their kind) as the data.shards loader does
         source = data._ShardSource(C.replace(cfg, data=C.replace(cfg.data, shards=cc.calib_data)), "latents")
     except (OSError, ValueError) as e:
         raise ConversionError(str(e).replace("data.shards", "convert.calib_data")) from None
     if len(source) < cc.calib_samples:
         raise ConversionError(f"config key 'convert.calib_samples'={cc.calib_samples}: convert.calib_data "
-                              f"({len(paths)} shards) holds {len(source)} clips")
+                              f"({len(source.paths)} shards) holds {len(source)} clips")
     samples = [source.sample(i) for i in range(cc.calib_samples)]
     m = cfg.model
     shapes = {tuple(s["latents"].shape) for s in samples}
