@@ -34,8 +34,8 @@ def write_result(prefix: str, device: str, payload: dict, folder: str | Path = R
 
 
 def gpu_kernels(prof) -> list:
-    """The GPU kernels of a ``torch.profiler`` run, the most summed device time first: its key averages with
-    device time, less user annotations (``Optimizer.step#...`` and the like span kernels already counted)."""
+    """The GPU kernels of a ``torch.profiler`` run, the most summed GPU time first: its key averages with
+    GPU time, less user annotations (``Optimizer.step#...`` and the like span kernels already counted)."""
     events = [e for e in prof.key_averages()
               if e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)]
     return sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
