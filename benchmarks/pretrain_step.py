@@ -2,7 +2,8 @@
 ``train.compile``: seconds per step, samples/s, MFU, peak GPU memory, and optionally the top GPU kernels.
 
     python benchmarks/pretrain_step.py                                  # world teacher, batch 256, eager vs inductor
-    python benchmarks/pretrain_step.py --batch 256,512 --compile inductor,inductor:reduce-overhead  # a mode: CUDA graphs
+    python benchmarks/pretrain_step.py --batch 256,512 --compile inductor,inductor:reduce-overhead \
+        --name pretrain_step_modes                                      # a mode (CUDA graphs) and a larger batch
     python benchmarks/pretrain_step.py --compile "" --profile 5          # where an eager step's GPU time goes
     python benchmarks/pretrain_step.py --config configs/pretrain-debug.yaml --batch 2 --compile ",aot_eager"  # CPU smoke
 
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", type=int, default=0, help="profile this many more steps per variant (CUDA)")
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("--results", default=str(RESULTS), help="folder of pretrain_step-<device>.json")
+    p.add_argument("--name", default="pretrain_step", help="result file prefix: <name>-<device>.json")
+    p.add_argument("--results", default=str(RESULTS), help="folder of the result file")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = p.parse_args(argv)
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [try_run(args, int(b), v, Path(scratch)) for b in args.batch.split(",") for v in args.compile.split(",")]
     result = {"device": dev_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "config": repo_relative(ROOT / args.config), "overrides": args.overrides, "rows": rows}
-    write_result("pretrain_step", dev_name, result, args.results)
+    write_result(args.name, dev_name, result, args.results)
     return 0
 
 

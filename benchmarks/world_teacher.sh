@@ -14,6 +14,8 @@
 # CLIPS [20000], SPLIT [0] (the world stream the clips come from: continue a teacher on fresh scenes with another
 # split; the held-out prompts stay those of stream 1000), WORKERS [cores - 2],
 # CODEC [checkpoints/world/models/vae; $W/codec/vae once the codec stage ran] (the codec the models folder takes), CODEC_IMAGE_BUDGET seconds [360] (the codec on single frames),
+# TEXT [checkpoints/world/text: the world text encoder pretrained on its captions; "seeded": the random one
+# the teachers before it trained with] (the text encoder the models folder takes),
 # CODEC_BUDGET seconds [380] (then on clips), CODEC_FRAMES [49], CODEC_ARGS (extra world_codec.py flags for
 # both phases, e.g. --dim-mult 1 2 4 for 4x in space: every later stage takes video.vae_stride from the codec's
 # config),
@@ -49,8 +51,10 @@ if has codec; then
 fi
 if has models; then
   [[ -z "${CODEC:-}" && -d "$W/codec/vae" ]] && CODEC=$W/codec/vae
-  say "models: codec ${CODEC:=checkpoints/world/models/vae} + the world's text encoder"
-  [[ -d "$W/models" ]] || vmla-world models "$W/models" --vae "$CODEC"
+  TEXT=${TEXT:-checkpoints/world/text}
+  say "models: codec ${CODEC:=checkpoints/world/models/vae} + the world's text encoder ($TEXT)"
+  [[ "$TEXT" == seeded ]] && TEXT_FLAG=() || TEXT_FLAG=(--text-encoder "$TEXT")
+  [[ -d "$W/models" ]] || vmla-world models "$W/models" --vae "$CODEC" "${TEXT_FLAG[@]}"
 fi
 if has clips; then
   say "clips"

@@ -130,6 +130,114 @@ def test_embeddings_of_different_prompts_differ(text_model):
     assert cos.min() < 0.95, cos
 
 
+# Pretraining the text encoder on the world's captions (token tagging)
+def test_clause_roles_mark_each_objects_clause():
+    """Every word of an object's clause (article, size, colour, shape, motion and the connective after it)
+    is that object's; the prefix, punctuation and the background clause belong to none."""
+    from vmla_train.world.captions import clause_roles
+
+    words = "a clip where a small red circle drifts left , and a blue box bounces up and down over a plain " \
+            "background .".split()
+    assert clause_roles(words) == [-1, -1, -1, 0, 0, 0, 0, 0, 0, -1, 0, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1]
+    # the background clause in front, a three-object caption: the order parse_prompt gives the objects
+    words = "against a gradient , a cyan disc moves right while a yellow triangle floats up as a big green " \
+            "block glides down".split()
+    roles = clause_roles(words)
+    assert roles[:4] == [-1] * 4 and [words[i] for i, r in enumerate(roles) if r == 2] == \
+        ["a", "big", "green", "block", "glides", "down"]
+    assert [o.colour for o in parse_prompt(" ".join(words)).objects] == ["cyan", "yellow", "green"]
+
+
+def test_token_targets_tag_each_token_with_its_objects_attributes(text_model):
+    tok, _ = text_model
+    classes = text.attribute_classes()
+    names = list(classes)
+    ids, mask, targets = text.token_targets(tok, ["A little red ball drifts left, a blue square moves up quickly."],
+                                            MAX_LEN)
+    pieces = text.caption_pieces(tok, "A little red ball drifts left, a blue square moves up quickly.")
+    assert int(mask.sum()) == len(pieces) + 1 and ids.shape == targets.shape[:2] == (1, MAX_LEN)
+
+    def value(t: int, attr: str):
+        k = int(targets[0, t, names.index(attr)])
+        return classes[attr][k] if k >= 0 else None
+
+    red, blue = pieces.index("ball"), pieces.index("square")
+    assert [value(red, a) for a in ("colour", "shape", "size", "direction", "speed")] == \
+        ["red", "circle", "small", "left", text.UNSAID]
+    assert [value(blue, a) for a in ("colour", "shape", "size", "direction", "speed")] == \
+        ["blue", "square", text.UNSAID, "up", "quickly"]
+    comma, eos = pieces.index(","), len(pieces)
+    for t in (comma, eos):  # no object: only the caption's attributes
+        assert value(t, "colour") is None and value(t, "objects") == "2" and value(t, "background") == text.UNSAID
+    assert (targets[0, eos + 1:] == -100).all()  # padding
+
+
+@pytest.mark.timeout(120)
+def test_text_encoder_pretraining_learns_the_binding(tmp_path, capsys):
+    """`vmla-world text-encoder`: a few dozen steps already make held-out tokens carry more of their object's
+    attributes; the folder loads through Wan's loader; OUT is written atomically and never overwritten; bad
+    settings exit 2."""
+    from vmla_train.world.evaluate import main
+
+    torch.manual_seed(0)
+    tok = text.build_tokenizer(text.world_words())
+    enc = text.build_encoder(len(tok), text.TINY_TEXT_DIM)
+    result = text.train_encoder(enc, tok, 40, batch_size=32, heldout=100, log=_quiet)
+    first, trained = result["history"][0], result["heldout_accuracy"]
+    assert not enc.training and first["step"] == 4 and trained["step"] == 40
+    for attr in ("colour", "size", "objects"):  # the fastest to learn; all reach > 0.99 in the shipped run
+        assert trained[attr] > first[attr] + 0.05, (attr, first, trained)
+    out = tmp_path / "text"
+    capsys.readouterr()
+    assert main(["text-encoder", str(out), "--steps", "3", "--batch-size", "8"]) == 0
+    assert "held-out token accuracy colour" in capsys.readouterr().out
+    report = json.loads((out / "training.json").read_text())
+    assert report["steps"] == 3 and report["heldout_accuracy"]["step"] == 3
+    tok2, enc2 = wan.load_text_encoder(out, dtype=torch.float32)
+    emb, _ = wan.encode_prompts(tok2, enc2, ["a red circle moves left"], MAX_LEN)
+    assert emb.shape == (1, MAX_LEN, enc2.config.d_model) and torch.isfinite(emb).all()
+    before = _digest(out)
+    capsys.readouterr()
+    assert main(["text-encoder", str(out), "--steps", "3"]) == 2
+    assert main(["text-encoder", str(tmp_path / "bad"), "--steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "exists" in err[0] and "--steps 0" in err[1], err
+    assert _digest(out) == before and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.timeout(120)
+def test_shipped_text_encoder_tokens_carry_their_objects_attributes(text_model):
+    """checkpoints/world/text: linear heads fitted on its frozen tokens (a few steps, captions of another
+    stream than its training) read each object's colour, shape and direction from every token of its
+    clause; on the seeded random encoder's tokens the same readout finds much less."""
+    tok, enc = wan.load_text_encoder(ROOT / "checkpoints" / "world" / "text", dtype=torch.float32)
+    assert tok.get_vocab() == text_model[0].get_vocab()
+    kw = dict(steps=40, batch_size=64, lr=3e-2, heldout=200, seed=5, frozen=True, log=_quiet)
+    shipped = text.train_encoder(enc, tok, **kw)["heldout_accuracy"]
+    seeded = text.train_encoder(text_model[1], tok, **kw)["heldout_accuracy"]
+    for attr in ("colour", "shape", "direction"):
+        assert shipped[attr] > 0.95 and shipped[attr] > seeded[attr] + 0.2, (attr, shipped, seeded)
+
+
+@pytest.mark.timeout(120)
+def test_world_text_benchmark_tiny_cpu_run(tmp_path, capsys):
+    """benchmarks/world_text.py end to end at a few steps (numbers mean nothing here): a row for the seeded
+    encoder and one per --text folder; a folder with another vocabulary exits 2 naming it."""
+    spec = importlib.util.spec_from_file_location("world_text_bench", ROOT / "benchmarks" / "world_text.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shipped = ROOT / "checkpoints" / "world" / "text"
+    assert bench.main(["--text", str(shipped), "--steps", "2", "--heldout", "20", "--results", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "world_text-cpu.json").read_text())["rows"]
+    assert [r["encoder"] for r in rows] == ["seeded random", "checkpoints/world/text"]
+    assert all(0 <= r["direction"] <= 1 for r in rows)
+    other = tmp_path / "other"
+    text.build_text_encoder(other, ["red", "circle"])
+    capsys.readouterr()
+    assert bench.main(["--text", str(other), "--steps", "2", "--results", str(tmp_path)]) == 2
+    assert str(other) in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # Codec
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +423,14 @@ def test_world_models_folder_holds_codec_and_text_encoder(codec_dir, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "exists" in err[0] and "config.json" in err[1], err
     assert _digest(out) == before and not (tmp_path / "other").exists()
+    # --text-encoder: a pretrained text encoder folder copied beside the codec
+    text_out = text.build_text_encoder(tmp_path / "text", text.world_words(), seed=3)
+    assert main(["models", str(tmp_path / "m2"), "--vae", str(codec_dir / "vae"), "--text-encoder", str(text_out)]) == 0
+    for part in ("tokenizer", "text_encoder"):
+        assert _digest(tmp_path / "m2" / part) == _digest(text_out / part)
+    capsys.readouterr()
+    assert main(["models", str(tmp_path / "m3"), "--vae", str(codec_dir / "vae"), "--text-encoder", str(codec_dir)]) == 2
+    assert "--text-encoder" in capsys.readouterr().err and not (tmp_path / "m3").exists()
 
 
 @pytest.mark.timeout(60)

@@ -146,9 +146,10 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z]+|[,;.]", text.lower().replace("-", " "))
 
 
-def _take_background(tokens: list[str]) -> tuple[list[str], str | None]:
-    """Remove background clauses: preposition ... noun runs of background words (stopped by punctuation)."""
-    kind, keep, i = None, [], 0
+def _background_spans(tokens: list[str]) -> tuple[list[tuple[int, int]], str | None]:
+    """Background clauses: preposition ... noun runs of background words (stopped by punctuation), as
+    ``[start, end)`` token spans, and the kind the last one names."""
+    kind, spans, i = None, [], 0
     while i < len(tokens):
         if tokens[i] in ("on", "over", "against"):
             j = i + 1
@@ -159,11 +160,44 @@ def _take_background(tokens: list[str]) -> tuple[list[str], str | None]:
                 while span[-1] not in BACKGROUND_NOUNS:  # leave trailing articles to what follows
                     span.pop()
                 kind = "gradient" if "gradient" in span else "texture" if {"texture", "textured"} & set(span) else "plain"
+                spans.append((i, i + len(span)))
                 i += len(span)
                 continue
-        keep.append(tokens[i])
         i += 1
-    return keep, kind
+    return spans, kind
+
+
+def _take_background(tokens: list[str]) -> tuple[list[str], str | None]:
+    """``tokens`` less their background clauses, and the background kind."""
+    spans, kind = _background_spans(tokens)
+    inside = {i for a, b in spans for i in range(a, b)}
+    return [t for i, t in enumerate(tokens) if i not in inside], kind
+
+
+def _object_starts(words: list[str]) -> list[int]:
+    """Where each object's clause starts in ``words`` (alphabetic, background removed): at its colour, or
+    at the size word and the article just before it."""
+    starts = []
+    for i, t in enumerate(words):
+        if t in COLOURS:
+            s = i - 1 if i > 0 and words[i - 1] in SIZE_WORDS else i
+            starts.append(s - 1 if s > 0 and words[s - 1] in ARTICLES else s)
+    return starts
+
+
+def clause_roles(tokens: list[str]) -> list[int]:
+    """For each token of a caption (lower-cased words and punctuation marks, the word-level pieces of the
+    world tokenizer), the index of the object clause it belongs to in ``parse_prompt``'s order, or -1:
+    punctuation, background clauses and words before the first object."""
+    spans, _ = _background_spans(tokens)
+    inside = {i for a, b in spans for i in range(a, b)}
+    kept = [i for i, t in enumerate(tokens) if t.isalpha() and i not in inside]  # token index of each word
+    starts = _object_starts([tokens[i] for i in kept])
+    roles = [-1] * len(tokens)
+    for k, s in enumerate(starts):
+        for w in kept[s: starts[k + 1] if k + 1 < len(starts) else len(kept)]:
+            roles[w] = k
+    return roles
 
 
 def _direction(words: list[str], bounce: bool, name: str) -> str:
@@ -215,10 +249,7 @@ def parse_prompt(text: str) -> PromptSpec:
         raise PromptError(f"the prompt repeats the colour(s) {repeated}: each object needs its own colour")
     if len(at) > MAX_OBJECTS:
         raise PromptError(f"the prompt names {len(at)} objects ({', '.join(colours)}); at most {MAX_OBJECTS}")
-    starts = []
-    for i in at:
-        s = i - 1 if i > 0 and tokens[i - 1] in SIZE_WORDS else i
-        starts.append(s - 1 if s > 0 and tokens[s - 1] in ARTICLES else s)
+    starts = _object_starts(tokens)
     stray = [w for w in tokens[:starts[0]] if w in SHAPE_WORDS or w in SIZE_WORDS or w in SPEED_WORDS
              or w in DIRECTION_WORDS]
     if stray:

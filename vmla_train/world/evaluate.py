@@ -1,7 +1,8 @@
 """``vmla-world``: score world videos after generation, sample the bidirectional world teacher, and
 assemble the world's frozen models.
 
-    vmla-world models OUT --vae CODEC_VAE   (the codec + the world text encoder in one folder)
+    vmla-world models OUT --vae CODEC_VAE [--text-encoder TEXT]   (the codec + the world text encoder in one folder)
+    vmla-world text-encoder OUT [--steps N]   (the world text encoder pretrained on the world's captions)
     vmla-world eval VIDEO_DIR_OR_FILES... (--prompts FILE | --scenes scenes.jsonl) [--world FOLDER] [--out report.json]
                     [--chunk-frames K]   (K latent frames per generated chunk: the chunk-seam jump)
     vmla-world sample-teacher --teacher T --vae V --text-encoder E --prompts FILE --out DIR [--world FOLDER] ...
@@ -381,6 +382,15 @@ def _parser() -> argparse.ArgumentParser:
                                       "text_encoder/), as Wan's diffusers folders are laid out")
     m.add_argument("out", type=Path, help="new folder")
     m.add_argument("--vae", required=True, type=Path, help="the trained codec (train_codec's OUT/vae)")
+    m.add_argument("--text-encoder", type=Path, default=None,
+                   help="a folder with tokenizer/ and text_encoder/ to copy (`vmla-world text-encoder`'s OUT); "
+                        "default: build the seeded random encoder")
+    x = sub.add_parser("text-encoder", help="pretrain the world text encoder on the world's captions (token tagging)")
+    x.add_argument("out", type=Path, help="new folder: tokenizer/, text_encoder/, training.json")
+    x.add_argument("--steps", type=int, default=600, help="AdamW steps")
+    x.add_argument("--batch-size", type=int, default=128, help="captions per step")
+    x.add_argument("--lr", type=float, default=3e-3)
+    x.add_argument("--seed", type=int, default=0, help="initial weights and the caption stream")
     e = sub.add_parser("eval", help="score mp4s against prompts or scenes; Fréchet distance to a world's held-out clips")
     e.add_argument("videos", nargs="+", help="folder(s) of .mp4 files (sorted by name) and/or .mp4 files")
     t = e.add_mutually_exclusive_group(required=True)
@@ -480,9 +490,9 @@ def _sample(args) -> int:
 
 
 def _models(args) -> int:
-    """``args.out``/{vae, tokenizer, text_encoder}: the codec copied, the text encoder built (seeded, frozen,
-    the world's vocabulary and ``text_dim``); written atomically (``student_io.AtomicDir``), never over an
-    existing folder."""
+    """``args.out``/{vae, tokenizer, text_encoder}: the codec copied; the text encoder copied from
+    ``--text-encoder`` or built (seeded, frozen, the world's vocabulary and ``text_dim``); written atomically
+    (``student_io.AtomicDir``), never over an existing folder."""
     import shutil
 
     from ..config import MODEL_SIZES
@@ -491,20 +501,52 @@ def _models(args) -> int:
 
     if not (args.vae / "config.json").is_file():
         raise InputError(f"--vae '{args.vae}' has no config.json: give the codec folder (train_codec's OUT/vae)")
+    text = args.text_encoder
+    missing = [f"{text / part}" for part in ("tokenizer", "text_encoder") if text and not (text / part).is_dir()]
+    if missing:
+        raise InputError(f"--text-encoder '{text}' has no {missing[0]}: give `vmla-world text-encoder`'s OUT")
     try:
         with AtomicDir(args.out) as tmp:
-            build_text_encoder(tmp, world_words(), d_model=MODEL_SIZES["world"]["model"]["text_dim"])
+            if text:
+                for part in ("tokenizer", "text_encoder"):
+                    shutil.copytree(text / part, tmp / part)
+            else:
+                build_text_encoder(tmp, world_words(), d_model=MODEL_SIZES["world"]["model"]["text_dim"])
             shutil.copytree(args.vae, tmp / "vae")
     except OutputError as e:
         raise InputError(str(e)) from None
-    print(f"vmla-world models: codec from {args.vae} + world text encoder -> {args.out}")
+    print(f"vmla-world models: codec from {args.vae} + world text encoder {'from ' + str(text) if text else '(seeded)'}"
+          f" -> {args.out}")
+    return 0
+
+
+def _text_encoder(args) -> int:
+    """``args.out``/{tokenizer, text_encoder, training.json}: the seeded world encoder pretrained by
+    ``text.train_encoder``; written atomically, never over an existing folder."""
+    from ..config import MODEL_SIZES
+    from ..student_io import AtomicDir, OutputError
+    from .text import pretrain_text_encoder
+
+    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise InputError(f"--steps {args.steps}, --batch-size {args.batch_size}, --lr {args.lr}: all must be > 0")
+    try:
+        with AtomicDir(args.out) as tmp:
+            report = pretrain_text_encoder(tmp, d_model=MODEL_SIZES["world"]["model"]["text_dim"], steps=args.steps,
+                                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                           max_len=MODEL_SIZES["world"]["model"]["text_len"])
+    except OutputError as e:
+        raise InputError(str(e)) from None
+    acc = report["heldout_accuracy"]
+    print(f"vmla-world text-encoder: {args.steps} steps, held-out token accuracy "
+          + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if k not in ("step", "loss")) + f" -> {args.out}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"eval": _eval, "sample-teacher": _sample, "models": _models}[args.command](args)
+        return {"eval": _eval, "sample-teacher": _sample, "models": _models,
+                "text-encoder": _text_encoder}[args.command](args)
     except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,14 +120,19 @@ def build_text_encoder(out_dir: str | Path, words: Iterable[str], d_model: int =
     Both folders are built in a temporary folder inside ``out_dir`` and renamed into place; existing
     ones are replaced only with ``overwrite=True``. Returns ``out_dir``.
     """
+    tokenizer = build_tokenizer(words)
+    encoder = build_encoder(len(tokenizer), d_model, num_layers, num_heads, relative_bias_std, seed)
+    return _write(out_dir, tokenizer, encoder, overwrite)
+
+
+def _write(out_dir: str | Path, tokenizer, encoder, overwrite: bool, report: dict | None = None) -> Path:
+    """``out_dir/tokenizer/``, ``out_dir/text_encoder/`` (and ``training.json`` for a ``report``), each
+    renamed into place from a temporary folder inside ``out_dir``."""
     out = Path(out_dir)
-    targets = [out / "tokenizer", out / "text_encoder"]
+    targets = [out / "tokenizer", out / "text_encoder"] + ([out / "training.json"] if report else [])
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"build_text_encoder: {existing} already exist; pass overwrite=True or another out_dir")
-    tokenizer = build_tokenizer(words)
-    encoder = build_encoder(len(tokenizer), d_model, num_layers, num_heads, relative_bias_std, seed)
-
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".text-") as tmp:
         tokenizer.save_pretrained(Path(tmp) / "tokenizer")
@@ -136,9 +141,156 @@ def build_text_encoder(out_dir: str | Path, words: Iterable[str], d_model: int =
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # any transformers version resolves this name
         cfg_path.write_text(json.dumps(cfg, indent=1, allow_nan=False))
         encoder.save_pretrained(Path(tmp) / "text_encoder")
+        if report:
+            (Path(tmp) / "training.json").write_text(json.dumps(report, indent=1, allow_nan=False))
         honour_umask(Path(tmp))  # safetensors writes 0600
         for t in targets:
-            if t.exists():
+            if t.is_dir():
                 shutil.rmtree(t)
             os.replace(Path(tmp) / t.name, t)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining the encoder on the world's captions
+# ----------------------------------------------------------------------------------------------
+# Wan's umT5 comes pretrained on language: its output token for "circle" already knows which colour and
+# motion the sentence gives that circle. A random encoder does not (the module docstring), and the DiT's
+# cross-attention, which has no positions on the text side, then has to untangle the binding itself.
+# `train_encoder` gives the world's encoder that knowledge the way a tagger would learn it: every token of an
+# object's clause predicts that object's attributes, every token the caption's object count and background,
+# from captions of random attribute draws (paraphrases included). The heads are dropped afterwards; what
+# is kept is an encoder whose tokens each carry their object's description.
+UNSAID = "unsaid"  # a caption may leave out the size, the speed and the background
+
+
+def attribute_classes() -> dict[str, tuple[str, ...]]:
+    """The targets of ``train_encoder``: per attribute its classes. Object attributes (colour, shape, size,
+    direction, speed) are targets of the tokens of that object's clause; ``objects`` (the count) and
+    ``background`` of every real token."""
+    from .captions import MAX_OBJECTS
+    from .scene import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS
+
+    return {"colour": tuple(COLOURS), "shape": tuple(SHAPES), "size": (*SIZES, UNSAID),
+            "direction": tuple(DIRECTIONS), "speed": (*SPEEDS, UNSAID),
+            "objects": tuple(str(n) for n in range(1, MAX_OBJECTS + 1)), "background": (*BACKGROUNDS, UNSAID)}
+
+
+def caption_pieces(tokenizer, text: str) -> list[str]:
+    """The word-level pieces the tokenizer makes of ``text`` (before ``</s>``): one token id each."""
+    backend = tokenizer.backend_tokenizer
+    return [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
+
+
+def token_targets(tokenizer, captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [B, L], mask [B, L] bool, targets [B, L, A] long, -100 = no target) for ``train_encoder``; A
+    follows ``attribute_classes()``. Object attributes come from ``parse_prompt`` (what the caption says),
+    clause membership from ``captions.clause_roles``."""
+    from .captions import clause_roles, parse_prompt
+
+    classes = attribute_classes()
+    batch = tokenizer(list(captions), padding="max_length", max_length=max_len, truncation=True,
+                      add_special_tokens=True, return_tensors="pt")
+    ids, mask = batch.input_ids, batch.attention_mask.bool()
+    targets = torch.full((*ids.shape, len(classes)), -100, dtype=torch.long)
+    names = list(classes)
+    for b, text in enumerate(captions):
+        pieces, spec = caption_pieces(tokenizer, text), parse_prompt(text)
+        if len(pieces) + 1 > max_len:
+            raise ValueError(f"token_targets: caption of {len(pieces) + 1} tokens > max_len={max_len}: {text!r}")
+        n = int(mask[b].sum())
+        targets[b, :n, names.index("objects")] = classes["objects"].index(str(len(spec.objects)))
+        targets[b, :n, names.index("background")] = classes["background"].index(spec.background or UNSAID)
+        for t, k in enumerate(clause_roles(pieces)):
+            if k < 0:
+                continue
+            o = spec.objects[k]
+            for attr, value in (("colour", o.colour), ("shape", o.shape), ("size", o.size or UNSAID),
+                                ("direction", o.direction), ("speed", o.speed or UNSAID)):
+                targets[b, t, names.index(attr)] = classes[attr].index(value)
+    return ids, mask, targets
+
+
+def random_captions(rng, n: int, height: int = 64, width: int = 64, fps: int = 16) -> list[str]:
+    """``n`` captions of scenes with uniformly drawn attributes (1-3 objects, distinct colours, every other
+    attribute and the background kind uniform); positions are irrelevant to a caption and left at 0."""
+    from .captions import MAX_OBJECTS, caption
+    from .scene import COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS, Scene, WorldObject, sample_background
+
+    out = []
+    for _ in range(n):
+        colours = rng.choice(list(COLOURS), size=int(rng.integers(1, MAX_OBJECTS + 1)), replace=False)
+        objects = tuple(WorldObject(str(rng.choice(SHAPES)), str(c), str(rng.choice(list(SIZES))),
+                                    str(rng.choice(list(DIRECTIONS))), str(rng.choice(list(SPEEDS))),
+                                    0.0, 0.0, 0.0, 0.0, depth=i) for i, c in enumerate(colours))
+        out.append(caption(Scene(height, width, fps, sample_background(rng, height, fps), objects), rng))
+    return out
+
+
+def tagging_accuracy(encoder, heads, ids, mask, targets) -> dict[str, float]:
+    """Per attribute: the share of targeted tokens whose head's argmax is right."""
+    with torch.no_grad():
+        h = encoder(ids, attention_mask=mask.long()).last_hidden_state.float()
+    out = {}
+    for a, (name, head) in enumerate(heads.items()):
+        t = targets[..., a]
+        keep = t >= 0
+        out[name] = float((head(h[keep]).argmax(-1) == t[keep]).float().mean())
+    return out
+
+
+def train_encoder(encoder, tokenizer, steps: int, batch_size: int = 128, lr: float = 3e-3, max_len: int = 64,
+                  heldout: int = 1000, seed: int = 0, frozen: bool = False, log=print) -> dict:
+    """Pretrain ``encoder`` (a ``UMT5EncoderModel``, float32, trained in place and returned to eval mode) for
+    ``steps`` AdamW steps of token tagging on fresh random captions (``random_captions``, stream ``seed``);
+    returns ``{"history": [...], "heldout_accuracy": {...}}`` measured on ``heldout`` captions of another
+    stream. Deterministic for a seed on one machine. ``frozen``: fit only the linear heads (what a linear
+    readout finds in the encoder's tokens as they are)."""
+    import numpy as np
+
+    classes = attribute_classes()
+    torch.manual_seed(seed)
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(encoder.config.d_model, len(c)) for a, c in classes.items()})
+    params = [*([] if frozen else encoder.parameters()), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20))
+                                              * max(0.0, 1.0 - s / max(1, steps)) ** 0.5)
+    rng, test_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+    test = token_targets(tokenizer, random_captions(test_rng, heldout), max_len)
+    history = []
+    encoder.train(not frozen)
+    for step in range(steps):
+        ids, mask, targets = token_targets(tokenizer, random_captions(rng, batch_size), max_len)
+        with torch.set_grad_enabled(not frozen):
+            h = encoder(ids, attention_mask=mask.long()).last_hidden_state.float()
+        loss = sum(torch.nn.functional.cross_entropy(head(h).flatten(0, 1), targets[..., a].flatten(),
+                                                     ignore_index=-100) for a, head in enumerate(heads.values()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            encoder.eval()
+            acc = tagging_accuracy(encoder, heads, *test)
+            encoder.train(not frozen)
+            history.append({"step": step + 1, "loss": round(loss.item(), 5), **{k: round(v, 4) for k, v in acc.items()}})
+            log(f"text encoder step {step + 1}/{steps}: loss {loss.item():.4f}, held-out token accuracy "
+                + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    encoder.eval()
+    return {"history": history, "heldout_accuracy": history[-1] if history else {}}
+
+
+def pretrain_text_encoder(out_dir: str | Path, d_model: int = TINY_TEXT_DIM, steps: int = 600, batch_size: int = 128,
+                          lr: float = 3e-3, seed: int = 0, max_len: int = 64, overwrite: bool = False,
+                          log=print) -> dict:
+    """``build_text_encoder`` (the world's vocabulary, seed ``seed``) followed by ``train_encoder``; writes
+    ``out_dir/tokenizer/``, ``out_dir/text_encoder/`` and ``out_dir/training.json`` (settings, history,
+    held-out accuracy) and returns that report."""
+    tokenizer = build_tokenizer(world_words())
+    encoder = build_encoder(len(tokenizer), d_model, seed=seed)
+    result = train_encoder(encoder, tokenizer, steps, batch_size, lr, max_len, seed=seed, log=log)
+    report = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "max_len": max_len,
+              "d_model": d_model, "torch": torch.__version__, **result}
+    _write(out_dir, tokenizer, encoder, overwrite, report)
+    return report
