@@ -391,6 +391,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=int, default=128, help="captions per step")
     x.add_argument("--lr", type=float, default=3e-3)
     x.add_argument("--seed", type=int, default=0, help="initial weights and the caption stream")
+    x.add_argument("--heldout", type=int, default=1000, help="captions of another stream the accuracy is measured on")
     e = sub.add_parser("eval", help="score mp4s against prompts or scenes; Fréchet distance to a world's held-out clips")
     e.add_argument("videos", nargs="+", help="folder(s) of .mp4 files (sorted by name) and/or .mp4 files")
     t = e.add_mutually_exclusive_group(required=True)
@@ -527,13 +528,14 @@ def _text_encoder(args) -> int:
     from ..student_io import AtomicDir, OutputError
     from .text import pretrain_text_encoder
 
-    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise InputError(f"--steps {args.steps}, --batch-size {args.batch_size}, --lr {args.lr}: all must be > 0")
+    if args.steps < 1 or args.batch_size < 1 or args.heldout < 1 or args.lr <= 0:
+        raise InputError(f"--steps {args.steps}, --batch-size {args.batch_size}, --heldout {args.heldout}, "
+                         f"--lr {args.lr}: all must be > 0")
     try:
         with AtomicDir(args.out) as tmp:
             report = pretrain_text_encoder(tmp, d_model=MODEL_SIZES["world"]["model"]["text_dim"], steps=args.steps,
                                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                           max_len=MODEL_SIZES["world"]["model"]["text_len"])
+                                           max_len=MODEL_SIZES["world"]["model"]["text_len"], heldout=args.heldout)
     except OutputError as e:
         raise InputError(str(e)) from None
     acc = report["heldout_accuracy"]

@@ -282,15 +282,15 @@ def train_encoder(encoder, tokenizer, steps: int, batch_size: int = 128, lr: flo
 
 
 def pretrain_text_encoder(out_dir: str | Path, d_model: int = TINY_TEXT_DIM, steps: int = 600, batch_size: int = 128,
-                          lr: float = 3e-3, seed: int = 0, max_len: int = 64, overwrite: bool = False,
-                          log=print) -> dict:
+                          lr: float = 3e-3, seed: int = 0, max_len: int = 64, heldout: int = 1000,
+                          overwrite: bool = False, log=print) -> dict:
     """``build_text_encoder`` (the world's vocabulary, seed ``seed``) followed by ``train_encoder``; writes
     ``out_dir/tokenizer/``, ``out_dir/text_encoder/`` and ``out_dir/training.json`` (settings, history,
     held-out accuracy) and returns that report."""
     tokenizer = build_tokenizer(world_words())
     encoder = build_encoder(len(tokenizer), d_model, seed=seed)
-    result = train_encoder(encoder, tokenizer, steps, batch_size, lr, max_len, seed=seed, log=log)
-    report = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "max_len": max_len,
+    result = train_encoder(encoder, tokenizer, steps, batch_size, lr, max_len, heldout, seed=seed, log=log)
+    report = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "max_len": max_len, "heldout": heldout,
               "d_model": d_model, "torch": torch.__version__, **result}
     _write(out_dir, tokenizer, encoder, overwrite, report)
     return report
