@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ from vmla_train.world import text  # noqa: E402
 def readout(encoder, tokenizer, steps: int, lr: float, heldout: int, seed: int) -> dict:
     start = time.perf_counter()
     acc = text.train_encoder(encoder.float(), tokenizer, steps, lr=lr, heldout=heldout, seed=seed, frozen=True,
-                             max_len=MODEL_SIZES["world"]["model"]["text_len"], log=lambda _: None)["heldout_accuracy"]
-    return {**{k: v for k, v in acc.items() if k not in ("step", "loss")}, "seconds": round(time.perf_counter() - start, 1)}
+                             log=lambda _: None)["heldout_accuracy"]
+    seconds = round(time.perf_counter() - start, 1)
+    return {**{k: v for k, v in acc.items() if k not in ("step", "loss")}, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="AdamW steps of the linear heads")
     p.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate of the heads")
     p.add_argument("--heldout", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=1, help="caption stream of the readout (the shipped encoder trained on 0)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="caption stream of the readout (the shipped encoder trained on 0)")
     p.add_argument("--name", default="world_text")
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -62,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"encoder": name, **readout(enc, tokenizer, args.steps, args.lr, args.heldout, args.seed)})
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) and k != "seconds" else f"{k} {v}"
                          for k, v in rows[-1].items()), flush=True)
-    write_result(args.name, "cpu", {"device": "cpu", "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                                    "steps": args.steps, "lr": args.lr, "heldout": args.heldout, "seed": args.seed, "rows": rows},
-                 args.results)
+    write_result(args.name, "cpu", {"device": f"cpu ({os.cpu_count()} cores)",
+                                    "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                                    "steps": args.steps, "lr": args.lr, "heldout": args.heldout, "seed": args.seed,
+                                    "rows": rows}, args.results)
     return 0
 
 

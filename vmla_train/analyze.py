@@ -93,8 +93,8 @@ def rank_study(ckpt: str | Path, out: str | Path, config_paths: Sequence[str | P
         "checkpoint": str(source.folder), "layout": source.layout, "kind": kind.value, "energy": cc.energy,
         "dim": cfg.model.dim, "d_c": cfg.attention.d_c if kind == C.AttentionKind.mla else None,
         "timestep_buckets": buckets, "tokens_per_bucket": int(x.shape[0] * x.shape[2]),
-        "calibration": {"samples": n_samples, "latent_shape": cc.calib_latent_shape, "data": cc.calib_data or "gaussian",
-                        "seed": cc.seed},
+        "calibration": {"samples": n_samples, "latent_shape": cc.calib_latent_shape,
+                        "data": cc.calib_data or "gaussian", "seed": cc.seed},
         "layers": rows,
     }
     with student_io.AtomicDir(out, overwrite=True) as tmp:

@@ -736,7 +736,8 @@ class Config:
             # ZeRO-3's per-module parameter hooks make dynamo recompile at every block until it gives up (eager)
             _fail("train.compile", "'' (eager) with DeepSpeed ZeRO-3 (its parameter hooks defeat the compiled "
                   "blocks); ZeRO-2 compiles", f"{self.train.compile!r} with strategy.zero_stage=3")
-        if self.train.compile_mode and (self.train.compile != "inductor" or self.train.compile_mode not in COMPILE_MODES):
+        mode = self.train.compile_mode
+        if mode and (self.train.compile != "inductor" or mode not in COMPILE_MODES):
             _fail("train.compile_mode", f"one of {', '.join(COMPILE_MODES)} with train.compile=inductor (the modes "
                   "are inductor's), or ''", f"{self.train.compile_mode!r} with train.compile={self.train.compile!r}")
         if self.train.text_dropout > 0 and (self.train.stage != Stage.pretrain or not self.dmd.negative_embedding):

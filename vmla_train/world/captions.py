@@ -146,10 +146,10 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z]+|[,;.]", text.lower().replace("-", " "))
 
 
-def _background_spans(tokens: list[str]) -> tuple[list[tuple[int, int]], str | None]:
-    """Background clauses: preposition ... noun runs of background words (stopped by punctuation), as
-    ``[start, end)`` token spans, and the kind the last one names."""
-    kind, spans, i = None, [], 0
+def _background_tokens(tokens: list[str]) -> tuple[set[int], str | None]:
+    """The indices of the tokens in background clauses (preposition ... noun runs of background words, stopped
+    by punctuation) and the kind the last one names."""
+    kind, inside, i = None, set(), 0
     while i < len(tokens):
         if tokens[i] in ("on", "over", "against"):
             j = i + 1
@@ -160,17 +160,16 @@ def _background_spans(tokens: list[str]) -> tuple[list[tuple[int, int]], str | N
                 while span[-1] not in BACKGROUND_NOUNS:  # leave trailing articles to what follows
                     span.pop()
                 kind = "gradient" if "gradient" in span else "texture" if {"texture", "textured"} & set(span) else "plain"
-                spans.append((i, i + len(span)))
+                inside.update(range(i, i + len(span)))
                 i += len(span)
                 continue
         i += 1
-    return spans, kind
+    return inside, kind
 
 
 def _take_background(tokens: list[str]) -> tuple[list[str], str | None]:
     """``tokens`` less their background clauses, and the background kind."""
-    spans, kind = _background_spans(tokens)
-    inside = {i for a, b in spans for i in range(a, b)}
+    inside, kind = _background_tokens(tokens)
     return [t for i, t in enumerate(tokens) if i not in inside], kind
 
 
@@ -189,8 +188,7 @@ def clause_roles(tokens: list[str]) -> list[int]:
     """For each token of a caption (lower-cased words and punctuation marks, the word-level pieces of the
     world tokenizer), the index of the object clause it belongs to in ``parse_prompt``'s order, or -1:
     punctuation, background clauses and words before the first object."""
-    spans, _ = _background_spans(tokens)
-    inside = {i for a, b in spans for i in range(a, b)}
+    inside, _ = _background_tokens(tokens)
     kept = [i for i, t in enumerate(tokens) if t.isalpha() and i not in inside]  # token index of each word
     starts = _object_starts([tokens[i] for i in kept])
     roles = [-1] * len(tokens)

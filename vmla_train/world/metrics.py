@@ -640,8 +640,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, ridge: float = 1e-3) -> float
 def evaluate_many(items: Iterable[tuple[np.ndarray, Scene | PromptSpec]], fps: float | None = None,
                   segment_seconds: float = 1.0, reference: np.ndarray | None = None, **kwargs) -> dict:
     """``evaluate`` over (frames, target) pairs: means of every metric, mean curves per segment, mean
-    drift, the rate of each per-object check over all prompted objects (``per_object``), and - given ``reference`` features [M, D] (e.g. of held-out real clips) - the Fréchet distance
-    of these videos' features to them. ``kwargs`` go to ``evaluate``."""
+    drift, the rate of each per-object check over all prompted objects (``per_object``), and - given
+    ``reference`` features [M, D] (e.g. of held-out real clips) - the Fréchet distance of these videos'
+    features to them. ``kwargs`` go to ``evaluate``."""
     results = [evaluate(f, t, fps, segment_seconds, **kwargs) for f, t in items]
     if not results:
         raise ValueError("evaluate_many: no videos")

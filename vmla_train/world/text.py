@@ -162,6 +162,7 @@ def _write(out_dir: str | Path, tokenizer, encoder, overwrite: bool, report: dic
 # from captions of random attribute draws (paraphrases included). The heads are dropped afterwards; what
 # is kept is an encoder whose tokens each carry their object's description.
 UNSAID = "unsaid"  # a caption may leave out the size, the speed and the background
+WORLD_TEXT_LEN = MODEL_SIZES["world"]["model"]["text_len"]  # text slots of the world's DiT
 
 
 def attribute_classes() -> dict[str, tuple[str, ...]]:
@@ -211,12 +212,15 @@ def token_targets(tokenizer, captions: list[str], max_len: int) -> tuple[torch.T
     return ids, mask, targets
 
 
-def random_captions(rng, n: int, height: int = 64, width: int = 64, fps: int = 16) -> list[str]:
+def random_captions(rng, n: int) -> list[str]:
     """``n`` captions of scenes with uniformly drawn attributes (1-3 objects, distinct colours, every other
-    attribute and the background kind uniform); positions are irrelevant to a caption and left at 0."""
+    attribute and the background kind uniform) at the world's default geometry; positions are irrelevant to
+    a caption and left at 0."""
     from .captions import MAX_OBJECTS, caption
+    from .openvid import WorldDataConfig
     from .scene import COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS, Scene, WorldObject, sample_background
 
+    height, width, fps = WorldDataConfig.height, WorldDataConfig.width, WorldDataConfig.fps
     out = []
     for _ in range(n):
         colours = rng.choice(list(COLOURS), size=int(rng.integers(1, MAX_OBJECTS + 1)), replace=False)
@@ -239,8 +243,9 @@ def tagging_accuracy(encoder, heads, ids, mask, targets) -> dict[str, float]:
     return out
 
 
-def train_encoder(encoder, tokenizer, steps: int, batch_size: int = 128, lr: float = 3e-3, max_len: int = 64,
-                  heldout: int = 1000, seed: int = 0, frozen: bool = False, log=print) -> dict:
+def train_encoder(encoder, tokenizer, steps: int, batch_size: int = 128, lr: float = 3e-3,
+                  max_len: int = WORLD_TEXT_LEN, heldout: int = 1000, seed: int = 0, frozen: bool = False,
+                  log=print) -> dict:
     """Pretrain ``encoder`` (a ``UMT5EncoderModel``, float32, trained in place and returned to eval mode) for
     ``steps`` AdamW steps of token tagging on fresh random captions (``random_captions``, stream ``seed``);
     returns ``{"history": [...], "heldout_accuracy": {...}}`` measured on ``heldout`` captions of another
@@ -274,7 +279,8 @@ def train_encoder(encoder, tokenizer, steps: int, batch_size: int = 128, lr: flo
             encoder.eval()
             acc = tagging_accuracy(encoder, heads, *test)
             encoder.train(not frozen)
-            history.append({"step": step + 1, "loss": round(loss.item(), 5), **{k: round(v, 4) for k, v in acc.items()}})
+            history.append({"step": step + 1, "loss": round(loss.item(), 5),
+                            **{k: round(v, 4) for k, v in acc.items()}})
             log(f"text encoder step {step + 1}/{steps}: loss {loss.item():.4f}, held-out token accuracy "
                 + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     encoder.eval()
@@ -282,7 +288,7 @@ def train_encoder(encoder, tokenizer, steps: int, batch_size: int = 128, lr: flo
 
 
 def pretrain_text_encoder(out_dir: str | Path, d_model: int = TINY_TEXT_DIM, steps: int = 600, batch_size: int = 128,
-                          lr: float = 3e-3, seed: int = 0, max_len: int = 64, heldout: int = 1000,
+                          lr: float = 3e-3, seed: int = 0, max_len: int = WORLD_TEXT_LEN, heldout: int = 1000,
                           overwrite: bool = False, log=print) -> dict:
     """``build_text_encoder`` (the world's vocabulary, seed ``seed``) followed by ``train_encoder``; writes
     ``out_dir/tokenizer/``, ``out_dir/text_encoder/`` and ``out_dir/training.json`` (settings, history,
