@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vmla-installed
+# pytest-xdist workers of `make test` (the Slurm tests share one: tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test clean
 
@@ -25,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/vmla-train demo configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
+
+# The tests run as in the activated environment: its console scripts and its tools come first on PATH. DeepSpeed
+# compiles its CPU communication op with the first `ninja` on PATH, and ninja rebuilds (about 30 s) whenever a
+# different ninja built it last: with the environment's one everywhere, the Slurm jobs (whose PATH starts with
+# it) and the other tests share one build.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on a 2-core machine: one intra-op thread each (inherited by the
+    # tests' subprocesses), as two 2-thread pools on 2 cores spin against each other (some tests run 4x slower)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     # CPU machines run the Triton kernels in Triton's interpreter; it must be on before any @triton.jit runs
@@ -13,8 +27,14 @@ import torch
 
 from vmla_train import config as C
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # one local Slurm cluster: its tests share one pytest-xdist worker
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
