@@ -431,6 +431,9 @@ def test_world_models_folder_holds_codec_and_text_encoder(codec_dir, tmp_path, c
     capsys.readouterr()
     assert main(["models", str(tmp_path / "m3"), "--vae", str(codec_dir / "vae"), "--text-encoder", str(codec_dir)]) == 2
     assert "--text-encoder" in capsys.readouterr().err and not (tmp_path / "m3").exists()
+    narrow = text.build_text_encoder(tmp_path / "narrow", text.world_words(), d_model=16)  # not the DiT's text_dim
+    assert main(["models", str(tmp_path / "m4"), "--vae", str(codec_dir / "vae"), "--text-encoder", str(narrow)]) == 2
+    assert "d_model 16" in capsys.readouterr().err and not (tmp_path / "m4").exists()
 
 
 @pytest.mark.timeout(60)

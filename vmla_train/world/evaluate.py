@@ -506,13 +506,17 @@ def _models(args) -> int:
     missing = [f"{text / part}" for part in ("tokenizer", "text_encoder") if text and not (text / part).is_dir()]
     if missing:
         raise InputError(f"--text-encoder '{text}' has no {missing[0]}: give `vmla-world text-encoder`'s OUT")
+    text_dim = MODEL_SIZES["world"]["model"]["text_dim"]
+    if text and (d := json.loads((text / "text_encoder" / "config.json").read_text()).get("d_model")) != text_dim:
+        raise InputError(f"--text-encoder '{text}': its text_encoder/config.json has d_model {d}, the world's DiT "
+                         f"reads text_dim {text_dim}: give an encoder built for the world")
     try:
         with AtomicDir(args.out) as tmp:
             if text:
                 for part in ("tokenizer", "text_encoder"):
                     shutil.copytree(text / part, tmp / part)
             else:
-                build_text_encoder(tmp, world_words(), d_model=MODEL_SIZES["world"]["model"]["text_dim"])
+                build_text_encoder(tmp, world_words(), d_model=text_dim)
             shutil.copytree(args.vae, tmp / "vae")
     except OutputError as e:
         raise InputError(str(e)) from None
@@ -535,7 +539,7 @@ def _text_encoder(args) -> int:
         with AtomicDir(args.out) as tmp:
             report = pretrain_text_encoder(tmp, d_model=MODEL_SIZES["world"]["model"]["text_dim"], steps=args.steps,
                                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                           max_len=MODEL_SIZES["world"]["model"]["text_len"], heldout=args.heldout)
+                                           heldout=args.heldout)  # max_len: the world DiT's text slots
     except OutputError as e:
         raise InputError(str(e)) from None
     acc = report["heldout_accuracy"]
