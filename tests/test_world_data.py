@@ -150,6 +150,12 @@ def test_refuses_foreign_or_changed_folder(tmp_path, capsys):
     assert cli.main(["world", str(empty), "num_clips=1", "num_frames=5", "height=16", "width=16", "workers=0",
                      "progress=false"]) == 2  # other settings: refused, naming them
     assert "num_frames" in capsys.readouterr().err
+    assert cli.main(["world", str(empty), "num_clips=1", "num_frames=3", "height=16", "width=16", "workers=0",
+                     "preset=medium", "progress=false"]) == 2  # another x264 preset writes other clips: refused
+    assert "preset" in capsys.readouterr().err
+    assert cli.main(["world", str(tmp_path / "x"), "preset=warpspeed"]) == 2  # not an x264 preset
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'preset'" in err and "veryfast" in err
     assert cli.main(["world", str(tmp_path / "x"), "num_clip=3"]) == 2  # unknown key
     assert cli.main(["world", str(tmp_path / "x"), "height=33"]) == 2  # odd size
     assert not (tmp_path / "x").exists()

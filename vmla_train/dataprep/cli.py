@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("world", help="rendered world clips + captions + scenes -> an OpenVid-format folder OUT")
     s.add_argument("out", help="new or empty folder (or one this command wrote, to resume)")
     s.add_argument("args", nargs="*", help="key=value: num_clips, seed, split, height, width, num_frames, fps, "
-                                           "num_heldout, heldout_split, crf, workers, progress")
+                                           "num_heldout, heldout_split, crf, preset, workers, progress")
     return p
 
 
@@ -66,10 +66,13 @@ def _world(out: str, args: list[str]) -> int:
                                 "e.g. num_clips=1000 height=64)")
         kv = OmegaConf.to_container(C.parse_overrides(args))
         progress = kv.pop("progress", True)
+        strings = {f.name for f in dataclasses.fields(WorldDataConfig) if f.type in (str, "str")}
         for k, v in kv.items():
             if k not in names:
                 raise C.ConfigError(f"world: unknown key {k!r}; known keys: {', '.join(names)}, progress")
-            if not isinstance(v, int) or isinstance(v, bool):
+            if k in strings:
+                kv[k] = str(v)
+            elif not isinstance(v, int) or isinstance(v, bool):
                 raise C.ConfigError(f"world: key {k!r} expects an integer, found {v!r}")
         if not isinstance(progress, bool):
             raise C.ConfigError(f"world: key 'progress' expects true or false, found {progress!r}")

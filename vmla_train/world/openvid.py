@@ -57,6 +57,7 @@ CSV_COLUMNS = ("video", "caption", "aesthetic score", "motion score", "temporal 
                "frame", "fps", "seconds", "height", "width")  # OpenVid-1M's nine, then the resolution
 HELDOUT_SPLIT_OFFSET = 1000  # default held-out stream: split + this (streams >= 1000 are kept for held-out prompts)
 DEFAULT_HELDOUT = 256  # held-out prompts when not given (at most num_clips)
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class WorldDataConfig:
     num_heldout: int = -1  # held-out prompts (-1: min(num_clips, DEFAULT_HELDOUT); 0: none)
     heldout_split: int = -1  # stream of the held-out prompts (-1: split + HELDOUT_SPLIT_OFFSET); != split
     crf: int = 10  # libx264 quality (0 = lossless luma; 10 keeps luma within ~2 levels; chroma is 4:2:0)
+    preset: str = "veryfast"  # libx264 speed preset: "medium"'s PSNR and metrics at 0.67x its encode time (benchmarks/world_data.py)
     workers: int = 4  # render processes (0 = in this process)
 
     def __post_init__(self) -> None:
@@ -88,6 +90,7 @@ class WorldDataConfig:
                   (self.fps >= 1, "fps", ">= 1", self.fps),
                   (self.heldout_split != self.split, "heldout_split", f"!= split={self.split}", self.heldout_split),
                   (0 <= self.crf <= 51, "crf", "in 0..51", self.crf),
+                  (self.preset in X264_PRESETS, "preset", " | ".join(X264_PRESETS), self.preset),
                   (self.workers >= 0, "workers", ">= 0", self.workers))
         for ok, key, want, found in checks:
             if not ok:
@@ -124,7 +127,7 @@ def _clip(task: tuple) -> dict:
     rendered = False
     if path is not None and not os.path.isfile(path):
         frames = render(scene, c["num_frames"])  # uint8 [T, H, W, 3]
-        with Mp4Writer(path, c["fps"], crf=c["crf"]) as writer:
+        with Mp4Writer(path, c["fps"], crf=c["crf"], options={"preset": c["preset"]}) as writer:
             writer.write(frames)
         rendered = True
     return {"index": index, "caption": text, "scene": scene.to_dict(), "rendered": rendered}
@@ -167,7 +170,8 @@ def write_world_dataset(out_dir: str | Path, num_clips: int = WorldDataConfig.nu
                         width: int = WorldDataConfig.width, num_frames: int = WorldDataConfig.num_frames,
                         fps: int = WorldDataConfig.fps, workers: int = WorldDataConfig.workers,
                         num_heldout: int = WorldDataConfig.num_heldout, heldout_split: int = WorldDataConfig.heldout_split,
-                        crf: int = WorldDataConfig.crf, progress: bool = False) -> dict:
+                        crf: int = WorldDataConfig.crf, preset: str = WorldDataConfig.preset,
+                        progress: bool = False) -> dict:
     """Write (or finish) the world folder ``out_dir`` (layout in the module docstring); returns the
     manifest dict. ``FileExistsError`` for a folder that is not new, empty or ours with these settings,
     ``ValueError`` for bad settings (both one line naming the thing)."""
@@ -177,7 +181,7 @@ def write_world_dataset(out_dir: str | Path, num_clips: int = WorldDataConfig.nu
 
     cfg = WorldDataConfig(num_clips=num_clips, seed=seed, split=split, height=height, width=width,
                           num_frames=num_frames, fps=fps, num_heldout=num_heldout, heldout_split=heldout_split,
-                          crf=crf, workers=workers)
+                          crf=crf, preset=preset, workers=workers)
     out = Path(out_dir)
     resumed = _check_folder(out, cfg.settings())
     (out / VIDEOS).mkdir(parents=True, exist_ok=True)
