@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = [Path(tmp) / f"{preset}-{i}.mp4" for i in range(args.clips)]
             t0 = time.perf_counter()
             for path, f in zip(paths, frames):
-                with Mp4Writer(path, c["fps"], crf=c["crf"], options={"preset": preset}) as w:
+                with Mp4Writer(path, c["fps"], crf=c["crf"], preset=preset) as w:
                     w.write(f)
             t1 = time.perf_counter()
             decoded = [decode(path) for path in paths]

@@ -333,7 +333,7 @@ class Mp4Writer:
     manager, whichever fits). ``remove_stale`` deletes the temporary files of writers killed before either.
 
     The codec is ``codec``, else libx264 (mpeg4 where PyAV lacks it), reproducible byte for byte (no
-    macroblock-tree rate control); ``crf`` applies to libx264;
+    macroblock-tree rate control); ``crf`` and ``preset`` (x264's speed preset) apply to libx264;
     ``options`` are further encoder options (``preset``, ``g``, ...); ``faststart`` puts the index (moov)
     first. The first ``write`` fixes the frame size, cropped to even sizes (yuv420p).
     """
@@ -341,7 +341,7 @@ class Mp4Writer:
     TMP_RE = re.compile(r"^\..+\.tmp-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)\.mp4$")  # no host: older writers
 
     def __init__(self, path: str | Path, fps: int, crf: int | None = None, codec: str | None = None,
-                 options: dict[str, str] | None = None, faststart: bool = False):
+                 options: dict[str, str] | None = None, faststart: bool = False, preset: str | None = None):
         import av
 
         self.path = Path(path)
@@ -358,6 +358,8 @@ class Mp4Writer:
             opts["x264-params"] = "mbtree=0"
             if crf is not None:
                 opts["crf"] = str(crf)
+            if preset is not None:
+                opts["preset"] = preset
         opts.update(options or {})
         if opts:
             self.stream.options = opts

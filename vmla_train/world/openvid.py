@@ -127,7 +127,7 @@ def _clip(task: tuple) -> dict:
     rendered = False
     if path is not None and not os.path.isfile(path):
         frames = render(scene, c["num_frames"])  # uint8 [T, H, W, 3]
-        with Mp4Writer(path, c["fps"], crf=c["crf"], options={"preset": c["preset"]}) as writer:
+        with Mp4Writer(path, c["fps"], crf=c["crf"], preset=c["preset"]) as writer:
             writer.write(frames)
         rendered = True
     return {"index": index, "caption": text, "scene": scene.to_dict(), "rendered": rendered}
