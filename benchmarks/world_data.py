@@ -4,7 +4,7 @@
 
 On one process: the scene and its caption (``openvid._describe``), the frames (``render.render``), then per
 preset the H.264 encode (``Mp4Writer`` at the world's ``crf``, as ``vmla-data world`` writes it), the
-decode (PyAV, as ``vmla-data raw`` / ``encode`` read it), the file size, the PSNR of the decoded frames
+decode (``decode_pyav``, as ``vmla-data encode`` reads it with ``prep.encode.decoder=pyav``), the file size, the PSNR of the decoded frames
 against the rendered ones, and the world's metrics of the decoded clips against their own scenes
 (``metrics.evaluate_many``: a preset is usable only where these stay those of the rendered frames:
 adherence 1, motion and physics error near 0). Prints a table and writes ``world_data-cpu.json``.
@@ -26,18 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, write_result  # noqa: E402
-from vmla_train.dataprep.video import Mp4Writer  # noqa: E402
+from vmla_train.dataprep.video import ClipSpec, Mp4Writer, decode_pyav  # noqa: E402
 from vmla_train.world import metrics  # noqa: E402
 from vmla_train.world.codec import clip_seed  # noqa: E402
 from vmla_train.world.openvid import X264_PRESETS, WorldDataConfig, _describe  # noqa: E402
 from vmla_train.world.render import render  # noqa: E402
-
-
-def decode(path: Path) -> np.ndarray:
-    import av
-
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 with Mp4Writer(path, c["fps"], crf=c["crf"], preset=preset) as w:
                     w.write(f)
             t1 = time.perf_counter()
-            decoded = [decode(path) for path in paths]
+            spec = ClipSpec(c["num_frames"], float(c["fps"]), c["height"], c["width"])
+            decoded = [decode_pyav(path.read_bytes(), spec) for path in paths]
             t2 = time.perf_counter()
             mse = np.mean([np.mean((d.astype(np.float64) - f) ** 2) for d, f in zip(decoded, frames)])
             scores = metrics.evaluate_many(zip(decoded, scenes), fps=c["fps"])

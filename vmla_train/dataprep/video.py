@@ -334,7 +334,7 @@ class Mp4Writer:
 
     The codec is ``codec``, else libx264 (mpeg4 where PyAV lacks it), reproducible byte for byte (no
     macroblock-tree rate control); ``crf`` and ``preset`` (x264's speed preset) apply to libx264;
-    ``options`` are further encoder options (``preset``, ``g``, ...); ``faststart`` puts the index (moov)
+    ``options`` are further encoder options (``g``, ``tune``, ...); ``faststart`` puts the index (moov)
     first. The first ``write`` fixes the frame size, cropped to even sizes (yuv420p).
     """
 

@@ -503,7 +503,8 @@ def _models(args) -> int:
     if not (args.vae / "config.json").is_file():
         raise InputError(f"--vae '{args.vae}' has no config.json: give the codec folder (train_codec's OUT/vae)")
     text = args.text_encoder
-    missing = [f"{text / part}" for part in ("tokenizer", "text_encoder") if text and not (text / part).is_dir()]
+    missing = [f"{text / part}" for part in ("tokenizer", "text_encoder", "text_encoder/config.json")
+               if text and not (text / part).exists()]
     if missing:
         raise InputError(f"--text-encoder '{text}' has no {missing[0]}: give `vmla-world text-encoder`'s OUT")
     text_dim = MODEL_SIZES["world"]["model"]["text_dim"]

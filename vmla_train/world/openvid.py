@@ -74,7 +74,7 @@ class WorldDataConfig:
     num_heldout: int = -1  # held-out prompts (-1: min(num_clips, DEFAULT_HELDOUT); 0: none)
     heldout_split: int = -1  # stream of the held-out prompts (-1: split + HELDOUT_SPLIT_OFFSET); != split
     crf: int = 10  # libx264 quality (0 = lossless luma; 10 keeps luma within ~2 levels; chroma is 4:2:0)
-    preset: str = "veryfast"  # libx264 speed preset: "medium"'s PSNR and metrics at 0.67x its encode time (benchmarks/world_data.py)
+    preset: str = "veryfast"  # libx264 speed preset: "medium"'s PSNR and metrics at 0.66x its encode time (benchmarks/world_data.py)
     workers: int = 4  # render processes (0 = in this process)
 
     def __post_init__(self) -> None:
