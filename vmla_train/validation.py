@@ -31,7 +31,12 @@ from .rollout import sample_video
 
 
 class LatentPoolFeatures(nn.Module):
-    """[N, C, H, W] latent frames -> [N, C * 4] (2x2 average pool); the FID/KID feature extractor."""
+    """[N, C, H, W] latent frames -> [N, C * 4] (2x2 average pool); the FID/KID feature extractor.
+    ``num_features`` tells torchmetrics the width (it would otherwise probe with a 3-channel image)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.num_features = channels * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.adaptive_avg_pool2d(x.float(), 2).flatten(1)
@@ -58,9 +63,9 @@ def latent_metrics(student_x: torch.Tensor, teacher_x: torch.Tensor) -> dict[str
     s01, t01 = (s - lo) / (hi - lo + 1e-8), (t - lo) / (hi - lo + 1e-8)
     out = {"val/psnr": float(peak_signal_noise_ratio(s01, t01, data_range=1.0)),
            "val/ssim": float(structural_similarity_index_measure(s01, t01, data_range=1.0, kernel_size=3))}
-    n = s.shape[0]
-    kid = KernelInceptionDistance(feature=LatentPoolFeatures(), subset_size=min(50, n), normalize=True)
-    fid = FrechetInceptionDistance(feature=LatentPoolFeatures(), normalize=True)
+    n, channels = s.shape[:2]
+    kid = KernelInceptionDistance(feature=LatentPoolFeatures(channels), subset_size=min(50, n), normalize=True)
+    fid = FrechetInceptionDistance(feature=LatentPoolFeatures(channels), normalize=True)
     for m in (kid, fid):
         m.update(t, real=True)
         m.update(s, real=False)
