@@ -48,3 +48,22 @@ def test_quick_world_report(tmp_path, one_thread):
     texts = [c["claim"] for c in result["claims"]]
     assert any("not low-rank" in t for t in texts) and any("quality retained" in t for t in texts)
     assert all(isinstance(c["holds"], bool) for c in result["claims"])
+
+
+@pytest.mark.timeout(30)
+def test_both_inits_claim_needs_both_inits():
+    """The claim that both inits fill the latent's budget is decided only when a spectral and a random variant
+    were both adapted and measured; one init alone neither confirms nor refutes it."""
+    from benchmarks.world_report import claims
+
+    def occupation(kind, value):
+        return {"init_kind": kind, "init": {"c_occupation": [0.5, 0.5]}, "adapted": {"c_occupation": [value, value]}}
+
+    def both_inits(ranks):
+        return [c for c in claims({}, ranks, "mha", "mla", None) if c["claim"].startswith("both inits")]
+
+    assert both_inits({"mla": occupation("spectral", 1.0), "mla-mild": occupation("spectral", 1.0)}) == []
+    (full,) = both_inits({"mla": occupation("spectral", 1.0), "mla-random": occupation("random", 0.95)})
+    assert full["holds"] and full["numbers"]["init"] == {"mla": "spectral", "mla-random": "random"}
+    (short,) = both_inits({"mla": occupation("spectral", 1.0), "mla-random": occupation("random", 0.6)})
+    assert not short["holds"]
