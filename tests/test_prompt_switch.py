@@ -226,7 +226,8 @@ def test_one_segment_script_is_plain_generation_and_switches_run_end_to_end(tmp_
     assert len(plain) == G.video_frames_for(cfg, 3 * cfg.video.chunk_frames)
     assert len(plain) == len(script) and all(np.array_equal(a, b) for a, b in zip(plain, script))
     entry = json.loads((tmp_path / "script" / G.MANIFEST_NAME).read_text())["videos"]["fox-0.mp4"]
-    assert entry["script"] == [{"start": 0.0, "prompt": "a red fox", "chunk": 0}] and entry["seed"] == cfg.runtime.seed
+    assert entry["script"] == [{"start": 0.0, "prompt": "a red fox", "chunk": 0, "frame": 0}]
+    assert entry["seed"] == cfg.runtime.seed and entry["recache"] is True
 
     # two segments, switching at chunk 2: the embeddings file has a row per segment; the video differs from chunk 2 on
     from safetensors.torch import load_file, save_file
@@ -246,4 +247,4 @@ def test_one_segment_script_is_plain_generation_and_switches_run_end_to_end(tmp_
     assert all(np.array_equal(a, b) for a, b in zip(switched[:boundary], plain[:boundary]))  # the VAE is causal
     assert not any(np.array_equal(a, b) for a, b in zip(switched[boundary:], plain[boundary:]))
     entry = json.loads((tmp_path / "switch" / G.MANIFEST_NAME).read_text())["videos"]["fox-0.mp4"]
-    assert [s["chunk"] for s in entry["script"]] == [0, 2]
+    assert [s["chunk"] for s in entry["script"]] == [0, 2] and [s["frame"] for s in entry["script"]] == [0, boundary]

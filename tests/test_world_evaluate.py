@@ -279,3 +279,68 @@ def test_bad_prompt_exits_2_naming_the_word(tmp_path):
     assert run.returncode == 2, run.stderr
     assert "'purple'" in run.stderr and f"{prompts}:3" in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _script_videos(world: Path, out: Path, cut: int, order) -> list[Path]:
+    """Prompt-script videos as `vmla-generate --prompt-script` records them: for each pair (i, j) of ``order``
+    the first ``cut`` frames of world clip i, then clip j from its start (i == j: clip i whole), with the
+    manifest entry of a script that switches from caption i to caption j at frame ``cut``."""
+    from vmla_train import generate as G
+
+    out.mkdir()
+    videos, captions = _videos(world), [text for text, _ in E.read_prompt_targets(world / PROMPTS)]
+    manifest = {}
+    for n, (i, j) in enumerate(order):
+        a, _ = E.read_video(videos[i])
+        b, _ = E.read_video(videos[j])
+        name = f"switch{n:02d}-0.mp4"
+        with Mp4Writer(out / name, FPS, crf=10) as w:
+            w.write(np.ascontiguousarray(a if i == j else np.concatenate([a[:cut], b[: len(b) - cut]])))
+        manifest[name] = {"prompt": f"0\t{captions[i]}\n{cut / FPS}\t{captions[j]}", "index": 0, "seed": 0,
+                          "batch_row": 0, "batch_size": 1, "recache": True,
+                          "script": [{"start": 0.0, "prompt": captions[i], "chunk": 0, "frame": 0},
+                                     {"start": cut / FPS, "prompt": captions[j], "chunk": 1, "frame": cut}]}
+    G.write_manifest(out / G.MANIFEST_NAME, manifest)
+    return sorted(out.glob("*.mp4"))
+
+
+@pytest.mark.timeout(120)
+def test_prompt_switch_videos_score_per_segment(world, tmp_path, capsys):
+    """``--scripts``: each segment against its own prompt, the jump at the switch. Ground-truth clips cut into
+    two segments under their own caption adhere and do not jump; a switch to another clip adheres to the new
+    caption after the switch and jumps; the same frames under the other segment's caption do not adhere."""
+    cut, half = 17, NUM_CLIPS // 2
+    _script_videos(world, tmp_path / "same", cut, [(i, i) for i in range(half)])
+    # clip i's first frames, then clip i + half from its start (its caption takes over at the cut)
+    _script_videos(world, tmp_path / "switch", cut, [(i, i + half) for i in range(half)])
+    results = {}
+    for name in ("same", "switch"):
+        assert E.main(["eval", str(tmp_path / name), "--scripts", "--out", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    printed = capsys.readouterr().out
+    assert "after a switch" in printed and "switch jump" in printed
+    s, w = results["same"], results["switch"]
+    assert s["num_switches"] == w["num_switches"] == half and w["recache"] == ["True"]
+    assert [seg["first_frame"] for seg in w["videos"][0]["segments"]] == [0, cut]
+    # a clip's first 17 frames, and a clip from its start after the cut, adhere to their captions (a few lose an
+    # object's initial direction to the mp4 round trip or a bounce in the short segment); a clip's continuation
+    # keeps its objects (its directions may have turned at a wall: the prompt names the initial one)
+    assert s["before"]["adherence"] >= 0.75 and s["after"]["identity"] >= 0.9
+    assert w["after"]["adherence"] >= 0.75 and w["after"]["identity"] >= 0.9
+    assert 0.5 < s["switch_jump"] < 1.5 and w["switch_jump"] > 3 * s["switch_jump"], (s["switch_jump"], w["switch_jump"])
+    # the same switched frames judged with the captions exchanged: the second segment is not what its prompt asks
+    swapped = _script_videos(world, tmp_path / "swapped", cut, [(i + half, i) for i in range(half)])
+    for path in swapped:  # the frames of `switch`, the targets of the pair reversed
+        (tmp_path / "swapped" / path.name).write_bytes((tmp_path / "switch" / path.name).read_bytes())
+    assert E.main(["eval", str(tmp_path / "swapped"), "--scripts", "--out", str(tmp_path / "swapped.json")]) == 0
+    bad = json.loads((tmp_path / "swapped.json").read_text())
+    assert bad["after"]["adherence"] < w["after"]["adherence"] - 0.5 and bad["before"]["adherence"] < 0.5
+
+
+@pytest.mark.timeout(60)
+def test_scripts_bad_input_is_one_line(world, tmp_path, capsys):
+    switch = _script_videos(world, tmp_path / "switch", 17, [(0, 1)])
+    assert E.main(["eval", *map(str, _videos(world)[:1]), "--scripts"]) == 2  # no manifest beside the world clips
+    assert "has no prompt script" in capsys.readouterr().err
+    assert E.main(["eval", *map(str, switch), "--scripts", "--world", str(world)]) == 2
+    assert "--world is not used with --scripts" in capsys.readouterr().err

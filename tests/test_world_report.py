@@ -67,3 +67,28 @@ def test_both_inits_claim_needs_both_inits():
     assert full["holds"] and full["numbers"]["init"] == {"mla": "spectral", "mla-random": "random"}
     (short,) = both_inits({"mla": occupation("spectral", 1.0), "mla-random": occupation("random", 0.6)})
     assert not short["holds"]
+
+
+@pytest.mark.timeout(240)
+def test_quick_prompt_switch_benchmark(tmp_path, one_thread):
+    """benchmarks/prompt_switch.py on tiny untrained world models: both re-cache settings generated and scored
+    per segment; the JSON's numbers are those of the eval reports of this run's videos."""
+    from benchmarks.prompt_switch import main as switch_main
+
+    world = tmp_path / "world"
+    _world_checkpoints(world)
+    assert data_main(["world", str(world / "clips"), "num_clips=1", "num_heldout=4", "workers=0", "progress=false"]) == 0
+    assert convert_main([str(world / "teacher"), str(world / "mla" / "student-converted"), *MODEL,
+                         "convert.calib_samples=1", "convert.calib_timesteps=[500]", "--config", CONFIG]) == 0
+    rc = switch_main(["--world", str(world), "--student", "mla/student-converted", "--pairs", "1",
+                      "--switch-seconds", "2", "--seconds", str(2 * 81 / 16), "--device", "cpu",
+                      "--results", str(tmp_path / "results")])
+    assert rc == 0
+    result = json.loads(next((tmp_path / "results").glob("prompt_switch-*.json")).read_text())
+    assert set(result["recache"]) == {"true", "false"}
+    for name, row in result["recache"].items():
+        rep = json.loads((Path(result["eval_folder"]) / f"recache-{name}" / "report.json").read_text())
+        assert row["num_switches"] == rep["num_switches"] == 1 and row["switch_jump"] == rep["switch_jump"]
+        assert row["after"] == rep["after"] and rep["recache"] == [str(name == "true")]
+        assert [s["first_frame"] for s in rep["videos"][0]["segments"]][0] == 0
+    assert switch_main(["--world", str(world), "--student", "nothing-here", "--device", "cpu"]) == 2

@@ -158,17 +158,24 @@ def write_manifest(path: Path, videos: dict[str, dict]) -> None:
     atomic_write_text(path, text + "\n")
 
 
-def manifest_prompts(videos: Sequence[Path]) -> dict[Path, str]:
-    """Full prompt of every video that the ``manifest.json`` beside it lists (others are left out)."""
-    out: dict[Path, str] = {}
+def manifest_entries(videos: Sequence[Path]) -> dict[Path, dict]:
+    """The ``manifest.json`` entry of every video that the manifest beside it lists (others are left out):
+    prompt, index, seed, ..., and for a prompt script ``script`` (its segments in order, each ``{start, prompt,
+    chunk, frame}``, ``frame`` the first video frame under that prompt) and ``recache``."""
+    out: dict[Path, dict] = {}
     tables: dict[Path, dict[str, dict]] = {}
     for v in map(Path, videos):
         if v.parent not in tables:
             tables[v.parent] = read_manifest(v.parent / MANIFEST_NAME)
         entry = tables[v.parent].get(v.name)
         if entry is not None:
-            out[v] = entry["prompt"]
+            out[v] = entry
     return out
+
+
+def manifest_prompts(videos: Sequence[Path]) -> dict[Path, str]:
+    """Full prompt of every video that the ``manifest.json`` beside it lists (others are left out)."""
+    return {v: entry["prompt"] for v, entry in manifest_entries(videos).items()}
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -654,7 +661,8 @@ def generate(student: nn.Module, cfg: C.Config, videos: Sequence[str | PromptScr
                          "seed": seed, "batch_row": r, "batch_size": b}
                 if isinstance(video, PromptScript):
                     entry["script"] = [{"start": video.segments[j].start, "prompt": video.segments[j].prompt,
-                                        "chunk": c} for c, j in plan]
+                                        "chunk": c, "frame": chunk_first_frame(cfg, c)} for c, j in plan]
+                    entry["recache"] = g.recache
                 manifest[path.name] = entry
             write_manifest(manifest_path, manifest)
             written += paths

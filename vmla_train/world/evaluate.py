@@ -5,6 +5,7 @@ assemble the world's frozen models.
     vmla-world text-encoder OUT [--steps N]   (the world text encoder pretrained on the world's captions)
     vmla-world eval VIDEO_DIR_OR_FILES... (--prompts FILE | --scenes scenes.jsonl) [--world FOLDER] [--out report.json]
                     [--chunk-frames K]   (K latent frames per generated chunk: the chunk-seam jump)
+    vmla-world eval VIDEO_DIR_OR_FILES... --scripts [--out report.json]   (prompt-switch videos, per segment)
     vmla-world sample-teacher --teacher T --vae V --text-encoder E --prompts FILE --out DIR [--world FOLDER] ...
 
 **Evaluating** (``evaluate_videos``). Every mp4 is decoded whole at its own frame rate and size with the
@@ -15,6 +16,11 @@ by name when they can: a scene record's ``video`` field, the full prompt that ``
 ``manifest.json`` beside the videos gives each file, or its ``<prompt>-<index>.mp4`` naming
 (``generate.video_name``). Otherwise they pair in order (a folder's mp4s sorted by name, files in
 the order given) with the first targets.
+
+**Prompt switches** (``evaluate_switches``, ``--scripts``). A video generated from a prompt script is
+cut at the frames where each new prompt takes over (the ``frame`` of its segments in ``manifest.json``);
+each piece is scored against its own prompt, and the visual jump into each switch frame is the mean
+frame-to-frame change there over that into every other frame (``metrics.switch_jump``: 1 = no jump).
 
 **Reference and floor** (``reference_from_world``). The held-out scenes of a world folder
 (``scenes-heldout.jsonl``) are rendered directly at the evaluated videos' length and measured the same
@@ -252,6 +258,75 @@ def evaluate_videos(videos: Sequence[str | Path], targets: Sequence[PromptSpec |
     return out
 
 
+SWITCH_KEYS = (("adherence", "adherence", "1"), ("object_adherence", "object adherence", "1"),
+               ("identity", "identity", "1"), ("motion_error", "motion error", "0"))
+
+
+def evaluate_switches(videos: Sequence[str | Path], fps: float | None = None) -> dict:
+    """Prompt-switch videos (``vmla-generate --prompt-script``), each with the script that the ``manifest.json``
+    beside it records: every segment, from the first frame generated under its prompt to the next one's, scored
+    against its own prompt (``metrics.evaluate``), and the visual jump into each switch frame
+    (``metrics.switch_jump``). Keys: ``before`` / ``after``, the mean metrics of the first segments / of every
+    later one (``SWITCH_KEYS``); ``switch_jump``, its mean over the videos that switch; ``videos``, per video its
+    segments and jump; ``num_videos``, ``num_switches``, ``recache`` (the manifest's, per video)."""
+    from ..generate import MANIFEST_NAME, manifest_entries
+
+    videos = [Path(v) for v in videos]
+    try:
+        entries = manifest_entries(videos)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    per_video = []
+    for path in videos:
+        script = entries.get(path, {}).get("script")
+        if not script:
+            raise InputError(f"video '{path}' has no prompt script in the {MANIFEST_NAME} beside it: --scripts scores "
+                             "videos of `vmla-generate --prompt-script`")
+        if any("frame" not in seg for seg in script):
+            raise InputError(f"video '{path}': its {MANIFEST_NAME} entry has no switch frames (an older vmla-generate): "
+                             "generate it again")
+        frames, rate = read_video(path)
+        bounds = [int(seg["frame"]) for seg in script] + [len(frames)]
+        segments = []
+        for seg, a, b in zip(script, bounds, bounds[1:]):
+            try:
+                spec = parse_prompt(seg["prompt"])
+            except PromptError as e:
+                raise InputError(f"video '{path}': segment prompt {seg['prompt']!r}: {e}") from None
+            r = metrics.evaluate(frames[a:b], spec, fps=fps or rate)
+            segments.append({"prompt": seg["prompt"], "first_frame": a, "end_frame": b,
+                             **{key: r[key] for key, *_ in SWITCH_KEYS}})
+        per_video.append({"video": str(path), "recache": entries[path].get("recache"), "segments": segments,
+                          **metrics.switch_jump(frames, bounds[1:-1])})
+
+    def mean(rows: list[dict], key: str) -> float | None:
+        return float(np.mean([r[key] for r in rows])) if rows else None
+
+    first = [v["segments"][0] for v in per_video]
+    later = [seg for v in per_video for seg in v["segments"][1:]]
+    switching = [v for v in per_video if v["num_switches"]]
+    return {"before": {key: mean(first, key) for key, *_ in SWITCH_KEYS},
+            "after": {key: mean(later, key) for key, *_ in SWITCH_KEYS},
+            "switch_jump": mean(switching, "switch_jump"), "num_videos": len(per_video),
+            "num_switches": sum(v["num_switches"] for v in per_video),
+            "recache": sorted({str(v["recache"]) for v in per_video}), "videos": per_video}
+
+
+def switch_table(result: dict) -> str:
+    """The first prompt's metrics beside those after a switch, and the switch jump."""
+    def cell(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    rows = [("metric", "first prompt", "after a switch", "better")]
+    rows += [(label, cell(result["before"][key]), cell(result["after"][key]), better) for key, label, better in SWITCH_KEYS]
+    rows.append(("switch jump", "-", cell(result["switch_jump"]), "1"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def report_table(result: dict, reference: Reference | None = None) -> str:
     """One plain-text table: each metric of the videos beside the held-out ground truth's, and the
     Fréchet distance beside its floor."""
@@ -397,6 +472,9 @@ def _parser() -> argparse.ArgumentParser:
     t = e.add_mutually_exclusive_group(required=True)
     t.add_argument("--prompts", help="text file, one prompt per line (targets from the prompt's words)")
     t.add_argument("--scenes", help="scenes.jsonl / scenes-heldout.jsonl (exact targets)")
+    t.add_argument("--scripts", action="store_true",
+                   help="videos of `vmla-generate --prompt-script`: each segment against its own prompt (the scripts "
+                        "in the manifest.json beside them), and the visual jump at each switch")
     e.add_argument("--out", type=Path, default=None, help="report JSON (must not exist)")
     e.add_argument("--chunk-frames", type=int, default=None,
                    help="latent frames per chunk of the generator: adds the chunk-seam jump (1 = no seam)")
@@ -440,6 +518,22 @@ def _eval(args) -> int:
     if args.out is not None:
         _refuse_existing(args.out)
     videos = video_paths(args.videos)
+    if args.scripts:
+        unused = [flag for flag, value in (("--world", args.world), ("--num-reference", args.num_reference),
+                                           ("--chunk-frames", args.chunk_frames)) if value is not None]
+        if unused:
+            raise InputError(f"{unused[0]} is not used with --scripts (each segment is scored against its own prompt)")
+        result = evaluate_switches(videos, args.fps)
+        print(f"vmla-world eval: {result['num_videos']} prompt-script videos, {result['num_switches']} switches "
+              f"(re-cache: {', '.join(result['recache'])})")
+        print(switch_table(result))
+        if args.out is not None:
+            from ..config import atomic_write_text, json_finite
+
+            atomic_write_text(args.out, json.dumps(json_finite({"scripts": True, **result}), indent=1,
+                                                   ensure_ascii=False, allow_nan=False) + "\n")
+            print(f"wrote {args.out}")
+        return 0
     if args.prompts:
         rows = read_prompt_targets(args.prompts)
         targets = pair_prompts(videos, rows, args.prompts)

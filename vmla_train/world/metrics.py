@@ -59,6 +59,7 @@ The metrics:
 - background: motion-compensated change of background pixels, min over whole-pixel shifts s of
   mean |B_t(p) - B_{t-1}(p - s)| / 255 (0 for any rigidly drifting background, plain or textured).
 - chunk_jump: mean frame-to-frame change across chunk boundaries over that within chunks.
+- switch_jump: the same at the frames where a prompt script's new prompt takes over (``switch_jump``).
 
 Every metric is also computed per time segment (a segment without evidence takes the video value),
 giving quality-over-time curves and a drift score per metric: the weighted mean over segments k >= 1
@@ -471,17 +472,28 @@ def chunk_boundaries(num_frames: int, frames_per_chunk: int, first_chunk_frames:
     return list(range(first, num_frames, frames_per_chunk))
 
 
-def chunk_jump(frames: np.ndarray, frames_per_chunk: int, first_chunk_frames: int | None = None) -> dict:
-    """Seam score of any video: mean |x_t - x_{t-1}| / 255 at chunk starts t over the same within chunks
-    (1 = no seam; undefined stretches give 1)."""
+def frame_jump(frames: np.ndarray, starts) -> tuple[float, float, float, int]:
+    """(jump, change at starts, change elsewhere, number of starts): mean |x_t - x_{t-1}| / 255 into the frames
+    ``starts`` over the same into every other frame (1 = no jump there; undefined stretches give 1)."""
     d = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean((1, 2, 3)) / 255  # [T-1]: change into frame t = i+1
-    starts = set(chunk_boundaries(len(frames), frames_per_chunk, first_chunk_frames))
-    at = np.array([t in starts for t in range(1, len(frames))])
+    starts = set(starts)
+    at = np.array([t in starts for t in range(1, len(frames))], dtype=bool)
     b = float(d[at].mean()) if at.any() else 0.0
     within = float(d[~at].mean()) if (~at).any() else 0.0
     eps = 1e-6
-    return {"chunk_jump": (b + eps) / (within + eps), "boundary_change": b, "within_change": within,
-            "num_boundaries": int(at.sum())}
+    return (b + eps) / (within + eps), b, within, int(at.sum())
+
+
+def chunk_jump(frames: np.ndarray, frames_per_chunk: int, first_chunk_frames: int | None = None) -> dict:
+    """Seam score of any video: ``frame_jump`` at the chunk starts (1 = no seam)."""
+    jump, b, within, n = frame_jump(frames, chunk_boundaries(len(frames), frames_per_chunk, first_chunk_frames))
+    return {"chunk_jump": jump, "boundary_change": b, "within_change": within, "num_boundaries": n}
+
+
+def switch_jump(frames: np.ndarray, switch_frames) -> dict:
+    """Visual jump of a prompt switch: ``frame_jump`` into the first frame of each new prompt (1 = none)."""
+    jump, b, within, n = frame_jump(frames, switch_frames)
+    return {"switch_jump": jump, "switch_change": b, "other_change": within, "num_switches": n}
 
 
 # ----------------------------------------------------------------------------------------------
