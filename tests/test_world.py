@@ -130,6 +130,8 @@ def test_paraphrases_differ():
     ("a red circle drifts left while a red square moves up", "red"),
     ("a red drifts left", "shape"),
     ("a red circle drifts", "direction"),
+    ("2 red circles drift left", "'2'"),  # a number is a word the world does not know, not dropped
+    ("0\ta small red circle drifts left", "'0'"),  # a prompt-script line given as a prompt
 ])
 def test_bad_prompts_raise_a_prompt_error_naming_the_problem(prompt, named):
     with pytest.raises(PromptError) as err:

@@ -143,7 +143,9 @@ def vocabulary_line() -> str:
 
 
 def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z]+|[,;.]", text.lower().replace("-", " "))
+    """Words, clause punctuation, and every other run of characters as a token of its own (a number, a
+    quote: not in the vocabulary, so refused rather than dropped)."""
+    return re.findall(r"[a-z]+|[,;.]|[^\sa-z,;.]+", text.lower().replace("-", " "))
 
 
 def _background_tokens(tokens: list[str]) -> tuple[set[int], str | None]:
@@ -228,7 +230,7 @@ def parse_prompt(text: str) -> PromptSpec:
     Raises ``PromptError`` (one line) for an empty prompt, unknown words, no object, a repeated colour,
     an object without a shape or a direction, or more than ``MAX_OBJECTS`` objects."""
     tokens = _tokens(text or "")
-    words = [t for t in tokens if t.isalpha()]
+    words = [t for t in tokens if t not in ",;."]
     if not words:
         raise PromptError("the prompt is empty: describe 1-3 objects, e.g. 'a small red circle drifts left'")
     unknown = sorted({w for w in words if w not in VOCABULARY})
