@@ -309,7 +309,7 @@ def test_prompt_switch_videos_score_per_segment(world, tmp_path, capsys):
     """``--scripts``: each segment against its own prompt, the jump at the switch. Ground-truth clips cut into
     two segments under their own caption adhere and do not jump; a switch to another clip adheres to the new
     caption after the switch and jumps; the same frames under the other segment's caption do not adhere."""
-    cut, half = 17, NUM_CLIPS // 2
+    cut, half = 17, NUM_CLIPS // 4  # 6 pairs of clips
     _script_videos(world, tmp_path / "same", cut, [(i, i) for i in range(half)])
     # clip i's first frames, then clip i + half from its start (its caption takes over at the cut)
     _script_videos(world, tmp_path / "switch", cut, [(i, i + half) for i in range(half)])
