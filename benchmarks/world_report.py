@@ -83,6 +83,25 @@ def summary(report: dict) -> dict:
     return out
 
 
+def stage_seconds(variant: Path) -> dict | None:
+    """The wall seconds of each stage that ``world_student.sh`` recorded for a variant, if it did."""
+    path = variant / "stage_seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage_table(rows: dict) -> str | None:
+    """Wall seconds per training stage of each variant (world_student.sh's record), or None without one."""
+    timed = {tag: r["stage_seconds"] for tag, r in rows.items() if r.get("stage_seconds")}
+    if not timed:
+        return None
+    stages = [s for s in ("convert", "adapt", "ode", "ode_init", "causal_cd", "sf") if any(s in t for t in timed.values())]
+    lines = ["| student | " + " | ".join(stages) + " | total s |", "| --- |" + " ---: |" * (len(stages) + 1)]
+    for tag, t in timed.items():
+        cells = [f"{t[s]:.0f}" if s in t else "-" for s in stages]
+        lines.append(f"| {tag} | " + " | ".join(cells) + f" | {sum(t.get(s, 0.0) for s in stages):.0f} |")
+    return "\n".join(lines)
+
+
 def within(a: float, b: float, rel: float, key: str) -> bool:
     """Whether ``a`` is no worse than ``b`` by more than ``rel`` (relative; lower-is-better keys flip)."""
     if key in LOWER_IS_BETTER:
@@ -163,14 +182,15 @@ def claims(rows: dict, ranks: dict, base: str, mla: str, eight: str | None) -> l
 
 
 def table(rows: dict) -> str:
-    head = "| student | KV values/token/layer | adherence | identity | motion err | physics err | drift (long) | identity kept (long) | latent frames/s |"
-    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = ("| student | KV values/token/layer | adherence | identity | motion err | physics err | chunk seam jump | "
+            "drift (long) | identity kept (long) | latent frames/s |")
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for tag, r in rows.items():
         s, lg = r["short"], r["long"]
-        kept = lg["identity_kept_segments"]
+        kept, seam = lg["identity_kept_segments"], s.get("chunk_jump")
         lines.append(f"| {tag} | {r['kv_values']} | {s['adherence']:.2f} | {s['identity']:.2f} | {s['motion_error']:.3f} | "
-                     f"{s['physics_error']:.3f} | {lg['drift_score']:.3f} | {'-' if kept is None else f'{kept:.2f}'} | "
-                     f"{s['latent_frames_per_s']:.1f} |")
+                     f"{s['physics_error']:.3f} | {'-' if seam is None else f'{seam:.2f}'} | {lg['drift_score']:.3f} | "
+                     f"{'-' if kept is None else f'{kept:.2f}'} | {s['latent_frames_per_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -221,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = C.load(student / "config.yaml", extra)
         short_s = cfg.video.num_frames / cfg.video.fps
         row = {"student": str(student), "kind": cfg.attention.kind.value, "overrides": extra,
-               "kv_values": C.kv_values_per_token(cfg)[cfg.attention.kind.value]}
+               "kv_values": C.kv_values_per_token(cfg)[cfg.attention.kind.value],
+               "stage_seconds": stage_seconds(student.parent)}
         for horizon, seconds in (("short", short_s), ("long", a.long_seconds)):
             rep = generate_and_score(student, prompts, world, base_dir / f"{tag}-{horizon}", seconds, a.device, extra)
             row[horizon] = summary(rep)
@@ -233,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
               "students": rows, "ranks": ranks, "eight_bit": eight_note or f"{a.eight_bit}-8bit",
               "claims": claims(rows, ranks, a.baseline, a.main, a.eight_bit or None)}
     print("\n" + table(rows))
+    if (stages := stage_table(rows)) is not None:
+        print("\n" + stages)
     for c in result["claims"]:
         print(f"- {'holds' if c['holds'] else 'does not hold'}: {c['claim']}  {json.dumps(c['numbers'])}")
     write_result(a.name, result["device"], result, a.results)

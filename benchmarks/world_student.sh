@@ -14,7 +14,8 @@
 # $WORLD_DIR/$TAG/ode) before odeinit.
 #
 # Every stage resumes: run the same command again after an interruption and finished work is kept; a fit stopped
-# by its time limit continues from its checkpoint. Settings (environment, defaults in brackets): WORLD_DIR
+# by its time limit continues from its checkpoint. The wall seconds of each stage add up in
+# $WORLD_DIR/$TAG/stage_seconds.json (world_report.py shows them; benchmarks/world_recipes.sh compares recipes). Settings (environment, defaults in brackets): WORLD_DIR
 # [runs/world], WORKERS [cores - 2], DEVICE [cuda]; TAG [mla]: the student variant, whose runs and exports go to
 # $WORLD_DIR/$TAG/ (the teacher, data and ODE pairs are shared); STUDENT_ARGS: its key=value for the conversion and
 # every fit (the variants of the report: attention.kind=mha; convert.init=random; attention.d_c=64
@@ -42,6 +43,22 @@ mkdir -p "$V"
 source benchmarks/world_common.sh
 STRIDE=$(stride)  # the codec's strides, as world_teacher.sh passes them to every stage
 
+# timed STAGE COMMAND...: run a stage and add its wall seconds to $V/stage_seconds.json (summed over calls: a fit
+# resumed in several calls counts them all; the bidirectional teacher's ODE pairs count where they were made)
+timed() {
+  local stage=$1 t0; t0=$(date +%s.%N); shift
+  "$@"
+  python3 - "$V/stage_seconds.json" "$stage" "$t0" "$(date +%s.%N)" <<'PY'
+import json, os, sys
+path, stage, t0, t1 = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+seconds = json.load(open(path)) if os.path.exists(path) else {}
+seconds[stage] = round(seconds.get(stage, 0.0) + t1 - t0, 3)
+with open(path + ".tmp", "w") as f:
+    json.dump(seconds, f, indent=1)
+os.replace(path + ".tmp", path)
+PY
+}
+
 # fit STAGE CONFIG SECONDS ARGS...: one training stage in $V/STAGE, stopped by SIGUSR1 after SECONDS (if set),
 # then exported to $V/student-STAGE (with EXPORT, e.g. --ema, passed to the export)
 fit() {
@@ -64,35 +81,35 @@ if has convert; then
   CALIB=()
   (( ${CALIB_CLIPS:-16} > 0 )) && CALIB=(convert.factorization=activations "convert.calib_data=$W/train/raw-*.tar"
                                         "convert.calib_samples=${CALIB_CLIPS:-16}")
-  vmla-convert "$W/teacher" "$V/student-converted" "$STRIDE" "${CALIB[@]}" ${STUDENT_ARGS:-} \
+  timed convert vmla-convert "$W/teacher" "$V/student-converted" "$STRIDE" "${CALIB[@]}" ${STUDENT_ARGS:-} \
     --config configs/world/world-adapt.yaml --overwrite
 fi
 if has adapt; then
   say "adapt"
-  fit adapt configs/world/world-adapt.yaml "${ADAPT_SECONDS:-}" "train.student_path=$V/student-converted" "$SHARDS" \
+  timed adapt fit adapt configs/world/world-adapt.yaml "${ADAPT_SECONDS:-}" "train.student_path=$V/student-converted" "$SHARDS" \
     ${ADAPT_ARGS:-}
 fi
 # the bidirectional teacher's trajectories (shared by the variants), or the adapted causal student's (its own)
 if [[ "${ODE_FROM:-teacher}" == teacher ]]; then ODE_SRC="$W/teacher" ODE_DIR="$W/ode"; else ODE_SRC="$V/student-$ODE_FROM" ODE_DIR="$V/ode"; fi
 if has ode; then
   say "ODE pairs from $ODE_SRC"
-  vmla-data ode-pairs data_prep/world.yaml "prep.ode.teacher=$ODE_SRC" "prep.ode.text_encoder=$W/models" \
+  timed ode vmla-data ode-pairs data_prep/world.yaml "prep.ode.teacher=$ODE_SRC" "prep.ode.text_encoder=$W/models" \
     "prep.ode.input=$W/train/raw-*.tar" "prep.ode.output=$ODE_DIR" "prep.ode.max_samples=${ODE_PAIRS:-4096}" \
     "prep.ode.batch_size=${ODE_BATCH:-64}" "prep.ode.device=$DEVICE" "$STRIDE"
 fi
 if has odeinit; then
   say "ODE init"
-  fit ode_init configs/world/world-ode_init.yaml "${ODEINIT_SECONDS:-}" "train.student_path=$V/student-adapt" \
+  timed ode_init fit ode_init configs/world/world-ode_init.yaml "${ODEINIT_SECONDS:-}" "train.student_path=$V/student-adapt" \
     "data.shards=$ODE_DIR/ode-*.tar" ${ODEINIT_ARGS:-}
 fi
 if has cd; then
   say "causal consistency distillation"
-  EXPORT=--ema fit causal_cd configs/world/world-causal_cd.yaml "${CD_SECONDS:-}" "train.student_path=$V/student-adapt" \
+  EXPORT=--ema timed causal_cd fit causal_cd configs/world/world-causal_cd.yaml "${CD_SECONDS:-}" "train.student_path=$V/student-adapt" \
     "$SHARDS" "dmd.negative_embedding=$W/negative.safetensors" ${CD_ARGS:-}
 fi
 if has sf; then
   say "self-forcing DMD"
-  fit sf configs/world/world-self_forcing.yaml "${SF_SECONDS:-}" "train.student_path=$V/student-${SF_FROM:-ode_init}" \
+  timed sf fit sf configs/world/world-self_forcing.yaml "${SF_SECONDS:-}" "train.student_path=$V/student-${SF_FROM:-ode_init}" \
     "train.teacher_path=$W/teacher" "train.critic_path=$W/teacher" "$SHARDS" \
     "dmd.negative_embedding=$W/negative.safetensors" "logging.vae_path=$W/models" ${SF_ARGS:-}
 fi

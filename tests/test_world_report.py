@@ -92,3 +92,20 @@ def test_quick_prompt_switch_benchmark(tmp_path, one_thread):
         assert row["after"] == rep["after"] and rep["recache"] == [str(name == "true")]
         assert [s["first_frame"] for s in rep["videos"][0]["segments"]][0] == 0
     assert switch_main(["--world", str(world), "--student", "nothing-here", "--device", "cpu"]) == 2
+
+
+@pytest.mark.timeout(30)
+def test_stage_seconds_table(tmp_path):
+    """The wall seconds per stage that world_student.sh records for a variant, as world_report shows them."""
+    from benchmarks.world_report import stage_seconds, stage_table
+
+    (tmp_path / "tf-cd").mkdir()
+    (tmp_path / "tf-cd" / "stage_seconds.json").write_text(json.dumps({"convert": 4.6, "adapt": 120.2, "causal_cd": 60.0,
+                                                                     "sf": 300.4}))
+    rows = {"tf-cd": {"stage_seconds": stage_seconds(tmp_path / "tf-cd")},
+            "df-ode": {"stage_seconds": {"adapt": 100.0, "ode": 50.0, "ode_init": 30.0, "sf": 300.0}},
+            "untimed": {"stage_seconds": stage_seconds(tmp_path / "nothing")}}
+    lines = stage_table(rows).splitlines()
+    assert lines[0] == "| student | convert | adapt | ode | ode_init | causal_cd | sf | total s |"
+    assert lines[2] == "| tf-cd | 5 | 120 | - | - | 60 | 300 | 485 |" and lines[3] == "| df-ode | - | 100 | 50 | 30 | - | 300 | 480 |"
+    assert len(lines) == 4 and stage_table({"untimed": rows["untimed"]}) is None
