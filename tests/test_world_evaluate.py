@@ -320,7 +320,7 @@ def test_prompt_switch_videos_score_per_segment(world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "after a switch" in printed and "switch jump" in printed
     s, w = results["same"], results["switch"]
-    assert s["num_switches"] == w["num_switches"] == half and w["recache"] == ["True"]
+    assert s["num_switches"] == w["num_switches"] == half and w["recache"] == [True]
     assert [seg["first_frame"] for seg in w["videos"][0]["segments"]] == [0, cut]
     # a clip's first 17 frames, and a clip from its start after the cut, adhere to their captions (a few lose an
     # object's initial direction to the mp4 round trip or a bounce in the short segment); a clip's continuation

@@ -89,7 +89,7 @@ def test_quick_prompt_switch_benchmark(tmp_path, one_thread):
     for name, row in result["recache"].items():
         rep = json.loads((Path(result["eval_folder"]) / f"recache-{name}" / "report.json").read_text())
         assert row["num_switches"] == rep["num_switches"] == 1 and row["switch_jump"] == rep["switch_jump"]
-        assert row["after"] == rep["after"] and rep["recache"] == [str(name == "true")]
+        assert row["after"] == rep["after"] and rep["recache"] == [name == "true"]
         assert [s["first_frame"] for s in rep["videos"][0]["segments"]][0] == 0
     assert switch_main(["--world", str(world), "--student", "nothing-here", "--device", "cpu"]) == 2
 

@@ -309,7 +309,7 @@ def evaluate_switches(videos: Sequence[str | Path], fps: float | None = None) ->
             "after": {key: mean(later, key) for key, *_ in SWITCH_KEYS},
             "switch_jump": mean(switching, "switch_jump"), "num_videos": len(per_video),
             "num_switches": sum(v["num_switches"] for v in per_video),
-            "recache": sorted({str(v["recache"]) for v in per_video}), "videos": per_video}
+            "recache": sorted({v["recache"] for v in per_video}, key=str), "videos": per_video}
 
 
 def switch_table(result: dict) -> str:
@@ -320,7 +320,12 @@ def switch_table(result: dict) -> str:
     rows = [("metric", "first prompt", "after a switch", "better")]
     rows += [(label, cell(result["before"][key]), cell(result["after"][key]), better) for key, label, better in SWITCH_KEYS]
     rows.append(("switch jump", "-", cell(result["switch_jump"]), "1"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return _text_table(rows)
+
+
+def _text_table(rows: list[tuple[str, ...]]) -> str:
+    """Plain-text columns: the first left-aligned, the others right-aligned, a rule under the header row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -344,11 +349,7 @@ def report_table(result: dict, reference: Reference | None = None) -> str:
     if "frechet_distance" in result:
         rows.append(("Fréchet distance", f"{result['frechet_distance']:.2f}", f"{result['frechet_floor']:.2f} (floor)",
                      "floor"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _text_table(rows)
 
 
 def _refuse_existing(*paths: Path) -> None:
@@ -525,7 +526,7 @@ def _eval(args) -> int:
             raise InputError(f"{unused[0]} is not used with --scripts (each segment is scored against its own prompt)")
         result = evaluate_switches(videos, args.fps)
         print(f"vmla-world eval: {result['num_videos']} prompt-script videos, {result['num_switches']} switches "
-              f"(re-cache: {', '.join(result['recache'])})")
+              f"(generate.recache: {', '.join(map(str, result['recache']))})")
         print(switch_table(result))
         if args.out is not None:
             from ..config import atomic_write_text, json_finite
