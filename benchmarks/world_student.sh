@@ -16,8 +16,8 @@
 # Every stage resumes: run the same command again after an interruption and finished work is kept; a fit stopped
 # by its time limit continues from its checkpoint. The wall seconds of each stage add up in
 # $WORLD_DIR/$TAG/stage_seconds.json (world_report.py shows them; benchmarks/world_recipes.sh compares recipes).
-# Settings (environment, defaults in brackets): WORLD_DIR [runs/world], WORKERS [cores - 2], DEVICE [cuda]; TAG [mla]: the student variant, whose runs and exports go to
-# $WORLD_DIR/$TAG/ (the teacher, data and ODE pairs are shared); STUDENT_ARGS: its key=value for the conversion and
+# Settings (environment, defaults in brackets): WORLD_DIR [runs/world], WORKERS [cores - 2], DEVICE [cuda];
+# TAG [mla]: the student variant, whose runs and exports go to $WORLD_DIR/$TAG/ (the teacher, data and ODE pairs are shared); STUDENT_ARGS: its key=value for the conversion and
 # every fit (the variants of the report: attention.kind=mha; convert.init=random; attention.d_c=64
 # attention.d_r=32 for a milder compression); per fit STAGE_SECONDS (ADAPT_SECONDS, ODEINIT_SECONDS,
 # SF_SECONDS: stop that fit with SIGUSR1 after so many seconds, it checkpoints and exits; empty = run to
