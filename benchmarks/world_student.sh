@@ -16,16 +16,17 @@
 # Every stage resumes: run the same command again after an interruption and finished work is kept; a fit stopped
 # by its time limit continues from its checkpoint. The wall seconds of each stage add up in
 # $WORLD_DIR/$TAG/stage_seconds.json (world_report.py shows them; benchmarks/world_recipes.sh compares recipes).
-# Settings (environment, defaults in brackets): WORLD_DIR [runs/world], WORKERS [cores - 2], DEVICE [cuda];
-# TAG [mla]: the student variant, whose runs and exports go to $WORLD_DIR/$TAG/ (the teacher, data and ODE pairs are shared); STUDENT_ARGS: its key=value for the conversion and
-# every fit (the variants of the report: attention.kind=mha; convert.init=random; attention.d_c=64
-# attention.d_r=32 for a milder compression); per fit STAGE_SECONDS (ADAPT_SECONDS, ODEINIT_SECONDS,
-# SF_SECONDS: stop that fit with SIGUSR1 after so many seconds, it checkpoints and exits; empty = run to
-# train.num_steps; CD_SECONDS too) and STAGE_ARGS (ADAPT_ARGS, ODEINIT_ARGS, CD_ARGS, SF_ARGS: extra key=value);
-# CALIB_CLIPS [16]: encoded world clips the conversion factorises the activations of (0 = the weights' SVD);
-# SF_FROM [ode_init]: the export self-forcing starts from; ODE_FROM [teacher]; ODE_PAIRS [4096] teacher
-# trajectories; EVAL_PROMPTS [64]; EVAL_SECONDS [5.0625 = 81 frames]; EVAL_ARGS (extra key=value for
-# vmla-generate); STUDENT [sf]: which exported student the eval stage scores (converted adapt ode_init causal_cd sf).
+# Settings (environment, defaults in brackets): WORLD_DIR [runs/world], WORKERS [cores - 2], DEVICE [cuda]; TAG
+# [mla]: the student variant, whose runs and exports go to $WORLD_DIR/$TAG/ (the teacher, data and ODE pairs are
+# shared); STUDENT_ARGS: its key=value for the conversion and every fit (the variants of the report:
+# attention.kind=mha; convert.init=random; attention.d_c=64 attention.d_r=32 for a milder compression); per fit
+# STAGE_SECONDS (ADAPT_SECONDS, ODEINIT_SECONDS, SF_SECONDS: stop that fit with SIGUSR1 after so many seconds, it
+# checkpoints and exits; empty = run to train.num_steps; CD_SECONDS too) and STAGE_ARGS (ADAPT_ARGS, ODEINIT_ARGS,
+# CD_ARGS, SF_ARGS: extra key=value); CALIB_CLIPS [16]: encoded world clips the conversion factorises the
+# activations of (0 = the weights' SVD); SF_FROM [ode_init]: the export self-forcing starts from; ODE_FROM
+# [teacher]; ODE_PAIRS [4096] teacher trajectories; EVAL_PROMPTS [64]; EVAL_SECONDS [5.0625 = 81 frames];
+# EVAL_ARGS (extra key=value for vmla-generate); STUDENT [sf]: which exported student the eval stage scores
+# (converted adapt ode_init causal_cd sf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${WORLD_DIR:-runs/world}
