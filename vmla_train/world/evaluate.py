@@ -382,11 +382,16 @@ def _evaluate_and_report(videos: list[Path], targets: list, fps: float | None, w
                                "num_frames": reference.num_frames, "metrics": reference.metrics,
                                "features": reference.features.tolist()}
     if out is not None:
-        from ..config import atomic_write_text, json_finite
-
-        atomic_write_text(out, json.dumps(json_finite(report), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
-        print(f"wrote {out}")
+        _write_report(out, report)
     return report
+
+
+def _write_report(out: Path, report: dict) -> None:
+    """The report as JSON at ``out``, atomically (non-finite numbers as null)."""
+    from ..config import atomic_write_text, json_finite
+
+    atomic_write_text(out, json.dumps(json_finite(report), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    print(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,11 +534,7 @@ def _eval(args) -> int:
               f"(generate.recache: {', '.join(map(str, result['recache']))})")
         print(switch_table(result))
         if args.out is not None:
-            from ..config import atomic_write_text, json_finite
-
-            atomic_write_text(args.out, json.dumps(json_finite({"scripts": True, **result}), indent=1,
-                                                   ensure_ascii=False, allow_nan=False) + "\n")
-            print(f"wrote {args.out}")
+            _write_report(args.out, {"scripts": True, **result})
         return 0
     if args.prompts:
         rows = read_prompt_targets(args.prompts)
