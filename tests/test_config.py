@@ -62,6 +62,7 @@ def test_kv_accounting_default_videomla():
         ("video.num_frames=80", ["'video.num_frames'"]),
         ("cache.dtype=int8", ["'cache.dtype'"]),
         ("cache.dtype=8bit", ["'cache.dtype'", "fused_8bit"]),  # the 8-bit cache needs the 8-bit kernel
+        ("checkpoint.stop_traceback_s=-1", ["'checkpoint.stop_traceback_s'", ">= 0"]),
     ],
 )
 def test_errors_name_the_key(override, must_contain):

@@ -53,6 +53,7 @@ def test_sigusr1_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-3000:]
+    assert "rank 0: SIGUSR1: checkpoint and stop at iteration" in out
     last = ckpt.latest_checkpoint(tmp_path)
     state = ckpt.read_train_state(last)
     assert state["reason"] == "signal" and state["step"] >= 1
@@ -62,3 +63,32 @@ def test_sigusr1_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {last}" in done.stdout + done.stderr
     assert ckpt.read_train_state(ckpt.latest_checkpoint(tmp_path))["step"] == state["step"] + 2
+
+
+_STUCK = """
+import os, signal, sys, time
+from vmla_train import train
+stop = train._StopFlag(0.5)
+os.kill(os.getpid(), signal.SIGUSR1)
+def stuck_after_the_signal():
+    time.sleep(1.5)
+if sys.argv[1] == "close":
+    stop.close()
+stuck_after_the_signal()
+print("signum", stop.signum)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("close", [False, True])
+def test_a_stop_that_hangs_prints_where(close):
+    """checkpoint.stop_traceback_s: still running that long after SIGUSR1, the process prints every thread's
+    stack once (naming the function it is stuck in) and goes on; disarmed when fit returns (close)."""
+    out = subprocess.run([sys.executable, "-c", _STUCK, "close" if close else "run"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=50)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"signum {int(signal.SIGUSR1)}" in out.stdout
+    if close:
+        assert "stuck_after_the_signal" not in out.stderr
+    else:
+        assert "Timeout (0:00:00.500000)!" in out.stderr and "in stuck_after_the_signal" in out.stderr

@@ -667,3 +667,26 @@ def test_shipped_world_models_folder_is_what_vmla_world_models_builds(tmp_path):
     assert main(["models", str(tmp_path / "m"), "--vae", str(shipped / "vae")]) == 0
     for part in ("vae", "tokenizer", "text_encoder"):
         assert _digest(tmp_path / "m" / part) == _digest(shipped / part), part
+
+
+@pytest.mark.timeout(120)
+def test_shipped_world_teacher_reads_the_pretrained_encoder_and_round_trips(tmp_path):
+    """checkpoints/world/teacher: its manifest verifies, its text width is checkpoints/world/text's, and the
+    conversion FIT_FROM continues it from (diffusers -> world-pretrain student folder) keeps every weight:
+    converted back to diffusers bf16 it is the shipped file tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from vmla_train import convert, student_io
+
+    shipped = ROOT / "checkpoints" / "world" / "teacher"
+    student_io.verify_manifest(shipped, "diffusers folder")
+    cfg = json.loads((shipped / "config.json").read_text())
+    _, enc = wan.load_text_encoder(ROOT / "checkpoints" / "world" / "text", torch.device("cpu"), torch.float32)
+    assert cfg["_class_name"] == "WanTransformer3DModel" and cfg["text_dim"] == enc.config.d_model
+    assert convert.main([str(shipped), str(tmp_path / "student"), "--config",
+                         str(ROOT / "configs" / "world" / "world-pretrain.yaml")]) == 0
+    assert convert.main([str(tmp_path / "student"), str(tmp_path / "back"), "--to", "diffusers",
+                         "convert.dtype=bfloat16"]) == 0
+    a = load_file(str(shipped / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

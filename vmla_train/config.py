@@ -426,6 +426,7 @@ class CheckpointConfig:
     resume: bool = True  # resume from the run folder's latest complete checkpoint
     on_write_error: str = "stop"  # a failed checkpoint write (e.g. disk full): stop (raise) | continue training
     checksums: bool = True  # SHA-256 of every file in the manifest, verified at resume and when a student folder loads (sizes are always checked)
+    stop_traceback_s: float = 60.0  # seconds after SIGUSR1/SIGTERM at which a run that has not stopped yet prints every thread's Python stack to stderr (where the stop hangs) and goes on; 0 = never
     save_timeout_s: float = 1800.0  # seconds every rank gets to write its part of a checkpoint and agree; past it each waiting rank stops with one line naming the folder and the failed rank (a rank that died or left a collective save); 0 = wait forever
     allow_config_change: bool = False  # resume although keys that change the run's meaning differ from the checkpoint's config (every key but train.num_steps/max_consecutive_skips/gradient_checkpointing/compile/compile_mode/allow_random_roles, runtime.progress/run_dir/device, data.num_workers/prefetch_factor/max_open_shards, strategy.offload, logging.*, checkpoint.*, validation.*, debug.*, and the sections fit does not read: demo.*, convert.*, generate.*; see docs/fault-tolerance.md)
 
@@ -434,8 +435,9 @@ class CheckpointConfig:
             _fail("checkpoint.every_n_steps/keep_last", ">= 1", (self.every_n_steps, self.keep_last))
         if self.on_write_error not in ("stop", "continue"):
             _fail("checkpoint.on_write_error", "stop | continue", self.on_write_error)
-        if self.save_timeout_s < 0:
-            _fail("checkpoint.save_timeout_s", ">= 0 (0 = no timeout)", self.save_timeout_s)
+        for key in ("save_timeout_s", "stop_traceback_s"):
+            if getattr(self, key) < 0:
+                _fail(f"checkpoint.{key}", ">= 0 (0 = off)", getattr(self, key))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ checkpoints intact and stops or continues per ``checkpoint.on_write_error``.
 
 from __future__ import annotations
 
+import faulthandler
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -53,15 +55,22 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopFlag:
-    """SIGUSR1 (Slurm's ``--signal=USR1@120``) and SIGTERM: checkpoint and stop at the next step boundary."""
+    """SIGUSR1 (Slurm's ``--signal=USR1@120``) and SIGTERM: checkpoint and stop at the next step boundary. A run
+    still going ``traceback_s`` seconds after the first signal prints every thread's Python stack to stderr once
+    (where a stop hangs) and goes on; ``close`` disarms that when ``fit`` returns."""
 
-    def __init__(self):
-        self.signum = 0
+    def __init__(self, traceback_s: float):
+        self.signum, self.traceback_s = 0, traceback_s
         for s in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
+        if not self.signum and self.traceback_s > 0 and sys.__stderr__ is not None:
+            faulthandler.dump_traceback_later(self.traceback_s, exit=False, file=sys.__stderr__)
         self.signum = signum
+
+    def close(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def accumulation_steps(cfg: C.Config, world_size: int) -> int:
@@ -95,7 +104,7 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
     if fabric.world_size != world_size_of(cfg):
         raise C.ConfigError(f"config key 'strategy.devices': {cfg.strategy.devices} x {cfg.strategy.num_nodes} nodes "
                             f"but {fabric.world_size} processes were launched")
-    stop = _StopFlag()
+    stop = _StopFlag(cfg.checkpoint.stop_traceback_s)
 
     # 2. Resume candidates (verified and loaded in 4.) and the W&B run: the checkpoints' run, or a new one.
     candidates = ckpt.resume_candidates(fabric, run_dir) if cfg.checkpoint.resume else []
@@ -140,6 +149,9 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
     while c.step < cfg.train.num_steps:
         # 5a. A signal on any rank stops every rank at the same step boundary (after a checkpoint).
         if parallel.any_rank(fabric, stop.signum or (stop_after is not None and run_iters >= stop_after)):
+            if stop.signum:
+                print(f"rank {rank}: {signal.Signals(stop.signum).name}: checkpoint and stop at iteration {c.step}",
+                      flush=True)
             last_ckpt = ckpt.save(state, "signal" if stop.signum else "stop_after")
             break
         t0 = time.perf_counter()
@@ -200,6 +212,7 @@ def fit(cfg: C.Config, stop_after: int | None = None) -> dict:
         _validate_and_sample(state, log, fixed_text, samples, final=True)
     log.close(success=True)
     state.loader.close()
+    stop.close()
     return {"counters": c, "history": history, "checkpoint": last_ckpt, "run_id": run_id, "rank": rank,
             "student": student, "critic": critic, "fabric": fabric, "ema": ema, "samples": samples,
             "teacher": module.teacher, "module": module}
