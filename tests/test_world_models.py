@@ -659,19 +659,26 @@ def test_shipped_world_codec_reconstructs_held_out_clips():
 
 @pytest.mark.timeout(120)
 def test_shipped_world_models_folder_is_what_vmla_world_models_builds(tmp_path):
-    """checkpoints/world/models is `vmla-world models OUT --vae <its codec>`: the same codec, tokenizer and
-    seeded text encoder, file for file."""
+    """checkpoints/world/models is `vmla-world models OUT --vae <its codec> --text-encoder checkpoints/world/text`:
+    the same codec, tokenizer and pretrained text encoder (the one the shipped teacher reads), file for file; and
+    the seeded encoder the earlier teachers read is rebuilt exactly by the same command without --text-encoder."""
     from vmla_train.world.evaluate import main
 
     shipped = ROOT / "checkpoints" / "world" / "models"
-    assert main(["models", str(tmp_path / "m"), "--vae", str(shipped / "vae")]) == 0
+    assert main(["models", str(tmp_path / "m"), "--vae", str(shipped / "vae"), "--text-encoder",
+                 str(ROOT / "checkpoints" / "world" / "text")]) == 0
     for part in ("vae", "tokenizer", "text_encoder"):
         assert _digest(tmp_path / "m" / part) == _digest(shipped / part), part
+    for seeded in ("s1", "s2"):
+        assert main(["models", str(tmp_path / seeded), "--vae", str(shipped / "vae")]) == 0
+    assert _digest(tmp_path / "s1" / "text_encoder") == _digest(tmp_path / "s2" / "text_encoder")
+    assert _digest(tmp_path / "s1" / "text_encoder") != _digest(shipped / "text_encoder")
 
 
 @pytest.mark.timeout(120)
 def test_shipped_world_teacher_reads_the_pretrained_encoder_and_round_trips(tmp_path):
-    """checkpoints/world/teacher: its manifest verifies, its text width is checkpoints/world/text's, and the
+    """checkpoints/world/teacher: its manifest verifies, its text width is that of the shipped models' encoder
+    (checkpoints/world/text's, test above), and the
     conversion FIT_FROM continues it from (diffusers -> world-pretrain student folder) keeps every weight:
     converted back to diffusers bf16 it is the shipped file tensor for tensor."""
     from safetensors.torch import load_file
@@ -681,7 +688,7 @@ def test_shipped_world_teacher_reads_the_pretrained_encoder_and_round_trips(tmp_
     shipped = ROOT / "checkpoints" / "world" / "teacher"
     student_io.verify_manifest(shipped, "diffusers folder")
     cfg = json.loads((shipped / "config.json").read_text())
-    _, enc = wan.load_text_encoder(ROOT / "checkpoints" / "world" / "text", torch.device("cpu"), torch.float32)
+    _, enc = wan.load_text_encoder(ROOT / "checkpoints" / "world" / "models", torch.device("cpu"), torch.float32)
     assert cfg["_class_name"] == "WanTransformer3DModel" and cfg["text_dim"] == enc.config.d_model
     assert convert.main([str(shipped), str(tmp_path / "student"), "--config",
                          str(ROOT / "configs" / "world" / "world-pretrain.yaml")]) == 0
