@@ -70,6 +70,27 @@ def tiny_generate_inputs(folder, prompts_text: str, num_prompts: int, negative: 
     return cfg, ckpt
 
 
+def free_port() -> int:
+    """A free TCP port for a test's rendezvous (MASTER_PORT), drawn below the kernel's ephemeral range: a port the
+    kernel handed out (bind to 0) and freed can be given again as the source port of any other connection before
+    the rank binds it (seen: a rank's store client reset by a stranger on that port, then a 30-minute retry).
+    Also clear of the test cluster's Slurm ports and of the master ports slurm/train.sbatch derives for its first
+    job ids (20000 + id)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(21000, 29000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 21000-29000")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.double(), b.double()
     return ((a64 - b64).norm() / b64.norm().clamp_min(1e-30)).item()

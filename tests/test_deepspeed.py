@@ -3,12 +3,13 @@ accelerator + gloo): a step on one model never changes the other; the real loop 
 checkpoints that `export` consolidates."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,15 +69,9 @@ os._exit(0)  # as vmla_train.cli.entry does for a rank: no interpreter teardown 
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: list[str], tmp_path: Path, timeout: int = 240) -> list[str]:
     """Run ``args`` as 2 ranks (the env torchrun / srun would give), return their outputs."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),

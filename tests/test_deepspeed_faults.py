@@ -13,7 +13,6 @@ gloo), through the real loop (``train.fit``):
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from vmla_train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,18 +106,12 @@ os._exit(rc)  # as vmla_train.cli.entry does for a rank: no interpreter teardown
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path: Path, mode: str, run: Path, *overrides: str, timeout: float = 240) -> list[tuple[int, str]]:
     """The worker as 2 ranks (the env torchrun / srun would give); (exit status, output) per rank. A rank
     still running after ``timeout`` s fails the test (a hang)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                    LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")

@@ -4,7 +4,6 @@ is counted and logged; ``train.max_consecutive_skips`` in a row stop the run aft
 that holds the last good weights."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from vmla_train import checkpoint as ckpt
 from vmla_train import config as C
 from vmla_train import train
@@ -53,12 +53,6 @@ def test_consecutive_nan_steps_stop_with_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in stopped.values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(150)
 def test_nan_on_one_rank_is_skipped_on_both_no_hang(tmp_path):
     """2 gloo processes (DDP), NaN injected on rank 1 only: both ranks skip the same iterations, the
@@ -68,7 +62,7 @@ def test_nan_on_one_rank_is_skipped_on_both_no_hang(tmp_path):
             f"runtime.run_dir={run}", "strategy.name=ddp", "strategy.devices=2", "strategy.accelerator=cpu",
             "train.global_batch_size=2", "train.num_steps=20", "checkpoint.every_n_steps=100",
             "debug.inject_nan_steps=[1,3,4]", "debug.inject_nan_ranks=[1]", "train.max_consecutive_skips=2"]
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
