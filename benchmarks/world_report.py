@@ -131,12 +131,13 @@ def rank_part(world: Path, variants: list[str], device: str, out: Path, calib_cl
     for tag in variants:
         for when, name in (("init", "student-converted"), ("adapted", "student-adapt")):
             folder = world / tag / name
-            if not (folder / "config.yaml").is_file() or C.load(folder / "config.yaml").attention.kind != C.AttentionKind.mla:
+            cfg = C.load(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
+            if cfg is None or cfg.attention.kind != C.AttentionKind.mla:
                 continue
             r = rank_study(folder, out / f"rank-{tag}-{when}", config_paths=[folder / "config.yaml"],
                            overrides=[f"runtime.device={device}", *calib])
             ranks.setdefault(tag, {})[when] = {"d_c": r["d_c"], "c_occupation": [row["c_occupation"] for row in r["layers"]]}
-            ranks[tag]["init_kind"] = C.load(folder / "config.yaml").convert.init  # spectral | random
+            ranks[tag]["init_kind"] = cfg.convert.init  # spectral | random
     return ranks
 
 
